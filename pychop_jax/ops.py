@@ -1,0 +1,237 @@
+"""Jitted JAX entry points: ``calibrate``, ``quantize``, ``dequantize``, ``fake_quant``.
+
+Each public function validates its arguments, then runs a ``jax.jit``-compiled kernel
+built on ``numerics`` (the one implementation of the formulas).  Called eagerly (on
+concrete arrays) they enforce DESIGN.md section 6 and raise ``TypeError`` /
+``ValueError`` with the fix in the message.  Called inside ``jit`` / ``vmap`` /
+``grad`` / ``scan`` (on tracers) they cannot raise on values: calibration ignores
+non-finite values, +-inf saturate to qmin/qmax and NaN maps to the zero point.
+Shape errors (bad axis, a state that does not fit) raise in both cases.  Wrap a
+computation in ``jax.experimental.checkify.checkify`` and call ``check_finite`` to
+get value errors inside ``jit`` too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
+
+from . import numerics, ste, validation
+from .spec import QuantSpec, join_bounds, split_bounds
+from .state import QuantState
+
+__all__ = ["calibrate", "quantize", "dequantize", "fake_quant", "check_finite"]
+
+
+# -- argument handling -----------------------------------------------------------------
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _as_jax(x, what: str):
+    validation.require_framework(x, "jax", what, accept=("numpy", None))
+    try:
+        return jnp.asarray(x)
+    except TypeError as err:  # e.g. strings or arbitrary objects
+        raise TypeError(f"{what} could not convert {type(x).__name__} to an array: {err}") from None
+
+
+def _as_float(x, what: str):
+    x = _as_jax(x, what)
+    validation.require_float(jnp.issubdtype(x.dtype, jnp.floating), x.dtype, what)
+    return x
+
+
+def _fitted(x_shape, state: QuantState, what: str):
+    """The state's arrays, checked (and for per-tensor, reshaped) to fit ``x_shape``."""
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{what} needs a QuantState (from calibrate); got {type(state).__name__}.")
+    expected = state.spec.scale_shape(x_shape)
+    scale, zero_point = state.scale, state.zero_point
+    if state.spec.axis is None and np.size(scale) == 1:  # per-tensor fits any rank
+        scale, zero_point = jnp.reshape(scale, expected), jnp.reshape(zero_point, expected)
+    validation.require_state_fits(x_shape, jnp.shape(scale), expected, what)
+    return scale, zero_point
+
+
+def _raise_nonfinite(x, what: str):
+    n_nan = int(jnp.sum(jnp.isnan(x)))
+    n_inf = int(jnp.sum(jnp.isinf(x)))
+    validation.require_finite(n_nan, n_inf, what)
+
+
+def _noise(key, x, scale):
+    if key is None:
+        return None
+    return jax.random.uniform(key, x.shape, scale.dtype)
+
+
+# -- kernels ------------------------------------------------------------------------------
+# The kernels are compiled per *structure* of the spec and receive the grid bounds as
+# data (spec.split_bounds), so one compilation serves every bit width: XLA compilation,
+# not arithmetic, dominates the cost of small calls.
+def _all_finite(x):
+    """One reduction: ``x * 0`` is 0 for finite values and NaN for NaN / +-inf, and a
+    sum propagates NaN (XLA:CPU's min/max reductions do not, numerics rule 5)."""
+    return jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype)))
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "nonfinite"))
+def _calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str):
+    spec = join_bounds(structure, bounds)
+    lo, hi = numerics.observe_range(jnp, x, spec, nonfinite=nonfinite)
+    scale, zero_point = numerics.qparams_from_range(jnp, lo, hi, spec)
+    # with nonfinite='flag' the range is non-finite iff x has a non-finite value
+    ok = jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi))
+    return scale, zero_point, ok
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "check"))
+def _quantize_kernel(x, scale, zero_point, key, bounds, structure: QuantSpec, check: bool):
+    spec = join_bounds(structure, bounds)
+    q = numerics.quantize(jnp, x, scale, zero_point, spec, noise=_noise(key, x, scale))
+    return q, (_all_finite(x) if check else jnp.bool_(True))
+
+
+_all_finite_kernel = jax.jit(_all_finite)
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "dtype"))
+def _dequantize_kernel(q, scale, zero_point, bounds, structure: QuantSpec, dtype):
+    spec = join_bounds(structure, bounds)
+    return numerics.dequantize(jnp, q, scale, zero_point, spec).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("structure", "rule"))
+def _fake_quant_kernel(x, scale, zero_point, key, bounds, structure: QuantSpec, rule: str):
+    noise = _noise(key, x, scale)
+    return ste.fake_quant(x, scale, zero_point, noise, bounds, structure, rule)
+
+
+# -- public API -------------------------------------------------------------------------
+def calibrate(x, spec: QuantSpec) -> QuantState:
+    """Scale and zero point of ``x`` under ``spec``.
+
+    Over the axes ``spec`` reduces, and over finite values only::
+
+        lo = min(min(x), 0),  hi = max(max(x), 0)
+        symmetric:  scale = max(-lo, hi) / qmax,        zero_point = 0
+        asymmetric: scale = (hi - lo) / (qmax - qmin),
+                    zero_point = clip(round(qmin - lo / scale), qmin, qmax)
+
+    with ``scale = 1`` for an all-zero range and at least the dtype's smallest
+    normal.  Arithmetic order: ``pychop_jax.numerics``.  No gradient flows through
+    calibration (the input is ``stop_gradient``-ed).
+
+    Args:
+      x: floating array (JAX or NumPy); float16/bfloat16 are calibrated in float32.
+      spec: the ``QuantSpec``.
+
+    Returns:
+      ``QuantState`` with ``scale`` (float32, float64 for float64 input) and
+      ``zero_point`` (int32) of shape ``spec.scale_shape(x.shape)``.
+
+    Raises:
+      TypeError: non-float input, or an array of another framework (torch).
+      ValueError: empty input, bad axis / group size; eagerly also NaN or +-inf.
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"calibrate needs a QuantSpec; got {type(spec).__name__}.")
+    x = _as_float(x, "calibrate")
+    validation.require_nonempty(x.size, "calibrate")
+    spec.scale_shape(x.shape)  # axis and group-size errors, eagerly and under jit
+    x = jax.lax.stop_gradient(x)
+    if _is_traced(x):
+        scale, zero_point, _ = _calibrate_kernel(x, *split_bounds(spec), nonfinite="ignore")
+    else:
+        scale, zero_point, ok = _calibrate_kernel(x, *split_bounds(spec), nonfinite="flag")
+        if not ok:
+            _raise_nonfinite(x, "calibrate")
+    return QuantState(scale=scale, zero_point=zero_point, spec=spec)
+
+
+def quantize(x, state: QuantState, *, key=None, check: bool = True):
+    """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)``.
+
+    Rounding is half-to-even, or stochastic with ``key`` (a ``jax.random`` key:
+    rounds up with probability equal to the fractional part).
+
+    Args:
+      x: floating array whose shape fits ``state`` (same rank; per-tensor states
+        fit any shape).
+      state: from ``calibrate``.
+      key: optional PRNG key for stochastic rounding.
+      check: eagerly reject NaN / +-inf in ``x`` (one extra reduction).  Has no
+        effect under ``jit``, where +-inf saturate and NaN maps to the zero point.
+
+    Returns:
+      codes of ``state.spec.code_dtype`` (int8/int16 symmetric, uint8/uint16
+      asymmetric) and ``x``'s shape.
+    """
+    x = _as_float(x, "quantize")
+    scale, zero_point = _fitted(x.shape, state, "quantize")
+    check = check and not _is_traced(x)
+    q, ok = _quantize_kernel(x, scale, zero_point, key, *split_bounds(state.spec), check)
+    if check and not ok:
+        _raise_nonfinite(x, "quantize")
+    return q
+
+
+def dequantize(q, state: QuantState, *, dtype=None):
+    """Floats ``(q - zero_point) * scale``.
+
+    Args:
+      q: integer codes whose shape fits ``state``.
+      state: the ``QuantState`` the codes were made with.
+      dtype: output dtype; default the scale's dtype (float32 / float64).
+    """
+    q = _as_jax(q, "dequantize")
+    validation.require_integer_codes(jnp.issubdtype(q.dtype, jnp.integer), q.dtype)
+    scale, zero_point = _fitted(q.shape, state, "dequantize")
+    dtype = jnp.dtype(dtype or scale.dtype)
+    return _dequantize_kernel(q, scale, zero_point, *split_bounds(state.spec), dtype)
+
+
+def fake_quant(x, state: QuantState, *, grad: str = "clipped", key=None, check: bool = True):
+    """``dequantize(quantize(x))`` in ``x``'s dtype, with a straight-through gradient.
+
+    Args:
+      x: floating array whose shape fits ``state``.
+      state: from ``calibrate`` (or an observer).
+      grad: gradient rule, a key of ``pychop_jax.ste.RULES``: ``'clipped'``
+        (default; zero gradient where the code saturated) or ``'ste'`` (identity).
+      key: optional PRNG key for stochastic rounding.
+      check: eagerly reject NaN / +-inf (no effect under ``jit``, where NaN -> 0.0).
+    """
+    if grad not in ste.RULES:
+        raise ValueError(f"fake_quant: unknown grad={grad!r}; choose one of {sorted(ste.RULES)}.")
+    x = _as_float(x, "fake_quant")
+    scale, zero_point = _fitted(x.shape, state, "fake_quant")
+    if check and not _is_traced(x) and not bool(_all_finite_kernel(x)):
+        _raise_nonfinite(x, "fake_quant")
+    return _fake_quant_kernel(x, scale, zero_point, key, *split_bounds(state.spec), grad)
+
+
+def check_finite(x, what: str = "x"):
+    """Assert that ``x`` is finite; returns ``x``.
+
+    Eagerly this raises ``ValueError`` like the entry points do.  Under ``jit`` it
+    emits a ``jax.experimental.checkify`` check, so wrap the function::
+
+        err, out = checkify.checkify(jax.jit(f))(x)
+        err.throw()
+    """
+    x = jnp.asarray(x)
+    if not _is_traced(x):
+        if not bool(jnp.all(jnp.isfinite(x))):
+            _raise_nonfinite(x, what)
+        return x
+    checkify.check(
+        jnp.all(jnp.isfinite(x)),
+        f"{what} contains NaN or +-inf; quantization needs finite input.",
+    )
+    return x
