@@ -9,7 +9,11 @@ The public API, re-exported from the modules that define it::
     y     = pychop_jax.fake_quant(x, state)    # STE gradient
 """
 
+from .checkpoint import load_quantized, save_quantized
+from .int_matmul import int_dot_general, make_int_dot_general, promote_dtype
 from .ops import calibrate, check_finite, dequantize, fake_quant, quantize
+from .ptq import PTQReport, dequantize_params, quantize_params
+from .qarray import QuantizedArray
 from .spec import QuantSpec
 from .state import QuantState
 
@@ -23,4 +27,13 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "check_finite",
+    "QuantizedArray",
+    "quantize_params",
+    "dequantize_params",
+    "PTQReport",
+    "int_dot_general",
+    "make_int_dot_general",
+    "promote_dtype",
+    "save_quantized",
+    "load_quantized",
 ]

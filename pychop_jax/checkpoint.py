@@ -1,0 +1,110 @@
+"""Compact checkpoints of quantized parameter trees.
+
+``save_quantized(path, tree)`` writes a msgpack file (``flax.serialization``'s
+encoding) that holds, for every ``QuantizedArray`` leaf, only its codes (packed or
+not), scale and (asymmetric only) zero point plus the few integers of its spec —
+no float copy of the weights — and float leaves as they are.
+``load_quantized(path)`` rebuilds the tree without needing a target structure.
+Trees are nested ``dict``s (string keys) and ``list``s / ``tuple``s of arrays, which
+is what Flax parameters are.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .qarray import QuantizedArray
+from .spec import QuantSpec
+from .state import QuantState
+
+__all__ = ["save_quantized", "load_quantized", "to_bytes", "from_bytes"]
+
+_FORMAT = "pychop-jax/quantized-tree/1"
+_QA = "__quantized_array__"
+_SEQ = "__sequence__"
+
+
+def _encode(node, path="root"):
+    if isinstance(node, QuantizedArray):
+        spec = node.spec
+        stored = {
+            "codes": np.asarray(node.codes),
+            "scale": np.asarray(node.state.scale),
+            "spec": [spec.bits, spec.symmetric, spec.narrow_range,
+                     -1 if spec.axis is None else spec.axis, spec.axis is None,
+                     0 if spec.group_size is None else spec.group_size],
+            "shape": list(node.shape),
+            "packed": node.packed,
+        }
+        if not spec.symmetric:  # a symmetric zero point is 0 by definition
+            stored["zero_point"] = np.asarray(node.state.zero_point)
+        return {_QA: stored}
+    if isinstance(node, dict):
+        for k in node:
+            if not isinstance(k, str):
+                raise TypeError(f"{path}: checkpoint keys must be strings; got {k!r}")
+        return {k: _encode(v, f"{path}/{k}") for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return {_SEQ: {str(i): _encode(v, f"{path}/{i}") for i, v in enumerate(node)}}
+    if isinstance(node, (jax.Array, np.ndarray, np.generic, int, float, bool)):
+        return np.asarray(node)
+    raise TypeError(
+        f"{path}: cannot store a {type(node).__name__} in a quantized checkpoint; "
+        "trees of dicts, lists and arrays are supported."
+    )
+
+
+def _decode(node):
+    if isinstance(node, dict) and _QA in node:
+        d = node[_QA]
+        bits, symmetric, narrow, axis, per_tensor, group = d["spec"]
+        spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
+                         axis=None if per_tensor else int(axis),
+                         group_size=int(group) or None)
+        scale = jnp.asarray(d["scale"])
+        zero_point = (jnp.zeros(scale.shape, jnp.int32) if spec.symmetric
+                      else jnp.asarray(d["zero_point"]))
+        state = QuantState(scale, zero_point, spec)
+        return QuantizedArray(codes=jnp.asarray(d["codes"]), state=state,
+                              shape=tuple(int(n) for n in d["shape"]), packed=bool(d["packed"]))
+    if isinstance(node, dict) and _SEQ in node:
+        items = node[_SEQ]
+        return [_decode(items[str(i)]) for i in range(len(items))]
+    if isinstance(node, dict):
+        return {k: _decode(v) for k, v in node.items()}
+    return jnp.asarray(node)
+
+
+def to_bytes(tree) -> bytes:
+    """Serialize a tree with ``QuantizedArray`` leaves (codes and scales only)."""
+    from flax import serialization
+
+    return serialization.msgpack_serialize({"format": _FORMAT, "tree": _encode(tree)})
+
+
+def from_bytes(data: bytes):
+    """Inverse of ``to_bytes`` (sequences come back as lists)."""
+    from flax import serialization
+
+    payload = serialization.msgpack_restore(data)
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(f"not a pychop-jax quantized checkpoint (expected format {_FORMAT!r})")
+    return _decode(payload["tree"])
+
+
+def save_quantized(path: str | os.PathLike, tree) -> int:
+    """Write ``tree`` to ``path``; returns the number of bytes written."""
+    data = to_bytes(tree)
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def load_quantized(path: str | os.PathLike):
+    """Read a tree written by ``save_quantized``."""
+    with open(path, "rb") as f:
+        return from_bytes(f.read())
