@@ -9,11 +9,13 @@ written against an array namespace ``xp``.  No formula lives here.
 Two engines run a pipeline, and give the same bits (tested):
 
 * **XLA** (arrays JAX can read in place: NumPy arrays, Torch CPU tensors).  The buffer
-  goes to JAX without a copy where possible (DLPack for tensors; ``device_put`` for
-  NumPy, which copies unless the buffer is 64-byte aligned), one jitted kernel runs
-  the whole pipeline (XLA fuses it into one pass over the data, two when a range is
-  reduced first), and the results come back: zero-copy tensors for Torch, ordinary
-  writable arrays (one copy of the output) for NumPy.  float64 (and int64) input runs
+  is handed to the jitted kernel as a NumPy array (a tensor's ``.numpy()`` view),
+  which XLA:CPU reads without a copy when it is 64-byte aligned (Torch's allocations
+  are; NumPy's are not, so large NumPy inputs are first copied into an aligned buffer,
+  twice as fast as XLA's own copy).  One kernel runs the whole pipeline (XLA fuses it
+  into one pass over the data, two when a range is reduced first), and the results
+  come back: zero-copy DLPack tensors for Torch, ordinary writable arrays (one copy of
+  the output) for NumPy.  float64 (and int64) input runs
   under ``jax.enable_x64`` so that it is computed in float64 whatever the global
   setting.
 * **xp** (everything else, e.g. CUDA tensors): the pipeline called with
@@ -45,12 +47,23 @@ from .state import QuantState
 
 __all__ = [
     "Framework",
+    "run",
+    "check_range_input",
+    "raise_nonfinite",
     "calibrate",
     "observe",
     "qparams",
     "quantize",
     "dequantize",
     "fake_quant",
+    "range_is_finite",
+    "all_finite",
+    "calibrate_pipeline",
+    "observe_pipeline",
+    "qparams_pipeline",
+    "quantize_pipeline",
+    "dequantize_pipeline",
+    "fake_quant_pipeline",
 ]
 
 
@@ -61,7 +74,8 @@ class Framework:
     Attributes:
       name: ``'numpy'`` or ``'torch'``, as ``validation.framework_of`` names it.
       xp: the framework's ``array_api_compat`` namespace (the xp engine).
-      to_jax / from_jax: move an array into JAX (CPU) and a JAX result back.
+      to_xla: an array as the XLA kernel takes it (a NumPy array or a ``jax.Array``).
+      from_jax: a JAX result as the framework's array.
       on_xla: whether the XLA engine can read an array (else the xp engine runs).
       is_float / is_integer: dtype tests for the checks.
       is_wide: whether an array has a 64-bit dtype (run under ``jax.enable_x64``).
@@ -69,7 +83,7 @@ class Framework:
 
     name: str
     xp: Any
-    to_jax: Callable
+    to_xla: Callable
     from_jax: Callable
     on_xla: Callable[[Any], bool]
     is_float: Callable[[Any], bool]
@@ -88,13 +102,14 @@ def cpu_device():
 
 
 # -- pipelines: compositions of numerics, run by either engine ---------------------------
-# Each takes (xp, *arrays, spec, **options) and returns a tuple of arrays (or None).
-def _finite_range(xp, lo, hi):
+# Each takes (xp, *arrays, spec, **options) and returns a tuple of arrays (or None);
+# adapters compose them into their own pipelines (torch_backend's observer step).
+def range_is_finite(xp, lo, hi):
     """With ``nonfinite='flag'`` the range is non-finite iff the input was."""
     return xp.all(xp.isfinite(lo) & xp.isfinite(hi))
 
 
-def _all_finite(xp, x, check: bool):
+def all_finite(xp, x, check: bool):
     """One reduction: ``x * 0`` is 0 for finite values, NaN otherwise, and a sum
     propagates NaN (min/max reductions may not, numerics rule 5)."""
     if not check:
@@ -102,33 +117,39 @@ def _all_finite(xp, x, check: bool):
     return xp.isfinite(xp.sum(x * 0))
 
 
-def _calibrate_pipeline(xp, x, spec):
+def calibrate_pipeline(xp, x, spec):
+    """-> scale, zero_point, whether ``x`` was finite."""
     lo, hi = numerics.observe_range(xp, x, spec, nonfinite="flag")
     scale, zero_point = numerics.qparams_from_range(xp, lo, hi, spec)
-    return scale, zero_point, _finite_range(xp, lo, hi)
+    return scale, zero_point, range_is_finite(xp, lo, hi)
 
 
-def _observe_pipeline(xp, x, spec):
+def observe_pipeline(xp, x, spec):
+    """-> lo, hi (state-shaped), whether ``x`` was finite."""
     lo, hi = numerics.observe_range(xp, x, spec, nonfinite="flag")
-    return lo, hi, _finite_range(xp, lo, hi)
+    return lo, hi, range_is_finite(xp, lo, hi)
 
 
-def _qparams_pipeline(xp, lo, hi, spec):
+def qparams_pipeline(xp, lo, hi, spec):
+    """-> scale, zero_point of a range."""
     return numerics.qparams_from_range(xp, lo, hi, spec)
 
 
-def _quantize_pipeline(xp, x, scale, zero_point, spec, *, check):
-    return numerics.quantize(xp, x, scale, zero_point, spec), _all_finite(xp, x, check)
+def quantize_pipeline(xp, x, scale, zero_point, spec, *, check):
+    """-> codes, whether ``x`` was finite (``None`` without ``check``)."""
+    return numerics.quantize(xp, x, scale, zero_point, spec), all_finite(xp, x, check)
 
 
-def _dequantize_pipeline(xp, q, scale, zero_point, spec):
+def dequantize_pipeline(xp, q, scale, zero_point, spec):
+    """-> floats."""
     return (numerics.dequantize(xp, q, scale, zero_point, spec),)
 
 
-def _fake_quant_pipeline(xp, x, scale, zero_point, spec, *, check, mask):
+def fake_quant_pipeline(xp, x, scale, zero_point, spec, *, check, mask):
+    """-> fake-quantized ``x`` (its dtype), clip mask (or ``None``), finiteness."""
     y = xp.astype(numerics.fake_quant(xp, x, scale, zero_point, spec), x.dtype)
     inside = numerics.clip_mask(xp, x, scale, zero_point, spec) if mask else None
-    return y, inside, _all_finite(xp, x, check)
+    return y, inside, all_finite(xp, x, check)
 
 
 # -- engines ----------------------------------------------------------------------------------
@@ -138,13 +159,22 @@ def _xla_kernel(arrays, bounds, pipeline, structure, options):
     return pipeline(jnp, *arrays, join_bounds(structure, bounds), **dict(options))
 
 
-def _run(fw: Framework, pipeline, arrays, spec: QuantSpec, **options):
-    """``pipeline(xp, *arrays, spec, **options)`` on the engine that can read ``arrays``."""
+_split_bounds = functools.lru_cache(maxsize=256)(split_bounds)
+
+
+def run(fw: Framework, pipeline, arrays, spec: QuantSpec, **options):
+    """``pipeline(xp, *arrays, spec, **options)`` on the engine that can read ``arrays``.
+
+    ``pipeline`` returns a tuple of arrays (or ``None``s); they come back as ``fw``'s
+    arrays.  ``options`` must be hashable (they are static in the XLA kernel).
+    """
     if all(fw.on_xla(a) for a in arrays):
         wide = any(fw.is_wide(a) for a in arrays)
-        with jax.enable_x64(True) if wide else contextlib.nullcontext():
-            bounds, structure = split_bounds(spec)
-            out = _xla_kernel(tuple(fw.to_jax(a) for a in arrays), bounds, pipeline,
+        bounds, structure = _split_bounds(spec)
+        # NumPy arguments go to the default device: make that the CPU
+        with (jax.enable_x64(True) if wide else contextlib.nullcontext(),
+              jax.default_device(cpu_device())):
+            out = _xla_kernel(tuple(fw.to_xla(a) for a in arrays), bounds, pipeline,
                               structure, tuple(sorted(options.items())))
             out = jax.block_until_ready(out)
             return tuple(None if o is None else fw.from_jax(o) for o in out)
@@ -164,7 +194,8 @@ def _require_float_input(fw: Framework, x, what: str) -> None:
     validation.require_float(fw.is_float(x), x.dtype, what)
 
 
-def _raise_nonfinite(fw: Framework, x, what: str):
+def raise_nonfinite(fw: Framework, x, what: str):
+    """``ValueError`` naming the NaN / inf counts of ``x`` (call when a check failed)."""
     xp = fw.xp
     validation.require_finite(int(xp.sum(xp.isnan(x))), int(xp.sum(xp.isinf(x))), what)
 
@@ -182,7 +213,9 @@ def _fitted(fw: Framework, shape, state: QuantState, what: str):
     return scale, zero_point
 
 
-def _range_input(fw: Framework, x, spec: QuantSpec, what: str) -> None:
+def check_range_input(fw: Framework, x, spec: QuantSpec, what: str) -> None:
+    """The checks of calibration input: a spec, a float array of ``fw``, not empty,
+    an axis (and group size) that fits."""
     _require_spec(spec, what)
     _require_float_input(fw, x, what)
     validation.require_nonempty(math.prod(x.shape), what)
@@ -192,27 +225,27 @@ def _range_input(fw: Framework, x, spec: QuantSpec, what: str) -> None:
 # -- the eager entry points -----------------------------------------------------------------
 def calibrate(fw: Framework, x, spec: QuantSpec) -> QuantState:
     """``QuantState`` (arrays of ``fw``) of ``x``; see ``pychop_jax.calibrate``."""
-    _range_input(fw, x, spec, "calibrate")
-    scale, zero_point, ok = _run(fw, _calibrate_pipeline, (x,), spec)
+    check_range_input(fw, x, spec, "calibrate")
+    scale, zero_point, ok = run(fw, calibrate_pipeline, (x,), spec)
     if not bool(ok):
-        _raise_nonfinite(fw, x, "calibrate")
+        raise_nonfinite(fw, x, "calibrate")
     return QuantState(scale=scale, zero_point=zero_point, spec=spec)
 
 
 def observe(fw: Framework, x, spec: QuantSpec, what: str = "observe"):
     """``(lo, hi)`` of ``x`` (state-shaped, compute dtype): ``numerics.observe_range``
     over finite input (non-finite input raises)."""
-    _range_input(fw, x, spec, what)
-    lo, hi, ok = _run(fw, _observe_pipeline, (x,), spec)
+    check_range_input(fw, x, spec, what)
+    lo, hi, ok = run(fw, observe_pipeline, (x,), spec)
     if not bool(ok):
-        _raise_nonfinite(fw, x, what)
+        raise_nonfinite(fw, x, what)
     return lo, hi
 
 
 def qparams(fw: Framework, lo, hi, spec: QuantSpec):
     """``(scale, zero_point)`` of a range with ``lo <= 0 <= hi``:
     ``numerics.qparams_from_range``."""
-    return _run(fw, _qparams_pipeline, (lo, hi), spec)
+    return run(fw, qparams_pipeline, (lo, hi), spec)
 
 
 def quantize(fw: Framework, x, state: QuantState, *, check: bool = True):
@@ -220,9 +253,9 @@ def quantize(fw: Framework, x, state: QuantState, *, check: bool = True):
     NaN / inf check (for input that was just calibrated on)."""
     _require_float_input(fw, x, "quantize")
     scale, zero_point = _fitted(fw, tuple(x.shape), state, "quantize")
-    q, ok = _run(fw, _quantize_pipeline, (x, scale, zero_point), state.spec, check=check)
+    q, ok = run(fw, quantize_pipeline, (x, scale, zero_point), state.spec, check=check)
     if check and not bool(ok):
-        _raise_nonfinite(fw, x, "quantize")
+        raise_nonfinite(fw, x, "quantize")
     return q
 
 
@@ -232,7 +265,7 @@ def dequantize(fw: Framework, q, state: QuantState):
     validation.require_framework(q, fw.name, "dequantize")
     validation.require_integer_codes(fw.is_integer(q), q.dtype)
     scale, zero_point = _fitted(fw, tuple(q.shape), state, "dequantize")
-    return _run(fw, _dequantize_pipeline, (q, scale, zero_point), state.spec)[0]
+    return run(fw, dequantize_pipeline, (q, scale, zero_point), state.spec)[0]
 
 
 def fake_quant(fw: Framework, x, state: QuantState, *, check: bool = True, mask: bool = False):
@@ -243,8 +276,8 @@ def fake_quant(fw: Framework, x, state: QuantState, *, check: bool = True, mask:
     """
     _require_float_input(fw, x, "fake_quant")
     scale, zero_point = _fitted(fw, tuple(x.shape), state, "fake_quant")
-    y, inside, ok = _run(fw, _fake_quant_pipeline, (x, scale, zero_point), state.spec,
+    y, inside, ok = run(fw, fake_quant_pipeline, (x, scale, zero_point), state.spec,
                          check=check, mask=mask)
     if check and not bool(ok):
-        _raise_nonfinite(fw, x, "fake_quant")
+        raise_nonfinite(fw, x, "fake_quant")
     return y, inside

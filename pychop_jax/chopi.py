@@ -203,18 +203,21 @@ class Quantizer:
         self.zero_point = self._squeeze(state.zero_point)
         self._calibrated_shape = tuple(shape)
 
-    def _state_for(self, shape, what: str) -> QuantState:
-        """The ``QuantState`` that applies ``scale`` / ``zero_point`` to an array of
-        ``shape`` (same number of channels along ``channel_dim``)."""
+    def _state_shaped(self, arrays, shape, what: str) -> list:
+        """pychop-shaped ``arrays`` reshaped to the state shape of an array of ``shape``
+        (which must have as many channels along ``channel_dim``)."""
         shape = tuple(shape)
         expected = self.spec.scale_shape(shape)  # axis errors
         if self.per_channel:
             axis = self.spec.resolve_axis(len(shape))
-            have = tuple(self.scale.shape[0] if d == axis else 1 for d in range(len(shape)))
+            have = tuple(arrays[0].shape[0] if d == axis else 1 for d in range(len(shape)))
             validation.require_state_fits(shape, have, expected, what)
-        xp = self.backend.xp
-        return QuantState(xp.reshape(self.scale, expected),
-                          xp.reshape(self.zero_point, expected), self.spec)
+        return [self.backend.xp.reshape(a, expected) for a in arrays]
+
+    def _state_for(self, shape, what: str) -> QuantState:
+        """The ``QuantState`` that applies ``scale`` / ``zero_point`` to ``shape``."""
+        scale, zero_point = self._state_shaped((self.scale, self.zero_point), shape, what)
+        return QuantState(scale, zero_point, self.spec)
 
 
 class JaxChopi(Quantizer):

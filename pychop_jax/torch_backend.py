@@ -17,8 +17,11 @@ range (as ``torch.ao.quantization.MovingAverageMinMaxObserver``), per tensor or 
 channel, over the batch ranges of ``numerics.observe_range``::
 
     first batch:   lo, hi = batch_lo, batch_hi
-    then:          lo += momentum * (batch_lo - lo);   hi += momentum * (batch_hi - hi)
+    then:          lo = lo + (batch_lo - lo) / (1 / momentum)      (hi alike)
     scale, zero_point = numerics.qparams_from_range(lo, hi)
+
+(``lo + momentum * (batch_lo - lo)`` up to rounding; the division keeps the result
+bit-identical across engines, see ``_moving_average``.)
 
 ``momentum=1`` uses each batch's own range (what weight quantizers do).  ``calibrate(x)``
 sets the range to ``x``'s, so its scale equals every other backend's ``calibrate``.
@@ -34,7 +37,7 @@ import torch.nn.functional as F
 from array_api_compat import torch as xtorch
 from torch import nn
 
-from . import adapter
+from . import adapter, numerics
 from .chopi import Backend, Quantizer
 from .spec import QuantSpec
 from .state import QuantState
@@ -57,10 +60,22 @@ __all__ = [
     "IQuantizedConv3d",
 ]
 
+def _to_xla(t: torch.Tensor):
+    """A CPU tensor for the XLA kernel: its NumPy view (read in place; passing NumPy
+    arrays to a jitted function costs a third of ``jax.dlpack.from_dlpack``), or by
+    DLPack for dtypes NumPy lacks (bfloat16)."""
+    t = t.detach()
+    if t.dtype in _DLPACK_ONLY:
+        return jax.dlpack.from_dlpack(t)
+    return t.resolve_neg().numpy()
+
+
+_DLPACK_ONLY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+
 FRAMEWORK = adapter.Framework(
     name="torch",
     xp=xtorch,
-    to_jax=lambda t: jax.dlpack.from_dlpack(t.detach()),
+    to_xla=_to_xla,
     from_jax=torch.from_dlpack,
     on_xla=lambda t: t.device.type == "cpu",
     is_float=lambda t: t.is_floating_point(),
@@ -97,12 +112,16 @@ def dequantize(q: torch.Tensor, state: QuantState) -> torch.Tensor:
 
 
 class _FakeQuantSTE(torch.autograd.Function):
-    """Fake quantization with the clipped straight-through gradient."""
+    """Fake quantization with the clipped straight-through gradient.
+
+    ``compute(mask) -> (y, inside)`` runs the forward pass (``inside``, the clip mask,
+    only when ``mask``); the backward pass is ``grad * inside``.
+    """
 
     @staticmethod
-    def forward(ctx, x, state, check):
+    def forward(ctx, x, compute):
         need_mask = ctx.needs_input_grad[0]
-        y, inside = adapter.fake_quant(FRAMEWORK, x, state, check=check, mask=need_mask)
+        y, inside = compute(need_mask)
         if need_mask:
             ctx.save_for_backward(inside)
         return y
@@ -110,16 +129,48 @@ class _FakeQuantSTE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (inside,) = ctx.saved_tensors
-        return grad * inside, None, None
+        return grad * inside, None
 
 
 def fake_quant(x: torch.Tensor, state: QuantState, *, check: bool = True) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype, differentiable in ``x`` with the
     clipped straight-through gradient (zero where the code saturated)."""
-    return _FakeQuantSTE.apply(x, state, check)
+    return _FakeQuantSTE.apply(
+        x, lambda mask: adapter.fake_quant(FRAMEWORK, x, state, check=check, mask=mask))
 
 
 BACKEND = Backend("torch", xtorch, calibrate, quantize, dequantize, fake_quant)
+
+
+# -- the observer ---------------------------------------------------------------------------
+def _moving_average(xp, old, new, momentum: float):
+    """``old + (new - old) / (1 / momentum)``: the moving-average step, written so that
+    every engine gets the same bits.
+
+    ``old + momentum * (new - old)`` would not be: XLA:CPU contracts a product feeding
+    a sum into a fused multiply-add (one rounding instead of two) and an optimization
+    barrier does not stop it.  A division by a same-shape array is exact on every
+    backend and never contracted; the barrier keeps XLA from seeing the divisor is a
+    constant (it would rewrite the division into a product, numerics rule 1).
+    """
+    (divisor,) = numerics._barrier(xp, xp.full_like(new, 1.0 / momentum))
+    return old + (new - old) / divisor
+
+
+def _observer_step(xp, x, running_min, running_max, spec, *, momentum, first, mask):
+    """One training step of ``TorchChopi`` as one pipeline (one XLA kernel on CPU):
+    the batch range, its moving average, the qparams, fake quantization and its mask.
+
+    -> y, inside, lo, hi, scale, zero_point, whether ``x`` was finite.
+    """
+    lo, hi, finite = adapter.observe_pipeline(xp, x, spec)
+    if not (first or momentum == 1.0):
+        lo = _moving_average(xp, running_min, lo, momentum)
+        hi = _moving_average(xp, running_max, hi, momentum)
+    scale, zero_point = numerics.qparams_from_range(xp, lo, hi, spec)
+    y, inside, _ = adapter.fake_quant_pipeline(xp, x, scale, zero_point, spec,
+                                               check=False, mask=mask)
+    return y, inside, lo, hi, scale, zero_point, finite
 
 
 # -- modules -------------------------------------------------------------------------------
@@ -143,6 +194,9 @@ class TorchChopi(nn.Module, Quantizer):
       ``state_dict`` and loadable into a fresh, uncalibrated instance.
     """
 
+    backend = BACKEND
+    __call__ = nn.Module.__call__
+
     def __init__(self, num_bits=8, symmetric=False, per_channel=False, channel_dim=0, *,
                  bits=None, axis=None, narrow_range=False, momentum=0.01):
         nn.Module.__init__(self)
@@ -154,49 +208,49 @@ class TorchChopi(nn.Module, Quantizer):
             raise ValueError(f"momentum must be in (0, 1]; got {momentum!r}.")
         self.momentum = float(momentum)
 
-    backend = BACKEND
-    __call__ = nn.Module.__call__
-
     def extra_repr(self) -> str:
         return f"{self._config_repr()}, momentum={self.momentum!r}"
 
-    # -- range and qparams ---------------------------------------------------------------
     @torch.no_grad()
     def calibrate(self, x: torch.Tensor) -> None:
         """Set the range to ``x``'s, and ``scale`` / ``zero_point`` from it."""
         self._require_array(x, "calibrate")
         lo, hi = adapter.observe(FRAMEWORK, x, self.spec, "calibrate")
-        self.running_min, self.running_max = self._squeeze(lo), self._squeeze(hi)
-        self._refresh(x.shape)
+        scale, zero_point = qparams(lo, hi, self.spec)
+        self._keep(x.shape, lo, hi, scale, zero_point)
 
-    @torch.no_grad()
-    def observe(self, x: torch.Tensor) -> None:
-        """One observer step with the batch ``x`` (module docstring)."""
-        self._require_array(x, "forward")
-        lo, hi = adapter.observe(FRAMEWORK, x, self.spec, "forward")
-        lo, hi = self._squeeze(lo), self._squeeze(hi)
-        if self.running_min is None or self.running_min.shape != lo.shape:
-            self.running_min, self.running_max = lo, hi
-        else:
-            self.running_min = torch.lerp(self.running_min, lo, self.momentum)
-            self.running_max = torch.lerp(self.running_max, hi, self.momentum)
-        self._refresh(x.shape)
-
-    def _refresh(self, shape) -> None:
-        scale, zero_point = qparams(self.running_min, self.running_max, self.spec)
-        self.scale, self.zero_point = scale, zero_point
+    def _keep(self, shape, *state_shaped) -> None:
+        """Store the range and qparams (state-shaped) as pychop-shaped buffers."""
+        (self.running_min, self.running_max,
+         self.scale, self.zero_point) = (self._squeeze(a) for a in state_shaped)
         self._calibrated_shape = tuple(shape)
 
-    # -- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, training: bool | None = None) -> torch.Tensor:
         training = self.training if training is None else bool(training)
+        self._require_array(x, "forward")
         if training:
-            self.observe(x)  # checks x, NaN / inf included
-        elif not self.calibrated:
+            return _FakeQuantSTE.apply(x, lambda mask: self._observe(x, mask))
+        if not self.calibrated:
             self.calibrate(x)
+        return fake_quant(x, self._state_for(x.shape, "forward"))
+
+    @torch.no_grad()
+    def _observe(self, x: torch.Tensor, mask: bool):
+        """Observer step and fake quantization in one kernel; updates the buffers."""
+        adapter.check_range_input(FRAMEWORK, x, self.spec, "forward")
+        first = self.running_min is None
+        if first:  # placeholders, unused
+            running = (x.new_zeros(()), x.new_zeros(()))
         else:
-            self._require_array(x, "forward")
-        return fake_quant(x, self._state_for(x.shape, "forward"), check=not training)
+            running = self._state_shaped((self.running_min, self.running_max), x.shape,
+                                         "forward")
+        y, inside, *state, finite = adapter.run(
+            FRAMEWORK, _observer_step, (x, *running), self.spec,
+            momentum=self.momentum, first=first, mask=mask)
+        if not bool(finite):
+            adapter.raise_nonfinite(FRAMEWORK, x, "forward")
+        self._keep(x.shape, *state)
+        return y, inside
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         """Fake quantization with the frozen range (no observer step)."""
