@@ -1,7 +1,7 @@
-"""The core's formulas on another framework's arrays: what the NumPy and Torch adapters share.
+"""The core's formulas on other frameworks' arrays: what the NumPy and Torch adapters share.
 
 ``numpy_backend`` and ``torch_backend`` are this module applied to a ``Framework``: how
-to recognise that framework's arrays and how to hand them to JAX and back.  The rest
+to recognise that framework's arrays and how to hand them to XLA and back.  The rest
 is written once here: the argument checks (the messages of ``validation``, the same as
 ``ops`` raises) and the *pipelines*, short compositions of ``numerics`` functions
 written against an array namespace ``xp``.  No formula lives here.
@@ -13,14 +13,15 @@ Two engines run a pipeline, and give the same bits (tested):
   which XLA:CPU reads without a copy when it is 64-byte aligned (Torch's allocations
   are; NumPy's are not, so large NumPy inputs are first copied into an aligned buffer,
   twice as fast as XLA's own copy).  One kernel runs the whole pipeline (XLA fuses it
-  into one pass over the data, two when a range is reduced first), and the results
+  into one pass over the data, two when a range is reduced first; for calibrate /
+  quantize / dequantize it is the JAX API's own compiled kernel), and the results
   come back: zero-copy DLPack tensors for Torch, ordinary writable arrays (one copy of
-  the output) for NumPy.  float64 (and int64) input runs
-  under ``jax.enable_x64`` so that it is computed in float64 whatever the global
-  setting.
+  the output) for NumPy.  float64 (and int64) input runs under ``jax.enable_x64``,
+  so it is computed in float64 whatever the global setting.
 * **xp** (everything else, e.g. CUDA tensors): the pipeline called with
   ``array_api_compat``'s namespace on the array's own device.  Every formula step is
-  then a pass over memory, about 10x slower than a fused XLA kernel on CPU.
+  then a pass over memory: on CPU about 6x slower than the fused XLA kernel (NumPy,
+  4M float32).
 
 Eager checks (DESIGN.md section 6): wrong framework or non-float input -> ``TypeError``;
 empty input, NaN / +-inf, a bad axis or a state that does not fit -> ``ValueError``.
@@ -41,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import numerics, validation
+from . import numerics, ops, validation
 from .spec import QuantSpec, join_bounds, split_bounds
 from .state import QuantState
 
@@ -96,9 +97,14 @@ class Framework:
 
 
 @functools.cache
-def cpu_device():
-    """The JAX CPU device the XLA engine runs on (whatever JAX's default device is)."""
-    return jax.devices("cpu")[0]
+def _on_cpu():
+    """A context that makes JAX's CPU the default device (for the NumPy arguments of
+    the XLA kernels).  A no-op where it already is: the default device is part of
+    jit's cache key, and an unchanged one lets the adapters share the JAX API's
+    compiled kernels."""
+    if jax.default_backend() == "cpu":
+        return contextlib.nullcontext
+    return functools.partial(jax.default_device, jax.devices("cpu")[0])
 
 
 # -- pipelines: compositions of numerics, run by either engine ---------------------------
@@ -159,6 +165,18 @@ def _xla_kernel(arrays, bounds, pipeline, structure, options):
     return pipeline(jnp, *arrays, join_bounds(structure, bounds), **dict(options))
 
 
+# Pipelines the JAX API has compiled kernels for (the same numerics calls in the same
+# order): the XLA engine runs those, so pychop_jax.* and the adapters share compiled
+# executables instead of compiling twice per spec structure.
+_OPS_KERNELS = {
+    calibrate_pipeline: lambda x, bounds, structure: ops._calibrate_kernel(
+        x, bounds, structure, nonfinite="flag"),
+    quantize_pipeline: lambda x, scale, zero_point, bounds, structure, check: (
+        ops._quantize_kernel(x, scale, zero_point, None, bounds, structure, check)),
+    dequantize_pipeline: lambda q, scale, zero_point, bounds, structure: (
+        ops._dequantize_kernel(q, scale, zero_point, bounds, structure, scale.dtype),),
+}
+
 _split_bounds = functools.lru_cache(maxsize=256)(split_bounds)
 
 
@@ -171,11 +189,13 @@ def run(fw: Framework, pipeline, arrays, spec: QuantSpec, **options):
     if all(fw.on_xla(a) for a in arrays):
         wide = any(fw.is_wide(a) for a in arrays)
         bounds, structure = _split_bounds(spec)
-        # NumPy arguments go to the default device: make that the CPU
-        with (jax.enable_x64(True) if wide else contextlib.nullcontext(),
-              jax.default_device(cpu_device())):
-            out = _xla_kernel(tuple(fw.to_xla(a) for a in arrays), bounds, pipeline,
-                              structure, tuple(sorted(options.items())))
+        with jax.enable_x64(True) if wide else contextlib.nullcontext(), _on_cpu()():
+            args = tuple(fw.to_xla(a) for a in arrays)
+            if pipeline in _OPS_KERNELS:
+                out = _OPS_KERNELS[pipeline](*args, bounds, structure, **options)
+            else:
+                out = _xla_kernel(args, bounds, pipeline, structure,
+                                  tuple(sorted(options.items())))
             out = jax.block_until_ready(out)
             return tuple(None if o is None else fw.from_jax(o) for o in out)
     # NumPy warns about the saturating products the formulas clip on purpose

@@ -1,10 +1,10 @@
 """Torch adapter: the core ops on ``torch.Tensor``, and pychop's Torch modules.
 
 * ``calibrate`` / ``quantize`` / ``dequantize`` / ``fake_quant`` for tensors,
-  bit-identical to the JAX ops.  CPU tensors run through the core's jitted XLA kernels
-  by DLPack (no copies, one fused pass); tensors on other devices run the same
-  ``numerics`` formulas with ``array_api_compat.torch`` on their own device
-  (``pychop_jax.adapter``).
+  bit-identical to the JAX ops.  CPU tensors run through one jitted XLA kernel per
+  call, read and returned in place (no copies, one fused pass); tensors on other
+  devices run the same ``numerics`` formulas with ``array_api_compat.torch`` on their
+  own device (``pychop_jax.adapter``).
 * ``fake_quant`` carries the **clipped straight-through gradient**
   (``torch.autograd.Function``): ``dL/dx = dL/dy * 1[qmin <= round(x/scale) + zp <=
   qmax]``, the mask of ``numerics.clip_mask`` computed in the same pass as ``y``.
@@ -60,17 +60,18 @@ __all__ = [
     "IQuantizedConv3d",
 ]
 
+#: dtypes NumPy lacks: these go to XLA by DLPack
+_DLPACK_ONLY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+
+
 def _to_xla(t: torch.Tensor):
     """A CPU tensor for the XLA kernel: its NumPy view (read in place; passing NumPy
-    arrays to a jitted function costs a third of ``jax.dlpack.from_dlpack``), or by
-    DLPack for dtypes NumPy lacks (bfloat16)."""
+    arrays to a jitted function costs a third of ``jax.dlpack.from_dlpack``)."""
     t = t.detach()
     if t.dtype in _DLPACK_ONLY:
         return jax.dlpack.from_dlpack(t)
     return t.resolve_neg().numpy()
 
-
-_DLPACK_ONLY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
 
 FRAMEWORK = adapter.Framework(
     name="torch",

@@ -64,7 +64,7 @@ def test_float32_bit_identical_to_jax(case):
         _assert_same_bits(_adapter_run(fw, x, spec), want)
 
 
-@settings(max_examples=60)
+@settings(max_examples=50)
 @given(array_and_spec(dtype=np.float64, extremes=True))
 def test_float64_computed_in_float64_equal_to_jax_x64(case):
     x, spec = case
@@ -145,7 +145,7 @@ def test_non_finite_input_raises(name, bad, message):
 @pytest.mark.parametrize("name", sorted(BACKENDS))
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_one_non_finite_value_in_a_large_array_is_caught(name, bad):
-    x = np.random.default_rng(2).standard_normal(1 << 20).astype(np.float32)
+    x = np.random.default_rng(2).standard_normal(1 << 18).astype(np.float32)
     x[12345] = bad
     be = BACKENDS[name]
     with pytest.raises(ValueError, match="calibrate got 1"):
