@@ -5,7 +5,10 @@
 Every ratio is measured in this one process, baseline and candidates interleaved
 (benchmarks/_timing.py); "vs base" = baseline time / our time, so > 1 means faster
 than the baseline.  The training step is reported as our time / baseline time (lower
-is better).  Rows marked "context" are references, not part of the library.
+is better), with torch's default thread count and with one thread: on a small machine
+shared with other jobs, torch's OpenMP threads wait for each other whenever one of
+them is descheduled, and 2-thread runs jump between ~16 ms and ~250 ms a step.  Rows
+marked "context" are references, not part of the library.
 """
 
 from __future__ import annotations
@@ -91,9 +94,14 @@ def _mlp(quant, width: int, depth: int) -> nn.Sequential:
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def training_step(reps: int, width: int = 1024, depth: int = 3, batch: int = 256) -> None:
-    """SGD step of an MLP with a fake-quantization layer after every hidden Linear."""
+def training_step(reps: int, threads: int, width: int = 1024, depth: int = 3,
+                  batch: int = 256) -> None:
+    """SGD step of an MLP with a fake-quantization layer after every hidden Linear,
+    with ``threads`` torch threads."""
     from torch.ao.quantization import FakeQuantize
+
+    default_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
 
     xb = torch.randn(batch, width)
     yb = torch.randint(0, 10, (batch,))
@@ -113,12 +121,12 @@ def training_step(reps: int, width: int = 1024, depth: int = 3, batch: int = 256
 
         steps[name] = step
     t = interleaved_medians(steps, repeats=reps)
-    shape = f"{depth}x Linear({width}) b{batch}"
+    torch.set_num_threads(default_threads)
+    shape = f"{depth}x Linear({width}) b{batch}, {threads} thr"
     print(row(f"MLP {shape} step, FakeQuantize (baseline)", t["torch"]))
     print(row("same step, IntQuantizedLayer", t["ours"]))
     print(row("  context: same step without fake quantization", t["fp32"]))
-    print(f"\nIntQuantizedLayer step time / FakeQuantize step time = "
-          f"{t['ours'] / t['torch']:.3f} (target <= 1.0)")
+    return t["ours"] / t["torch"]
 
 
 def main():
@@ -132,7 +140,11 @@ def main():
     print(HEADER)
     numpy_adapter(args.n, args.repeats)
     torch_forward(args.n, args.repeats)
-    training_step(args.repeats)
+    ratios = {n: training_step(args.repeats, n) for n in sorted({torch.get_num_threads(), 1})}
+    print()
+    for n, ratio in ratios.items():
+        print(f"IntQuantizedLayer step time / FakeQuantize step time, {n} torch thread(s) = "
+              f"{ratio:.3f} (target <= 1.0)")
 
 
 if __name__ == "__main__":
