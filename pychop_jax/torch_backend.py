@@ -175,7 +175,8 @@ def _observer_step(xp, x, running_min, running_max, spec, *, momentum, first, ma
 
 
 # -- modules -------------------------------------------------------------------------------
-_BUFFERS = ("scale", "zero_point", "running_min", "running_max")
+#: in the order of the observer's results: range, then qparams
+_BUFFERS = ("running_min", "running_max", "scale", "zero_point")
 
 
 class TorchChopi(nn.Module, Quantizer):
@@ -221,9 +222,15 @@ class TorchChopi(nn.Module, Quantizer):
         self._keep(x.shape, lo, hi, scale, zero_point)
 
     def _keep(self, shape, *state_shaped) -> None:
-        """Store the range and qparams (state-shaped) as pychop-shaped buffers."""
-        (self.running_min, self.running_max,
-         self.scale, self.zero_point) = (self._squeeze(a) for a in state_shaped)
+        """Store the range and qparams (state-shaped) in the pychop-shaped buffers:
+        in place where they fit (the buffers keep their identity), else replaced."""
+        for name, value in zip(_BUFFERS, state_shaped, strict=True):
+            value, current = self._squeeze(value), self._buffers[name]
+            if (current is not None and current.shape == value.shape
+                    and current.dtype == value.dtype):
+                current.copy_(value)
+            else:
+                setattr(self, name, value)
         self._calibrated_shape = tuple(shape)
 
     def forward(self, x: torch.Tensor, training: bool | None = None) -> torch.Tensor:
