@@ -1,0 +1,213 @@
+"""NumPy and Torch adapters: bit-identical to the JAX ops, and the same errors.
+
+Every backend is run on the same input: the JAX ops (the core), the NumPy and Torch
+adapters on their XLA engine (what users get on CPU), and both adapters on their
+portable engine (``numerics`` called with the NumPy / Torch namespace op by op, what
+Torch tensors on other devices get).  All five must give the same bits.
+"""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from strategies import array_and_spec
+
+import pychop_jax as pj
+from pychop_jax import adapter, numpy_backend, torch_backend
+
+SPEC = pj.QuantSpec(bits=8)
+X = np.array([[0.1, -0.2, 0.3], [0.4, -0.5, 0.6]], np.float32)
+
+NP, TORCH = numpy_backend.FRAMEWORK, torch_backend.FRAMEWORK
+
+
+def _jax_run(x, spec):
+    state = pj.calibrate(x, spec)
+    q = pj.quantize(x, state)
+    return state.scale, state.zero_point, q, pj.dequantize(q, state), pj.fake_quant(x, state)
+
+
+def _adapter_run(fw, x, spec):
+    """The same pipeline through an adapter; results as NumPy arrays."""
+    if fw.name == "torch":
+        x = torch.tensor(x)
+    state = adapter.calibrate(fw, x, spec)
+    q = adapter.quantize(fw, x, state)
+    out = (state.scale, state.zero_point, q, adapter.dequantize(fw, q, state),
+           adapter.fake_quant(fw, x, state)[0])
+    return tuple(o.numpy() if isinstance(o, torch.Tensor) else o for o in out)
+
+
+def _assert_same_bits(got, want):
+    names = ("scale", "zero_point", "codes", "dequantized", "fake_quant")
+    for name, a, b in zip(names, got, want, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        assert a.dtype == b.dtype, (name, a.dtype, b.dtype)
+        assert a.shape == b.shape, (name, a.shape, b.shape)
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8), err_msg=name)
+
+
+ENGINES = {"numpy": NP, "numpy-xp": NP.portable(), "torch": TORCH, "torch-xp": TORCH.portable()}
+
+
+@settings(max_examples=200)
+@given(array_and_spec(subnormal=True, extremes=True))
+def test_float32_bit_identical_to_jax(case):
+    """bits 2..16, symmetric / asymmetric, narrow range, per-tensor / per-channel on any
+    axis (negative included), extremes and subnormals; every engine on every case."""
+    x, spec = case
+    want = _jax_run(x, spec)
+    for fw in ENGINES.values():
+        _assert_same_bits(_adapter_run(fw, x, spec), want)
+
+
+@settings(max_examples=50)
+@given(array_and_spec(dtype=np.float64, extremes=True))
+def test_float64_computed_in_float64_equal_to_jax_x64(case):
+    x, spec = case
+    with jax.enable_x64(True):
+        want = _jax_run(x, spec)
+    for fw in ENGINES.values():
+        got = _adapter_run(fw, x, spec)  # with jax_enable_x64 off
+        assert got[0].dtype == np.float64 and got[3].dtype == np.float64
+        _assert_same_bits(got, want)
+
+
+def test_per_group_specs_work_too():
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    spec = pj.QuantSpec(bits=4, symmetric=True, axis=1, group_size=4)
+    for fw in ENGINES.values():
+        _assert_same_bits(_adapter_run(fw, x, spec), _jax_run(x, spec))
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "bfloat16"])
+def test_half_precision_computed_in_float32(dtype):
+    import ml_dtypes  # noqa: F401  (numpy's bfloat16 comes from ml_dtypes, with jax)
+
+    x = X.astype(dtype)
+    state = numpy_backend.calibrate(x, SPEC)
+    assert state.scale.dtype == np.float32
+    want = pj.calibrate(x, SPEC)
+    np.testing.assert_array_equal(state.scale, want.scale)
+    y = numpy_backend.fake_quant(x, state)
+    assert y.dtype == x.dtype
+    np.testing.assert_array_equal(y.astype(np.float32),
+                                  np.asarray(pj.fake_quant(x, want)).astype(np.float32))
+    t = torch.tensor(X).to(torch.bfloat16)
+    tstate = torch_backend.calibrate(t, SPEC)
+    assert tstate.scale.dtype == torch.float32
+    assert torch_backend.fake_quant(t, tstate).dtype == torch.bfloat16
+
+
+def test_numpy_results_are_ordinary_writable_arrays():
+    state = numpy_backend.calibrate(X, SPEC)
+    q = numpy_backend.quantize(X, state)
+    assert isinstance(q, np.ndarray) and q.flags.writeable
+    q[0, 0] = 0  # no "assignment destination is read-only"
+
+
+def test_unaligned_and_strided_numpy_input():
+    big = np.random.default_rng(1).standard_normal(1 << 17).astype(np.float32)
+    for x in (big[1:], big[::2], big.reshape(256, -1).T):  # unaligned, strided, transposed
+        spec = pj.QuantSpec(bits=8, axis=-1) if x.ndim == 2 else SPEC
+        state = numpy_backend.calibrate(x, spec)
+        want = pj.calibrate(np.ascontiguousarray(x), spec)
+        np.testing.assert_array_equal(state.scale, want.scale)
+        np.testing.assert_array_equal(numpy_backend.quantize(x, state), pj.quantize(x, want))
+
+
+# -- errors: the same exception and message from every backend -----------------------------
+def _as(name, a):
+    return torch.tensor(a) if name == "torch" else a
+
+
+BACKENDS = {"jax": pj, "numpy": numpy_backend, "torch": torch_backend}
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([1.0, np.nan], "calibrate got 1 NaN value"),
+        ([np.inf, -np.inf, 1.0], "calibrate got 2 +-inf value"),
+        ([np.nan, np.inf], "calibrate got 1 NaN and 1 +-inf value"),
+    ],
+)
+def test_non_finite_input_raises(name, bad, message):
+    x = _as(name, np.array(bad, np.float32))
+    with pytest.raises(ValueError, match=re.escape(message)):
+        BACKENDS[name].calibrate(x, SPEC)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_one_non_finite_value_in_a_large_array_is_caught(name, bad):
+    x = np.random.default_rng(2).standard_normal(1 << 18).astype(np.float32)
+    x[12345] = bad
+    be = BACKENDS[name]
+    with pytest.raises(ValueError, match="calibrate got 1"):
+        be.calibrate(_as(name, x), SPEC)
+    clean = be.calibrate(_as(name, np.nan_to_num(x, posinf=0.0)), SPEC)
+    with pytest.raises(ValueError, match="quantize got 1"):
+        be.quantize(_as(name, x), clean)
+    with pytest.raises(ValueError, match="fake_quant got 1"):
+        be.fake_quant(_as(name, x), clean)
+
+
+@pytest.mark.parametrize("name", sorted(BACKENDS))
+def test_shape_and_dtype_errors(name):
+    be = BACKENDS[name]
+    with pytest.raises(ValueError, match="calibrate got an empty array"):
+        be.calibrate(_as(name, np.zeros((0, 3), np.float32)), SPEC)
+    with pytest.raises(TypeError, match="calibrate needs a floating-point array; got dtype"):
+        be.calibrate(_as(name, np.ones(3, np.int32)), SPEC)
+    with pytest.raises(ValueError, match="axis=2 is out of range for an array with 2"):
+        be.calibrate(_as(name, X), pj.QuantSpec(axis=2))
+    with pytest.raises(TypeError, match="calibrate needs a QuantSpec"):
+        be.calibrate(_as(name, X), 8)
+    state = be.calibrate(_as(name, X), pj.QuantSpec(axis=0))  # scale (2, 1)
+    with pytest.raises(ValueError, match=r"needs \(3, 1\)"):
+        be.quantize(_as(name, np.ones((3, 3), np.float32)), state)
+    with pytest.raises(TypeError, match="dequantize needs integer codes"):
+        be.dequantize(_as(name, X), state)
+    with pytest.raises(TypeError, match="quantize needs a floating-point array"):
+        be.quantize(_as(name, np.ones(X.shape, np.int32)), state)
+
+
+@pytest.mark.parametrize("name, other", [("numpy", "torch"), ("numpy", "jax"),
+                                         ("torch", "numpy"), ("torch", "jax"),
+                                         ("jax", "torch")])
+def test_array_of_another_framework_is_a_type_error(name, other):
+    x = {"numpy": X, "torch": torch.tensor(X), "jax": jax.numpy.asarray(X)}[other]
+    be = BACKENDS[name]
+    pattern = f"expects a {name} array but got a {other} array; use the {other} backend"
+    with pytest.raises(TypeError, match=re.escape(pattern)):
+        be.calibrate(x, SPEC)
+    state = be.calibrate({"numpy": X, "torch": torch.tensor(X), "jax": X}[name], SPEC)
+    with pytest.raises(TypeError, match=re.escape(pattern)):
+        be.quantize(x, state)
+
+
+def test_portable_engine_raises_the_same_errors():
+    for fw in (NP.portable(), TORCH.portable()):
+        x = np.array([1.0, np.nan, np.inf], np.float32)
+        with pytest.raises(ValueError, match=re.escape("calibrate got 1 NaN and 1 +-inf")):
+            adapter.calibrate(fw, _as(fw.name, x), SPEC)
+        state = adapter.calibrate(fw, _as(fw.name, X), SPEC)
+        with pytest.raises(ValueError, match="quantize got 1 NaN"):
+            adapter.quantize(fw, _as(fw.name, np.where(X > 0.5, np.nan, X)), state)
+
+
+def test_numpy_dequantize_of_extreme_range_does_not_warn():
+    # a 2-bit grid over [-max, max] puts its top code beyond float32's max; the
+    # formulas clip it, and NumPy's overflow warning must not reach the user
+    x = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max], np.float32)
+    spec = pj.QuantSpec(bits=2)
+    for fw in (NP, NP.portable()):
+        with np.errstate(all="raise"):
+            state = adapter.calibrate(fw, x, spec)
+            xhat = adapter.dequantize(fw, adapter.quantize(fw, x, state), state)
+        assert np.isfinite(xhat).all()

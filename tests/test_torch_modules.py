@@ -1,0 +1,301 @@
+"""TorchChopi, IntQuantizedLayer and the IQuantized layers: buffers, the observer,
+train vs eval, the straight-through gradient, and agreement with PyTorch's reference
+quantization (MinMaxObserver, quantize_per_tensor)."""
+
+import os
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.ao.quantization import MinMaxObserver
+
+import pychop
+import pychop_jax as pj
+from pychop_jax import torch_backend
+
+warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+
+
+def _data(*shape, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
+
+
+# -- buffers and state_dict ------------------------------------------------------------------
+@pytest.mark.parametrize("config", [dict(num_bits=8), dict(num_bits=4, symmetric=True),
+                                    dict(num_bits=6, per_channel=True, channel_dim=1),
+                                    dict(num_bits=8, per_channel=True, channel_dim=-1)])
+def test_state_dict_round_trip_into_a_fresh_instance(config):
+    x = _data(5, 3)
+    ch = pychop.TorchChopi(**config)
+    fresh = pychop.TorchChopi(**config)
+    assert ch.scale is None and ch.zero_point is None and ch.state_dict() == {}
+    ch.calibrate(x)
+    expected_shape = (3,) if config.get("per_channel") else ()
+    assert ch.scale.shape == expected_shape and ch.zero_point.shape == expected_shape
+    state = ch.state_dict()
+    assert set(state) == {"scale", "zero_point", "running_min", "running_max"}
+    fresh.load_state_dict(state)  # strict: every key must fit
+    for name in state:
+        assert torch.equal(getattr(fresh, name), state[name])
+        assert getattr(fresh, name).dtype == state[name].dtype
+    fresh.eval()
+    assert torch.equal(fresh.quantize(x), ch.quantize(x))
+    assert torch.equal(fresh(x), ch.eval()(x))
+
+
+def test_state_dict_of_a_model_with_layers():
+    model = nn.Sequential(nn.Linear(4, 6), pychop.IntQuantizedLayer(8), nn.ReLU(),
+                          pychop.IQuantizedLinear(6, 2, chop=pychop.ChopiSTE(bits=4)))
+    model(_data(16, 4))  # training: every observer sees a batch
+    again = nn.Sequential(nn.Linear(4, 6), pychop.IntQuantizedLayer(8), nn.ReLU(),
+                          pychop.IQuantizedLinear(6, 2, chop=pychop.ChopiSTE(bits=4)))
+    again.load_state_dict(model.state_dict())
+    model.eval()
+    again.eval()
+    x = _data(7, 4, seed=1)
+    assert torch.equal(again(x), model(x))
+    assert "3.output_quant.scale" in model.state_dict()
+
+
+# -- train vs eval ---------------------------------------------------------------------------
+def test_training_updates_the_range_with_a_moving_average():
+    ch = pychop.TorchChopi(num_bits=8, momentum=0.25)
+    a, b = _data(100, seed=1), 3 * _data(100, seed=2)
+    ch(a)  # first batch: its own range
+    assert float(ch.running_min) == float(a.min()) and float(ch.running_max) == float(a.max())
+    ch(b)
+    lo1, hi1, lo2, hi2 = (np.float32(v) for v in (a.min(), a.max(), b.min(), b.max()))
+    # float32: old + (new - old) / (1 / momentum), i.e. old + momentum * (new - old)
+    four = np.float32(4.0)
+    assert float(ch.running_min) == lo1 + (lo2 - lo1) / four
+    assert float(ch.running_max) == hi1 + (hi2 - hi1) / four
+    assert float(ch.running_min) == pytest.approx(0.75 * lo1 + 0.25 * lo2, rel=1e-6)
+    # the qparams are those of the averaged range
+    lo, hi = ch.running_min.reshape(1), ch.running_max.reshape(1)
+    scale, zero_point = torch_backend.qparams(lo, hi, ch.spec)
+    assert torch.equal(ch.scale.reshape(1), scale) and torch.equal(ch.zero_point.reshape(1),
+                                                                   zero_point)
+
+
+def test_observer_gives_the_same_bits_on_both_engines(monkeypatch):
+    """XLA would contract old + m * (new - old) into a fused multiply-add; the
+    portable engine rounds the product first.  Both must agree (512 channels)."""
+    batches = [_data(8, 512, seed=s) * (s + 1) for s in range(4)]
+
+    def observe_all():
+        ch = pychop.TorchChopi(num_bits=8, per_channel=True, channel_dim=1, momentum=0.3)
+        outputs = [ch(x) for x in batches]
+        return ch.state_dict(), outputs
+
+    state, outputs = observe_all()
+    monkeypatch.setattr(torch_backend, "FRAMEWORK", torch_backend.FRAMEWORK.portable())
+    portable_state, portable_outputs = observe_all()
+    for name in state:
+        assert torch.equal(state[name], portable_state[name]), name
+    for a, b in zip(outputs, portable_outputs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_momentum_one_uses_each_batch_range():
+    ch = pychop.TorchChopi(num_bits=8, momentum=1.0)
+    for seed in range(3):
+        x = _data(30, seed=seed) * 1e15 ** seed
+        ch(x)
+        assert float(ch.running_min) == float(x.min())
+        assert float(ch.running_max) == float(x.max())
+
+
+def test_eval_freezes_the_range_and_returns_dequantized_floats():
+    ch = pychop.TorchChopi(num_bits=4)
+    ch(_data(50))
+    frozen = {k: v.clone() for k, v in ch.state_dict().items()}
+    ch.eval()
+    x = 10 * _data(50, seed=3)  # far outside the observed range
+    y = ch(x)
+    for k, v in ch.state_dict().items():
+        assert torch.equal(v, frozen[k])
+    assert y.dtype == torch.float32  # floats, never raw codes
+    assert torch.equal(y, ch.dequantize(ch.quantize(x)))
+    # saturated: the output spans exactly the frozen grid's end points
+    scale, zp = float(ch.scale), int(ch.zero_point)
+    assert float(y.min()) == pytest.approx((0 - zp) * scale)
+    assert float(y.max()) == pytest.approx((15 - zp) * scale)
+
+
+def test_training_argument_overrides_the_module_mode():
+    ch = pychop.TorchChopi(num_bits=8).eval()
+    ch(_data(20))  # eval and uncalibrated: calibrates once
+    before = ch.scale.clone()
+    ch(3 * _data(20, seed=1))
+    assert torch.equal(ch.scale, before)
+    ch(3 * _data(20, seed=1), training=True)
+    assert not torch.equal(ch.scale, before)
+    ch.train()
+    after = ch.scale.clone()
+    ch(_data(20, seed=2), training=False)
+    assert torch.equal(ch.scale, after)
+
+
+def test_observer_rejects_non_finite_batches_and_keeps_its_range():
+    ch = pychop.IntQuantizedLayer(8)
+    ch(_data(10))
+    kept = ch.scale.clone()
+    x = _data(10, seed=1)
+    x[3] = float("nan")
+    with pytest.raises(ValueError, match="forward got 1 NaN value"):
+        ch(x)
+    assert torch.equal(ch.scale, kept)
+
+
+def test_observers_are_per_instance():
+    model = nn.Sequential(pychop.IntQuantizedLayer(8), nn.Linear(4, 4),
+                          pychop.IntQuantizedLayer(8))
+    with torch.no_grad():
+        model[1].weight.mul_(50)
+    model(_data(8, 4))
+    assert float(model[0].scale) != float(model[2].scale)
+
+
+# -- the straight-through gradient ----------------------------------------------------------
+def test_clipped_ste_gradient_matches_jax():
+    x = torch.linspace(-3, 3, 61)
+    ch = pychop.TorchChopi(num_bits=3)
+    ch.calibrate(x[20:40])  # values beyond +-1 saturate
+    xg = x.clone().requires_grad_(True)
+    weights = torch.arange(61.0)
+    (ch(xg, training=False) * weights).sum().backward()
+    # gradient passes where round(x / scale) + zp is inside [0, 7]: no value here is
+    # near a rounding tie, so float64 decides it
+    v = x.double().numpy() / float(ch.scale) + int(ch.zero_point)
+    assert _tie_distance(v).min() > 1e-3
+    inside = torch.from_numpy((v >= -0.5) & (v <= 7.5))
+    assert 0 < int(inside.sum()) < 61
+    assert torch.equal(xg.grad, torch.where(inside, weights, torch.zeros(())))
+    # the same mask as the JAX op's clipped gradient, on the same state
+    state = pj.QuantState(jnp.asarray(ch.scale.numpy()).reshape(1),
+                          jnp.asarray(ch.zero_point.numpy()).reshape(1), ch.spec)
+    g = jax.grad(lambda v: jnp.sum(pj.fake_quant(v, state) * jnp.arange(61.0)))(x.numpy())
+    np.testing.assert_array_equal(xg.grad.numpy(), np.asarray(g))
+
+
+def test_gradient_in_training_mode_and_through_layers():
+    layer = pychop.IQuantizedConv2d(2, 3, 3, padding=1, chop=pychop.TorchChopi(8))
+    x = _data(2, 2, 5, 5).requires_grad_(True)
+    layer(x).square().sum().backward()
+    assert x.grad is not None and torch.count_nonzero(x.grad) > 0
+    assert layer.weight.grad is not None and torch.count_nonzero(layer.weight.grad) > 0
+    assert layer.bias.grad is not None
+
+
+def test_no_mask_is_kept_without_gradients():
+    ch = pychop.TorchChopi(8)
+    with torch.no_grad():
+        y = ch(_data(10).requires_grad_(True))
+    assert y.grad_fn is None
+
+
+# -- IQuantized layers ---------------------------------------------------------------------
+def test_iquantized_linear_has_three_quantizers_and_composes_them():
+    torch.manual_seed(0)
+    chop = pychop.TorchChopi(num_bits=4, symmetric=True, per_channel=True)
+    layer = pychop.IQuantizedLinear(5, 3, chop=chop)
+    x = _data(8, 5)
+    y = layer(x)
+    w, b, out = layer.weight_quant, layer.bias_quant, layer.output_quant
+    assert len({id(w), id(b), id(out), id(chop)}) == 4
+    assert w.scale.shape == (3,) and b.scale.shape == () and out.scale.shape == ()
+    assert w.momentum == 1.0 and out.momentum == chop.momentum
+    # the same computation by hand, from fresh quantizers with those settings
+    wq = pychop.TorchChopi(**chop.config)(layer.weight)
+    bq = pychop.TorchChopi(num_bits=4, symmetric=True)(layer.bias)
+    expected = pychop.TorchChopi(num_bits=4, symmetric=True)(x @ wq.T + bq)
+    assert torch.equal(y, expected)
+
+
+def test_iquantized_without_chop_is_the_plain_layer():
+    torch.manual_seed(0)
+    plain = nn.Linear(5, 3)
+    torch.manual_seed(0)
+    layer = pychop.IQuantizedDense(5, 3)
+    x = _data(4, 5)
+    assert torch.equal(layer(x), plain(x))
+
+
+def test_int_quantized_layer_accepts_a_pychop_06_quantizer():
+    layer = pychop.IntQuantizedLayer(pychop.ChopiSTE(bits=5, symmetric=True))
+    assert layer.num_bits == 5 and layer.symmetric and isinstance(layer, pychop.TorchChopi)
+
+
+# -- PyTorch's reference -------------------------------------------------------------------
+def _tie_distance(v):
+    """Distance of ``v`` (float64) from the nearest half-integer."""
+    return np.abs(np.abs(v - np.floor(v)) - 0.5)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_qparams_equal_minmax_observer(seed):
+    rng = np.random.default_rng(seed)
+    scale_of_data = 10.0 ** rng.uniform(-3, 3)
+    x = torch.from_numpy((rng.standard_normal(4096) * scale_of_data
+                          + rng.uniform(-2, 2) * scale_of_data).astype(np.float32))
+    ch = pychop.TorchChopi(num_bits=8)
+    ch.calibrate(x)
+    observer = MinMaxObserver(dtype=torch.quint8)
+    observer(x)
+    ref_scale, ref_zp = observer.calculate_qparams()
+    scale = ch.scale.numpy()
+    ulp = np.spacing(np.float32(ref_scale.item()))
+    assert abs(np.float64(scale) - ref_scale.item()) <= ulp
+    if int(ch.zero_point) != int(ref_zp):
+        lo = min(float(x.min()), 0.0)
+        assert _tie_distance(-lo / ref_scale.item()) < 1e-5  # only at a tie
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_codes_equal_quantize_per_tensor_except_at_ties(seed):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(200_000).astype(np.float32)
+    ch = pychop.TorchChopi(num_bits=8)
+    ch.calibrate(torch.from_numpy(x))
+    scale, zp = float(ch.scale), int(ch.zero_point)
+    # add exact ties: values whose x / scale is k + 1/2 in float32 arithmetic
+    k = rng.integers(-zp, 255 - zp, 2000)
+    ties = ((k + 0.5) * np.float64(scale)).astype(np.float32)
+    x = np.concatenate([x, ties])
+    t = torch.from_numpy(x)
+    ours = ch.quantize(t).numpy().astype(np.int64)
+    ref = torch.quantize_per_tensor(t, scale, zp, torch.quint8).int_repr().numpy()
+    differ = ours != ref
+    assert differ.mean() < 1e-2  # mostly identical ...
+    assert np.all(np.abs(ours - ref.astype(np.int64)) <= 1)
+    # ... and a differing code sits at a tie of x * (1/scale), the product torch rounds
+    inv = np.float64(np.float32(1.0) / np.float32(scale))
+    exact = x[differ].astype(np.float64) * inv  # exact: 24 x 24 bits fit in float64
+    assert np.all(_tie_distance(exact) <= np.spacing(np.float32(np.abs(exact).max())))
+
+
+# -- a short training run of the example's kind ----------------------------------------------
+@pytest.mark.slow
+def test_qat_on_digits_learns():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+    try:
+        import torch_qat_digits as example
+    finally:
+        sys.path.pop(0)
+    x_tr, y_tr, x_te, y_te = example.load_data()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the example does: tiny matrices
+    try:
+        model = example.train(example.make_model(bits=4, weights=True), x_tr, y_tr, epochs=8)
+    finally:
+        torch.set_num_threads(threads)
+    assert example.accuracy(model, x_te, y_te) > 0.85
+    # in eval each IntQuantizedLayer outputs values on its own 4-bit grid
+    layer = model[0]
+    codes = torch.round(layer(x_te) / layer.scale) + layer.zero_point
+    assert len(torch.unique(codes)) <= 16
