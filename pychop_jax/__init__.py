@@ -7,9 +7,10 @@ The public API, re-exported from the modules that define it::
     q     = pychop_jax.quantize(x, state)      # integer codes
     xhat  = pychop_jax.dequantize(q, state)    # floats
     y     = pychop_jax.fake_quant(x, state)    # STE gradient
+    s     = pychop_jax.lsq_init(x, spec)       # learnable state: fake_quant(x, s, grad='lsq')
 """
 
-from .ops import calibrate, check_finite, dequantize, fake_quant, quantize
+from .ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .spec import QuantSpec
 from .state import QuantState
 
@@ -19,6 +20,7 @@ __all__ = [
     "QuantSpec",
     "QuantState",
     "calibrate",
+    "lsq_init",
     "quantize",
     "dequantize",
     "fake_quant",
