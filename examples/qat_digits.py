@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Callable
@@ -80,10 +81,15 @@ class CNN(nn.Module):
             conv, dense = qnn.QuantConv, qnn.QuantDense
             kw = dict(weight_bits=w_bits, act_bits=a_bits, lsq=self.lsq)
             call = lambda layer, x: layer(x, train)  # noqa: E731
-        x = nn.relu(call(conv(8, (3, 3), name="conv1", **kw), x))
-        x = nn.relu(call(conv(16, (3, 3), strides=2, name="conv2", **kw), x))
-        x = nn.relu(call(dense(32, name="fc", **kw), x.reshape(x.shape[0], -1)))
-        return call(dense(10, name="head", **kw), x)
+        return self.layers(x, functools.partial(conv, **kw), functools.partial(dense, **kw), call)
+
+    @staticmethod
+    def layers(x, conv, dense, call):
+        """The architecture, for any conv / dense layer classes."""
+        x = nn.relu(call(conv(8, (3, 3), name="conv1"), x))
+        x = nn.relu(call(conv(16, (3, 3), strides=2, name="conv2"), x))
+        x = nn.relu(call(dense(32, name="fc"), x.reshape(x.shape[0], -1)))
+        return call(dense(10, name="head"), x)
 
 
 # -- training and evaluation --------------------------------------------------------------------

@@ -8,8 +8,15 @@ The public API, re-exported from the modules that define it::
     xhat  = pychop_jax.dequantize(q, state)    # floats
     y     = pychop_jax.fake_quant(x, state)    # STE gradient
     s     = pychop_jax.lsq_init(x, spec)       # learnable state: fake_quant(x, s, grad='lsq')
+
+Submodules: ``observers`` (range statistics over batches), ``qat`` (the layer-level
+functions), and the Flax skins ``linen`` and ``nnx`` (imported on first access, so that
+``import pychop_jax`` does not load ``flax.nnx``).
 """
 
+import importlib
+
+from . import observers, qat
 from .ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .spec import QuantSpec
 from .state import QuantState
@@ -25,4 +32,16 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "check_finite",
+    "observers",
+    "qat",
+    "linen",
+    "nnx",
 ]
+
+_LAZY = ("linen", "nnx")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -61,6 +61,11 @@ evaluates the same way.  Measured XLA:CPU behaviours fix it:
 
 Shapes: the scale and zero point have the input's rank (``QuantSpec.scale_shape``);
 per-group inputs are viewed with the grouped axis split into ``(n // g, g)``.
+
+Learned step sizes (LSQ, LSQ+): ``lsq_init`` and ``lsq_grads`` at the end of the module
+give the initial state and the gradients of ``ste``'s ``'lsq'`` rule; a floating zero
+point is a learned one, rounded by ``integer_zero_point`` wherever codes are formed.
+These are not part of the bit-identity contract (they feed training, not codes).
 """
 
 from __future__ import annotations
