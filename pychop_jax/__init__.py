@@ -7,11 +7,19 @@ The public API, re-exported from the modules that define it::
     q     = pychop_jax.quantize(x, state)      # integer codes
     xhat  = pychop_jax.dequantize(q, state)    # floats
     y     = pychop_jax.fake_quant(x, state)    # STE gradient
+    s     = pychop_jax.lsq_init(x, spec)       # learnable state: fake_quant(x, s, grad='lsq')
+
+Submodules: ``observers`` (range statistics over batches), ``qat`` (the layer-level
+functions), and the Flax skins ``linen`` and ``nnx`` (imported on first access, so that
+``import pychop_jax`` does not load ``flax.nnx``).
 """
 
+import importlib
+
+from . import observers, qat
 from .checkpoint import load_quantized, save_quantized
 from .int_matmul import int_dot_general, make_int_dot_general, promote_dtype
-from .ops import calibrate, check_finite, dequantize, fake_quant, quantize
+from .ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .ptq import PTQReport, dequantize_params, quantize_params
 from .qarray import QuantizedArray
 from .spec import QuantSpec
@@ -23,6 +31,7 @@ __all__ = [
     "QuantSpec",
     "QuantState",
     "calibrate",
+    "lsq_init",
     "quantize",
     "dequantize",
     "fake_quant",
@@ -36,4 +45,17 @@ __all__ = [
     "promote_dtype",
     "save_quantized",
     "load_quantized",
+    "lsq_init",
+    "observers",
+    "qat",
+    "linen",
+    "nnx",
 ]
+
+_LAZY = ("linen", "nnx")
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,12 +24,23 @@ from . import numerics, ste, validation
 from .spec import QuantSpec, join_bounds, split_bounds
 from .state import QuantState
 
-__all__ = ["calibrate", "quantize", "dequantize", "fake_quant", "check_finite"]
+__all__ = ["calibrate", "lsq_init", "quantize", "dequantize", "fake_quant", "check_finite"]
 
 
 # -- argument handling -----------------------------------------------------------------
 def _is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    """True for a tracer, and for any value while a transformation is tracing: a
+    concrete array closed over by a jitted function is a compile-time constant there,
+    and checks on it would be staged out too (they could not raise)."""
+    return isinstance(x, jax.core.Tracer) or not _trace_state_clean()
+
+
+def _trace_state_clean() -> bool:
+    try:
+        from jax._src.core import trace_state_clean
+    except ImportError:  # pragma: no cover - older/newer JAX: fall back to the type test
+        return True
+    return trace_state_clean()
 
 
 def _as_jax(x, what: str):
@@ -47,7 +58,11 @@ def _as_float(x, what: str):
 
 
 def _fitted(x_shape, state: QuantState, what: str):
-    """The state's arrays, checked (and for per-tensor, reshaped) to fit ``x_shape``."""
+    """The state's arrays, checked (and for per-tensor, reshaped) to fit ``x_shape``.
+
+    A floating (learned) zero point is returned as it is; ``_integer_zero_point``
+    rounds it where codes are formed.
+    """
     if not isinstance(state, QuantState):
         raise TypeError(f"{what} needs a QuantState (from calibrate); got {type(state).__name__}.")
     expected = state.spec.scale_shape(x_shape)
@@ -56,6 +71,12 @@ def _fitted(x_shape, state: QuantState, what: str):
         scale, zero_point = jnp.reshape(scale, expected), jnp.reshape(zero_point, expected)
     validation.require_state_fits(x_shape, jnp.shape(scale), expected, what)
     return scale, zero_point
+
+
+def _integer_zero_point(zero_point, spec: QuantSpec):
+    if jnp.issubdtype(jnp.result_type(zero_point), jnp.integer):
+        return zero_point
+    return numerics.integer_zero_point(jnp, jnp.asarray(zero_point), spec)
 
 
 def _raise_nonfinite(x, what: str):
@@ -88,6 +109,11 @@ def _calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str):
     # with nonfinite='flag' the range is non-finite iff x has a non-finite value
     ok = jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi))
     return scale, zero_point, ok
+
+
+@functools.partial(jax.jit, static_argnames=("structure",))
+def _lsq_init_kernel(x, bounds, structure: QuantSpec):
+    return numerics.lsq_init(jnp, x, join_bounds(structure, bounds))
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "check"))
@@ -154,6 +180,34 @@ def calibrate(x, spec: QuantSpec) -> QuantState:
     return QuantState(scale=scale, zero_point=zero_point, spec=spec)
 
 
+def lsq_init(x, spec: QuantSpec) -> QuantState:
+    """A learnable state for ``fake_quant(..., grad='lsq')``, initialised from ``x``.
+
+    The step size of Esser et al. (2019), ``scale = 2 * mean(|x|) / sqrt(Q_P)`` with
+    ``Q_P = qmax``, over the axes ``spec`` reduces.  The zero point is *float32*
+    (code units): 0 for symmetric grids, and for asymmetric ones the code of
+    ``lo = min(min(x), 0)`` under that scale (0 for non-negative data), which LSQ+
+    then learns.  Quantizers round a float zero point half-to-even (the gradient passes
+    straight through), so every entry point accepts this state, and
+    ``jax.grad(loss)(state)`` differentiates both leaves.  Formulas:
+    ``numerics.lsq_init``; no gradient flows into ``x``.
+
+    Raises:
+      TypeError / ValueError: as ``calibrate`` (non-float or empty input, bad axis,
+        eagerly NaN or +-inf).
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"lsq_init needs a QuantSpec; got {type(spec).__name__}.")
+    x = _as_float(x, "lsq_init")
+    validation.require_nonempty(x.size, "lsq_init")
+    spec.scale_shape(x.shape)
+    x = jax.lax.stop_gradient(x)
+    if not _is_traced(x) and not bool(_all_finite_kernel(x)):
+        _raise_nonfinite(x, "lsq_init")
+    scale, zero_point = _lsq_init_kernel(x, *split_bounds(spec))
+    return QuantState(scale=scale, zero_point=zero_point.astype(scale.dtype), spec=spec)
+
+
 def quantize(x, state: QuantState, *, key=None, check: bool = True):
     """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)``.
 
@@ -174,6 +228,7 @@ def quantize(x, state: QuantState, *, key=None, check: bool = True):
     """
     x = _as_float(x, "quantize")
     scale, zero_point = _fitted(x.shape, state, "quantize")
+    zero_point = _integer_zero_point(zero_point, state.spec)
     check = check and not _is_traced(x)
     q, ok = _quantize_kernel(x, scale, zero_point, key, *split_bounds(state.spec), check)
     if check and not ok:
@@ -192,6 +247,7 @@ def dequantize(q, state: QuantState, *, dtype=None):
     q = _as_jax(q, "dequantize")
     validation.require_integer_codes(jnp.issubdtype(q.dtype, jnp.integer), q.dtype)
     scale, zero_point = _fitted(q.shape, state, "dequantize")
+    zero_point = _integer_zero_point(zero_point, state.spec)
     dtype = jnp.dtype(dtype or scale.dtype)
     return _dequantize_kernel(q, scale, zero_point, *split_bounds(state.spec), dtype)
 
@@ -203,7 +259,9 @@ def fake_quant(x, state: QuantState, *, grad: str = "clipped", key=None, check: 
       x: floating array whose shape fits ``state``.
       state: from ``calibrate`` (or an observer).
       grad: gradient rule, a key of ``pychop_jax.ste.RULES``: ``'clipped'``
-        (default; zero gradient where the code saturated) or ``'ste'`` (identity).
+        (default; zero gradient where the code saturated), ``'ste'`` (identity) or
+        ``'lsq'`` (learned step size: the state's ``scale``, and a float
+        ``zero_point``, receive the LSQ / LSQ+ gradient; start from ``lsq_init``).
       key: optional PRNG key for stochastic rounding.
       check: eagerly reject NaN / +-inf (no effect under ``jit``, where NaN -> 0.0).
     """

@@ -26,7 +26,9 @@ class QuantState:
 
     Attributes:
       scale: step between codes, shape ``spec.scale_shape(x.shape)``.
-      zero_point: int32 code of 0.0, same shape (zeros when symmetric).
+      zero_point: int32 code of 0.0, same shape (zeros when symmetric); or a float
+        zero point being learned (``lsq_init``, LSQ+), which quantizers round
+        half-to-even and clip to [qmin, qmax].
       spec: the ``QuantSpec`` (static pytree metadata).
     """
 

@@ -10,9 +10,20 @@ gradient is zero almost everywhere.  Training through it uses a surrogate:
   (nor NaN inputs).
 
 Both give the state (scale, zero point) a zero cotangent: the state is a statistic of
-the data here, not a parameter.  A rule is a function
-``rule(x, scale, zero_point, spec, g) -> (dx, dscale, dzero_point)``; ``RULES`` maps
-names to rules, so further rules (a learned step size) register in one place.
+the data here, not a parameter.
+
+* ``'lsq'``: learned step size quantization (Esser et al., 2019, "Learned Step Size
+  Quantization", ICLR 2020) and, for asymmetric grids, its learned offset (Bhalgat et
+  al., 2020, "LSQ+").  ``x`` gets the clipped STE and the scale (and a floating zero
+  point) get the paper's gradient, scaled by ``1 / sqrt(N * Q_P)``: see
+  ``numerics.lsq_grads``.  An integer zero point is treated as fixed.
+
+A floating zero point is a learned one: the forward pass rounds it
+(``numerics.integer_zero_point``), the gradient passes straight through the rounding.
+
+A rule is a function ``rule(x, scale, zero_point, spec, g) -> (dx, dscale,
+dzero_point)`` (``None`` for a zero cotangent); ``RULES`` maps names to rules, so
+further rules register in one place.
 """
 
 from __future__ import annotations
@@ -36,11 +47,16 @@ def _ste(x, scale, zero_point, spec, g):
 
 
 def _clipped(x, scale, zero_point, spec, g):
+    zero_point = numerics.integer_zero_point(jnp, zero_point, spec)
     inside = numerics.clip_mask(jnp, x, scale, zero_point, spec)
     return jnp.where(inside, g, jnp.zeros_like(g)), None, None
 
 
-RULES: dict[str, Rule] = {"ste": _ste, "clipped": _clipped}
+def _lsq(x, scale, zero_point, spec, g):
+    return numerics.lsq_grads(jnp, x, scale, zero_point, spec, g)
+
+
+RULES: dict[str, Rule] = {"ste": _ste, "clipped": _clipped, "lsq": _lsq}
 
 
 def register_rule(name: str, rule: Rule) -> None:
@@ -49,6 +65,7 @@ def register_rule(name: str, rule: Rule) -> None:
 
 
 def _forward(x, scale, zero_point, noise, spec):
+    zero_point = numerics.integer_zero_point(jnp, zero_point, spec)
     y = numerics.fake_quant(jnp, x, scale, zero_point, spec, noise=noise)
     return y.astype(x.dtype)
 
@@ -73,6 +90,12 @@ def _fwd(x, scale, zero_point, noise, bounds, structure, rule):
 def _bwd(structure, rule, residuals, g):
     x, scale, zero_point, bounds = residuals
     dx, dscale, dzp = RULES[rule](x, scale, zero_point, join_bounds(structure, bounds), g)
+    if dscale is not None:
+        dscale = dscale.astype(scale.dtype)
+    if dzp is not None and jnp.issubdtype(zero_point.dtype, jnp.floating):
+        dzp = dzp.astype(zero_point.dtype)
+    else:  # an integer zero point is not differentiable: zero cotangent
+        dzp = None
     return (dx.astype(x.dtype), dscale, dzp, None, None)
 
 

@@ -1,0 +1,270 @@
+"""Quantization-aware training on scikit-learn's digits: fp32 vs PTQ vs QAT vs LSQ.
+
+    python examples/qat_digits.py [--epochs 30] [--out examples/out/qat_digits.png]
+
+A small Flax linen CNN (8x8 grey digits, 10 classes; fixed seed and split) is trained
+in fp32 with optax Adam, then quantized: every conv and dense layer gets per-channel
+symmetric weights and a per-tensor affine input quantizer (``pychop_jax.linen``).
+
+* PTQ: the fp32 weights as they are; input ranges observed on training batches.
+* QAT: fine-tuned from fp32 with fake quantization (straight-through gradients, EMA
+  range observers).
+* LSQ: fine-tuned from fp32 with learned step sizes and zero points (Esser et al.
+  2019; LSQ+ for the affine inputs).
+
+Prints one table and saves a plot of accuracy vs bits.  Each row of the table is a
+function returning a ``Row``, so a row can be added by appending to ``ROWS`` (or by
+calling ``run`` with a longer list).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from tqdm import tqdm
+
+import pychop_jax.linen as qnn
+
+SEED = 0
+BATCH = 128
+
+
+# -- data and model -----------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Data:
+    x_train: np.ndarray  # (N, 8, 8, 1) float32 in [0, 1]
+    y_train: np.ndarray  # (N,) int32
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def load_data(seed: int = SEED) -> Data:
+    """Digits scaled to [0, 1], a stratified 80/20 split fixed by ``seed``."""
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[..., None]
+    y = digits.target.astype(np.int32)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, stratify=y,
+                                              random_state=seed)
+    return Data(x_tr, y_tr, x_te, y_te)
+
+
+class CNN(nn.Module):
+    """conv 3x3/8 - conv 3x3/16 stride 2 - dense 32 - dense 10 (ReLU between).
+
+    ``bits=None``: plain ``nn.Conv``/``nn.Dense``.  Otherwise ``pychop_jax.linen``'s
+    drop-ins under the same names (so the fp32 params load unchanged), with ``bits``
+    for weights and inputs (a ``(weight, input)`` pair for different widths).
+    """
+
+    bits: int | tuple[int, int] | None = None
+    lsq: bool = False
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.bits is None:
+            conv, dense, kw = nn.Conv, nn.Dense, {}
+            call = lambda layer, x: layer(x)  # noqa: E731
+        else:
+            w_bits, a_bits = self.bits if isinstance(self.bits, tuple) else (self.bits,) * 2
+            conv, dense = qnn.QuantConv, qnn.QuantDense
+            kw = dict(weight_bits=w_bits, act_bits=a_bits, lsq=self.lsq)
+            call = lambda layer, x: layer(x, train)  # noqa: E731
+        return self.layers(x, functools.partial(conv, **kw), functools.partial(dense, **kw), call)
+
+    @staticmethod
+    def layers(x, conv, dense, call):
+        """The architecture, for any conv / dense layer classes."""
+        x = nn.relu(call(conv(8, (3, 3), name="conv1"), x))
+        x = nn.relu(call(conv(16, (3, 3), strides=2, name="conv2"), x))
+        x = nn.relu(call(dense(32, name="fc"), x.reshape(x.shape[0], -1)))
+        return call(dense(10, name="head"), x)
+
+
+# -- training and evaluation --------------------------------------------------------------------
+def _batches(data: Data, key, batch: int = BATCH):
+    order = np.asarray(jax.random.permutation(key, len(data.y_train)))
+    for i in range(0, len(order) - batch + 1, batch):
+        idx = order[i:i + batch]
+        yield data.x_train[idx], data.y_train[idx]
+
+
+def train(model: nn.Module, variables, data: Data, *, epochs: int, lr: float, seed: int,
+          desc: str):
+    """Adam on the cross-entropy, ``train=True`` (observers update); returns variables."""
+    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    tx = optax.adam(optax.cosine_decay_schedule(lr, epochs * (len(data.y_train) // BATCH)))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def step(params, rest, opt_state, x, y):
+        def loss_fn(params):
+            logits, updates = model.apply({"params": params, **rest}, x, train=True,
+                                          mutable=["quant_stats"])
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates
+
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        changes, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, changes), {**rest, **updates}, opt_state, loss
+
+    key = jax.random.key(seed)
+    with tqdm(range(epochs), desc=desc, leave=False, unit="epoch") as bar:
+        for _ in bar:
+            key, sub = jax.random.split(key)
+            for x, y in _batches(data, sub):
+                params, rest, opt_state, loss = step(params, rest, opt_state, x, y)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+    return {"params": params, **rest}
+
+
+def observe(model: nn.Module, variables, data: Data, *, batches: int = 8):
+    """Post-training calibration: run ``batches`` training batches with ``train=True``
+    so that the observers record the input ranges; parameters are not touched."""
+    run = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["quant_stats"])[1])
+    for i, (x, _) in enumerate(_batches(data, jax.random.key(SEED))):
+        if i == batches:
+            break
+        variables = {**variables, **run(variables, x)}
+    return variables
+
+
+def accuracy(model: nn.Module, variables, data: Data) -> float:
+    logits = jax.jit(lambda v, x: model.apply(v, x))(variables, data.x_test)
+    return float(jnp.mean(jnp.argmax(logits, -1) == data.y_test)) * 100
+
+
+def quantized(bits, float_variables, data: Data, *, lsq: bool = False):
+    """The quantized model and its variables built from the float params: LSQ step sizes
+    initialised from the float kernels and a training batch, observers empty."""
+    model = CNN(bits=bits, lsq=lsq)
+    variables = qnn.init_lsq(model, {"params": float_variables["params"]}, data.x_train[:BATCH])
+    return model, variables
+
+
+# -- the rows of the table ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    bits: int  # weight / input bits, 32 for float
+    method: str  # "fp32", "PTQ", "QAT", "LSQ" (the plot's series)
+    accuracy: float  # test accuracy, percent
+
+
+@dataclasses.dataclass
+class Context:
+    """What the rows share: the data, the trained fp32 variables, the epochs."""
+
+    data: Data
+    epochs: int
+    fp32: dict | None = None
+
+
+def fp32_row(ctx: Context) -> Row:
+    model = CNN()
+    variables = model.init(jax.random.key(SEED), ctx.data.x_train[:1])
+    ctx.fp32 = train(model, variables, ctx.data, epochs=ctx.epochs, lr=3e-3, seed=SEED,
+                     desc="fp32")
+    return Row("fp32", 32, "fp32", accuracy(model, ctx.fp32, ctx.data))
+
+
+def ptq_row(bits: int) -> Callable[[Context], Row]:
+    def row(ctx: Context) -> Row:
+        model, variables = quantized(bits, ctx.fp32, ctx.data)
+        variables = observe(model, variables, ctx.data)
+        return Row(f"{bits}-bit PTQ", bits, "PTQ", accuracy(model, variables, ctx.data))
+    return row
+
+
+def qat_row(bits: int, *, lsq: bool = False, epochs_factor: float = 0.5,
+            lr: float = 1e-3) -> Callable[[Context], Row]:
+    method = "LSQ" if lsq else "QAT"
+
+    def row(ctx: Context) -> Row:
+        model, variables = quantized(bits, ctx.fp32, ctx.data, lsq=lsq)
+        epochs = max(1, round(ctx.epochs * epochs_factor))
+        variables = train(model, variables, ctx.data, epochs=epochs, lr=lr, seed=SEED + 1,
+                          desc=f"{bits}-bit {method}")
+        name = f"{bits}-bit QAT" + (" (LSQ)" if lsq else "") + ", from fp32"
+        return Row(name, bits, method, accuracy(model, variables, ctx.data))
+    return row
+
+
+ROWS: list[Callable[[Context], Row]] = [
+    fp32_row,
+    ptq_row(8),
+    ptq_row(4),
+    qat_row(4),
+    qat_row(2, lsq=True, epochs_factor=1.0, lr=2e-3),
+]
+
+
+def run(rows=ROWS, *, epochs: int = 30, data: Data | None = None) -> list[Row]:
+    """Evaluate ``rows`` in order (the first must train the fp32 model)."""
+    ctx = Context(data or load_data(), epochs)
+    return [row(ctx) for row in rows]
+
+
+# -- report -------------------------------------------------------------------------------------
+def table(rows: list[Row]) -> str:
+    base = next((r.accuracy for r in rows if r.method == "fp32"), None)
+    lines = [f"| {'model':<30} | {'bits':>4} | {'test acc.':>9} | {'vs fp32':>8} |",
+             f"|{'-' * 32}|{'-' * 6}|{'-' * 11}|{'-' * 10}|"]
+    for r in rows:
+        delta = f"{r.accuracy - base:+7.2f}" if base is not None else ""
+        lines.append(f"| {r.name:<30} | {r.bits:>4} | {r.accuracy:>8.2f}% | {delta:>8} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    base = next(r.accuracy for r in rows if r.method == "fp32")
+    ax.axhline(base, color="grey", ls="--", label=f"fp32 ({base:.1f}%)")
+    for method, style in (("PTQ", "o-"), ("QAT", "s-"), ("LSQ", "^-")):
+        pts = sorted((r.bits, r.accuracy) for r in rows if r.method == method)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), style, label=method, ms=8)
+    ax.set_xlabel("bits (weights and inputs of every layer)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(sorted({r.bits for r in rows if r.bits < 32}))
+    ax.set_title("digits CNN: post-training quantization vs QAT")
+    ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> list[Row]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=30, help="fp32 epochs (QAT: half)")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out",
+                                                      "qat_digits.png"))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    rows = run(epochs=args.epochs)
+    print(table(rows))
+    plot(rows, args.out)
+    print(f"\nplot: {args.out}   ({time.perf_counter() - start:.0f} s, jax "
+          f"{jax.__version__} on {jax.default_backend()})")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

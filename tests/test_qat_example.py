@@ -1,0 +1,33 @@
+"""The digits QAT example, shortened: QAT must beat the post-training-quantized model it
+starts from, and 8-bit PTQ must stay at the fp32 accuracy."""
+
+import importlib.util
+import os
+import sys
+
+import pytest
+
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "qat_digits.py")
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("qat_digits", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_short_qat_run_beats_its_ptq_start(tmp_path):
+    ex = _example()
+    fp32, ptq8, ptq4, qat4 = ex.run([ex.fp32_row, ex.ptq_row(8), ex.ptq_row(4), ex.qat_row(4)],
+                                    epochs=10)
+    assert fp32.accuracy > 90  # the fp32 model did learn
+    assert abs(ptq8.accuracy - fp32.accuracy) <= 0.5
+    assert qat4.accuracy > ptq4.accuracy
+    assert qat4.method == "QAT" and qat4.bits == 4
+    table = ex.table([fp32, ptq8, ptq4, qat4])
+    assert "4-bit QAT" in table and f"{qat4.accuracy:.2f}%" in table
+    ex.plot([fp32, ptq8, ptq4, qat4], str(tmp_path / "plot.png"))
+    assert (tmp_path / "plot.png").stat().st_size > 1000
