@@ -11,6 +11,10 @@ symmetric weights and a per-tensor affine input quantizer (``pychop_jax.linen``)
   range observers).
 * LSQ: fine-tuned from fp32 with learned step sizes and zero points (Esser et al.
   2019; LSQ+ for the affine inputs).
+* served: the 4-bit QAT model converted to integer codes + scales
+  (``pychop_jax.serving.to_served``) and run by stock ``nn.Conv`` / ``nn.Dense`` layers
+  with integer ops (int8 x int8 -> int32); its predictions must equal the fake-quant
+  evaluation's on every test image.
 
 Prints one table and saves a plot of accuracy vs bits.  Each row of the table is a
 function returning a ``Row``, so a row can be added by appending to ``ROWS`` (or by
@@ -36,6 +40,7 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import pychop_jax.linen as qnn
+from pychop_jax import serving
 
 SEED = 0
 BATCH = 128
@@ -158,17 +163,20 @@ def quantized(bits, float_variables, data: Data, *, lsq: bool = False):
 class Row:
     name: str
     bits: int  # weight / input bits, 32 for float
-    method: str  # "fp32", "PTQ", "QAT", "LSQ" (the plot's series)
+    method: str  # "fp32", "PTQ", "QAT", "LSQ", "served" (the plot's series)
     accuracy: float  # test accuracy, percent
 
 
 @dataclasses.dataclass
 class Context:
-    """What the rows share: the data, the trained fp32 variables, the epochs."""
+    """What the rows share: the data, the epochs, the trained fp32 variables and the
+    quantized models trained so far (row name -> (model, variables))."""
 
     data: Data
     epochs: int
     fp32: dict | None = None
+    trained: dict = dataclasses.field(default_factory=dict)
+    notes: list = dataclasses.field(default_factory=list)
 
 
 def fp32_row(ctx: Context) -> Row:
@@ -197,8 +205,38 @@ def qat_row(bits: int, *, lsq: bool = False, epochs_factor: float = 0.5,
         variables = train(model, variables, ctx.data, epochs=epochs, lr=lr, seed=SEED + 1,
                           desc=f"{bits}-bit {method}")
         name = f"{bits}-bit QAT" + (" (LSQ)" if lsq else "") + ", from fp32"
+        ctx.trained[name] = (model, variables)
         return Row(name, bits, method, accuracy(model, variables, ctx.data))
     return row
+
+
+class ServedCNN(nn.Module):
+    """The CNN's architecture with stock Flax layers running integer ops."""
+
+    @nn.compact
+    def __call__(self, x):
+        return CNN.layers(x, serving.IntConv, serving.IntDense, lambda layer, x: layer(x))
+
+
+def served_row(source: str) -> Callable[[Context], Row]:
+    """The model of row ``source`` served with integer matmuls / convolutions."""
+    def row(ctx: Context) -> Row:
+        model, variables = ctx.trained[source]
+        params, _ = serving.to_served(model, variables, ctx.data.x_test[:1])
+        served = jax.jit(ServedCNN().apply)({"params": params}, ctx.data.x_test)
+        fake = jax.jit(lambda v, x: model.apply(v, x))(variables, ctx.data.x_test)
+        same = int(jnp.sum(jnp.argmax(served, -1) == jnp.argmax(fake, -1)))
+        ctx.notes.append(
+            f"{source} served with integer ops: same prediction as its fake-quant "
+            f"evaluation on {same}/{len(ctx.data.y_test)} test images, "
+            f"max |logit difference| {float(jnp.abs(served - fake).max()):.1e}")
+        acc = float(jnp.mean(jnp.argmax(served, -1) == ctx.data.y_test)) * 100
+        bits = next(r for r in ROW_BITS if source.startswith(f"{r}-bit"))
+        return Row(f"{bits}-bit QAT, served (int ops)", bits, "served", acc)
+    return row
+
+
+ROW_BITS = (8, 4, 2)
 
 
 ROWS: list[Callable[[Context], Row]] = [
@@ -207,13 +245,19 @@ ROWS: list[Callable[[Context], Row]] = [
     ptq_row(4),
     qat_row(4),
     qat_row(2, lsq=True, epochs_factor=1.0, lr=2e-3),
+    served_row("4-bit QAT, from fp32"),
 ]
 
 
-def run(rows=ROWS, *, epochs: int = 30, data: Data | None = None) -> list[Row]:
-    """Evaluate ``rows`` in order (the first must train the fp32 model)."""
+def run(rows=ROWS, *, epochs: int = 30, data: Data | None = None,
+        notes: list | None = None) -> list[Row]:
+    """Evaluate ``rows`` in order (the first must train the fp32 model); lines worth
+    printing under the table are appended to ``notes``."""
     ctx = Context(data or load_data(), epochs)
-    return [row(ctx) for row in rows]
+    out = [row(ctx) for row in rows]
+    if notes is not None:
+        notes.extend(ctx.notes)
+    return out
 
 
 # -- report -------------------------------------------------------------------------------------
@@ -236,7 +280,7 @@ def plot(rows: list[Row], path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     base = next(r.accuracy for r in rows if r.method == "fp32")
     ax.axhline(base, color="grey", ls="--", label=f"fp32 ({base:.1f}%)")
-    for method, style in (("PTQ", "o-"), ("QAT", "s-"), ("LSQ", "^-")):
+    for method, style in (("PTQ", "o-"), ("QAT", "s-"), ("LSQ", "^-"), ("served", "x")):
         pts = sorted((r.bits, r.accuracy) for r in rows if r.method == method)
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=method, ms=8)
@@ -258,8 +302,11 @@ def main(argv=None) -> list[Row]:
                                                       "qat_digits.png"))
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    rows = run(epochs=args.epochs)
+    notes = []
+    rows = run(epochs=args.epochs, notes=notes)
     print(table(rows))
+    for note in notes:
+        print(note)
     plot(rows, args.out)
     print(f"\nplot: {args.out}   ({time.perf_counter() - start:.0f} s, jax "
           f"{jax.__version__} on {jax.default_backend()})")

@@ -10,15 +10,22 @@ The public API, re-exported from the modules that define it::
     s     = pychop_jax.lsq_init(x, spec)       # learnable state: fake_quant(x, s, grad='lsq')
 
 Submodules: ``observers`` (range statistics over batches), ``qat`` (the layer-level
-functions), and the Flax skins ``linen`` and ``nnx`` (imported on first access, so that
-``import pychop_jax`` does not load ``flax.nnx``).
+functions), the Flax skins ``linen`` and ``nnx`` and ``serving`` (QAT -> integer
+model); the last three are imported on first access, so that ``import pychop_jax``
+does not load ``flax.nnx``.
 """
 
 import importlib
 
 from . import observers, qat
 from .checkpoint import load_quantized, save_quantized
-from .int_matmul import int_dot_general, make_int_dot_general, promote_dtype
+from .int_matmul import (
+    IntKernel,
+    int_conv_general_dilated,
+    int_dot_general,
+    make_int_dot_general,
+    promote_dtype,
+)
 from .ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .ptq import PTQReport, dequantize_params, quantize_params
 from .qarray import QuantizedArray
@@ -41,6 +48,8 @@ __all__ = [
     "dequantize_params",
     "PTQReport",
     "int_dot_general",
+    "int_conv_general_dilated",
+    "IntKernel",
     "make_int_dot_general",
     "promote_dtype",
     "save_quantized",
@@ -50,9 +59,10 @@ __all__ = [
     "qat",
     "linen",
     "nnx",
+    "serving",
 ]
 
-_LAZY = ("linen", "nnx")
+_LAZY = ("linen", "nnx", "serving")
 
 
 def __getattr__(name):

@@ -177,8 +177,6 @@ _OPS_KERNELS = {
         ops._dequantize_kernel(q, scale, zero_point, bounds, structure, scale.dtype),),
 }
 
-_split_bounds = functools.lru_cache(maxsize=256)(split_bounds)
-
 
 def run(fw: Framework, pipeline, arrays, spec: QuantSpec, **options):
     """``pipeline(xp, *arrays, spec, **options)`` on the engine that can read ``arrays``.
@@ -188,7 +186,7 @@ def run(fw: Framework, pipeline, arrays, spec: QuantSpec, **options):
     """
     if all(fw.on_xla(a) for a in arrays):
         wide = any(fw.is_wide(a) for a in arrays)
-        bounds, structure = _split_bounds(spec)
+        bounds, structure = split_bounds(spec)
         with jax.enable_x64(True) if wide else contextlib.nullcontext(), _on_cpu()():
             args = tuple(fw.to_xla(a) for a in arrays)
             if pipeline in _OPS_KERNELS:

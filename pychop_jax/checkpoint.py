@@ -1,8 +1,9 @@
 """Compact checkpoints of quantized parameter trees.
 
 ``save_quantized(path, tree)`` writes a msgpack file (``flax.serialization``'s
-encoding) that holds, for every ``QuantizedArray`` leaf, only its codes (packed or
-not), scale and (asymmetric only) zero point plus the few integers of its spec —
+encoding) that holds, for every ``QuantizedArray`` leaf (also inside a served
+``IntKernel``), only its codes (packed or not), scale and (asymmetric only) zero
+point plus the few integers of its spec —
 no float copy of the weights — and float leaves as they are.
 ``load_quantized(path)`` rebuilds the tree without needing a target structure.
 Trees are nested ``dict``s (string keys) and ``list``s / ``tuple``s of arrays, which
@@ -17,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .int_matmul import IntKernel
 from .qarray import QuantizedArray
 from .spec import QuantSpec
 from .state import QuantState
@@ -25,24 +27,43 @@ __all__ = ["save_quantized", "load_quantized", "to_bytes", "from_bytes"]
 
 _FORMAT = "pychop-jax/quantized-tree/1"
 _QA = "__quantized_array__"
+_KERNEL = "__int_kernel__"
 _SEQ = "__sequence__"
+
+
+def _encode_state(state: QuantState) -> dict:
+    """Scale, spec fields and (asymmetric only: a symmetric one is 0) the zero point."""
+    spec = state.spec
+    stored = {
+        "scale": np.asarray(state.scale),
+        "spec": [spec.bits, spec.symmetric, spec.narrow_range,
+                 -1 if spec.axis is None else spec.axis, spec.axis is None,
+                 0 if spec.group_size is None else spec.group_size],
+    }
+    if not spec.symmetric:
+        stored["zero_point"] = np.asarray(state.zero_point)
+    return stored
+
+
+def _decode_state(d: dict) -> QuantState:
+    bits, symmetric, narrow, axis, per_tensor, group = d["spec"]
+    spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
+                     axis=None if per_tensor else int(axis), group_size=int(group) or None)
+    scale = jnp.asarray(d["scale"])
+    zero_point = (jnp.zeros(scale.shape, jnp.int32) if spec.symmetric
+                  else jnp.asarray(d["zero_point"]))
+    return QuantState(scale, zero_point, spec)
 
 
 def _encode(node, path="root"):
     if isinstance(node, QuantizedArray):
-        spec = node.spec
-        stored = {
-            "codes": np.asarray(node.codes),
-            "scale": np.asarray(node.state.scale),
-            "spec": [spec.bits, spec.symmetric, spec.narrow_range,
-                     -1 if spec.axis is None else spec.axis, spec.axis is None,
-                     0 if spec.group_size is None else spec.group_size],
-            "shape": list(node.shape),
-            "packed": node.packed,
-        }
-        if not spec.symmetric:  # a symmetric zero point is 0 by definition
-            stored["zero_point"] = np.asarray(node.state.zero_point)
-        return {_QA: stored}
+        return {_QA: {**_encode_state(node.state), "codes": np.asarray(node.codes),
+                      "shape": list(node.shape), "packed": node.packed}}
+    if isinstance(node, IntKernel):
+        stored = {"weights": _encode(node.weights, f"{path}/weights")}
+        if node.input_state is not None:
+            stored["input_state"] = _encode_state(node.input_state)
+        return {_KERNEL: stored}
     if isinstance(node, dict):
         for k in node:
             if not isinstance(k, str):
@@ -61,16 +82,12 @@ def _encode(node, path="root"):
 def _decode(node):
     if isinstance(node, dict) and _QA in node:
         d = node[_QA]
-        bits, symmetric, narrow, axis, per_tensor, group = d["spec"]
-        spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
-                         axis=None if per_tensor else int(axis),
-                         group_size=int(group) or None)
-        scale = jnp.asarray(d["scale"])
-        zero_point = (jnp.zeros(scale.shape, jnp.int32) if spec.symmetric
-                      else jnp.asarray(d["zero_point"]))
-        state = QuantState(scale, zero_point, spec)
-        return QuantizedArray(codes=jnp.asarray(d["codes"]), state=state,
+        return QuantizedArray(codes=jnp.asarray(d["codes"]), state=_decode_state(d),
                               shape=tuple(int(n) for n in d["shape"]), packed=bool(d["packed"]))
+    if isinstance(node, dict) and _KERNEL in node:
+        d = node[_KERNEL]
+        state = _decode_state(d["input_state"]) if "input_state" in d else None
+        return IntKernel(_decode(d["weights"]), state)
     if isinstance(node, dict) and _SEQ in node:
         items = node[_SEQ]
         return [_decode(items[str(i)]) for i in range(len(items))]

@@ -15,17 +15,27 @@ int8 x int8 (uint8 x int8 measured ~50x slower).
 
 Every operand may be a ``QuantizedArray`` or a float array; floats are quantized
 on the fly, with a fixed ``state`` (static ranges, e.g. from an observer) or by
-calibrating each call (dynamic ranges).
+calibrating each call (dynamic ranges).  A served layer's kernel is an ``IntKernel``:
+its quantized weights together with the static quantizer of the layer's input, so
+that a stock ``flax`` ``Dense`` / ``Conv`` whose op is ``int_dot_general`` /
+``int_conv_general_dilated`` finds both in its ``kernel`` parameter.
+
+Convolutions follow the same algebra over each window.  The input is padded
+explicitly with the code of 0.0 (its zero point), so every window holds
+``K = kh * kw * c_in`` codes and the corrections stay per output channel.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import numerics
 from .qarray import QuantizedArray
 from .spec import QuantSpec
 from .state import QuantState
@@ -33,7 +43,9 @@ from .state import QuantState
 __all__ = [
     "DEFAULT_INPUT_SPEC",
     "DEFAULT_WEIGHT_SPEC",
+    "IntKernel",
     "int_dot_general",
+    "int_conv_general_dilated",
     "make_int_dot_general",
     "promote_dtype",
 ]
@@ -44,7 +56,52 @@ DEFAULT_INPUT_SPEC = QuantSpec(bits=8, symmetric=False)
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True, axis=-1)
 
 
-def _as_quantized(x, spec: QuantSpec, state: QuantState | None, name: str) -> QuantizedArray:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class IntKernel:
+    """A served layer's kernel: quantized weights and the static quantizer of its input.
+
+    Pass it as the ``kernel`` parameter of a ``flax.linen.Dense`` / ``Conv`` (or
+    ``nnx.Linear`` / ``Conv``) whose op is ``int_dot_general`` /
+    ``int_conv_general_dilated`` and whose ``promote_dtype`` is this module's.
+    ``input_state=None`` quantizes the input with a range calibrated per call.
+    """
+
+    weights: QuantizedArray
+    input_state: QuantState | None = None
+
+    @property
+    def shape(self):
+        return self.weights.shape
+
+    @property
+    def dtype(self):
+        return self.weights.dtype
+
+    def pack(self) -> IntKernel:
+        """Weights packed for storage (2- and 4-bit codes); ``unpack()`` before serving:
+        Flax checks a kernel parameter's shape against the layer's."""
+        return dataclasses.replace(self, weights=self.weights.pack())
+
+    def unpack(self) -> IntKernel:
+        return dataclasses.replace(self, weights=self.weights.unpack())
+
+    def __getitem__(self, index):
+        """Only ``k[...]`` (itself), which is how ``nnx`` layers read a parameter."""
+        if index is Ellipsis:
+            return self
+        raise TypeError("IntKernel supports only [...] indexing.")
+
+
+def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):
+    """Both operands as ``QuantizedArray``s (an ``IntKernel`` brings the lhs state)."""
+    if isinstance(rhs, IntKernel):
+        lhs_state = rhs.input_state if lhs_state is None else lhs_state
+        rhs = rhs.weights
+    return (_as_quantized(lhs, lhs_spec, lhs_state), _as_quantized(rhs, rhs_spec, rhs_state))
+
+
+def _as_quantized(x, spec: QuantSpec, state: QuantState | None) -> QuantizedArray:
     if isinstance(x, QuantizedArray):
         return x
     if state is not None:
@@ -52,17 +109,17 @@ def _as_quantized(x, spec: QuantSpec, state: QuantState | None, name: str) -> Qu
     return QuantizedArray.quantize(x, spec, pack=False)
 
 
-def _int8_codes(qa: QuantizedArray, name: str):
+def _int8_codes(qa: QuantizedArray, name: str, op: str = "int_dot_general"):
     """(int8 codes, int32 zero point, was_symmetric) of a <= 8-bit operand."""
     spec = qa.spec
     if spec.bits > 8:
         raise ValueError(
-            f"int_dot_general: the {name} has {spec.bits}-bit codes; the integer path "
+            f"{op}: the {name} has {spec.bits}-bit codes; the integer path "
             "takes at most 8 bits (int32 accumulation of 16-bit products can overflow). "
             "Dequantize it and use a float matmul instead."
         )
     codes = qa.unpacked_codes()
-    zp = qa.state.zero_point.astype(jnp.int32)
+    zp = numerics.integer_zero_point(jnp, jnp.asarray(qa.state.zero_point), spec)
     if codes.dtype == jnp.uint8:  # u - 128 in two's complement is u ^ 0x80
         codes = lax.bitcast_convert_type(codes ^ np.uint8(0x80), jnp.int8)
         zp = zp - 128
@@ -89,7 +146,8 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
 
     Args:
       lhs, rhs: ``QuantizedArray`` or float arrays (quantized here with
-        ``*_state`` if given, else calibrated with ``*_spec``).
+        ``*_state`` if given, else calibrated with ``*_spec``); ``rhs`` may be an
+        ``IntKernel``, whose ``input_state`` then quantizes ``lhs``.
       dimension_numbers: as for ``lax.dot_general``.
       precision: ignored (integer products are exact); accepted so that this
         function can be passed as ``dot_general=`` to ``flax.linen.Dense`` /
@@ -105,8 +163,7 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     """
     del precision, unused
     (lc, rc), (lb, rb) = dimension_numbers
-    ql = _as_quantized(lhs, lhs_spec, lhs_state, "lhs")
-    qr = _as_quantized(rhs, rhs_spec, rhs_state, "rhs")
+    ql, qr = _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state)
     _check_contracting(ql, lc, "lhs")
     _check_contracting(qr, rc, "rhs")
     cl, zl, sym_l = _int8_codes(ql, "lhs")
@@ -174,6 +231,91 @@ def _broadcast_axes(a, axes, full_shape):
     return jnp.broadcast_to(a, shape)
 
 
+def _scale_axes_must_be(qa: QuantizedArray, allowed: tuple[int, ...], name: str, what: str):
+    shape = qa.state.scale.shape
+    if len(shape) != qa.ndim or any(n != 1 for d, n in enumerate(shape) if d not in allowed):
+        raise ValueError(
+            f"int_conv_general_dilated: the {name}'s scale has shape {tuple(shape)}; "
+            f"it must be {what} to factor out of the convolution."
+        )
+
+
+def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                             rhs_dilation=None, dimension_numbers=None,
+                             feature_group_count=1, batch_group_count=1, precision=None,
+                             preferred_element_type=None, *,
+                             lhs_spec: QuantSpec = DEFAULT_INPUT_SPEC,
+                             rhs_spec: QuantSpec | None = None,
+                             lhs_state: QuantState | None = None,
+                             rhs_state: QuantState | None = None, **unused):
+    """``lax.conv_general_dilated`` of quantized operands with integer arithmetic.
+
+    The input must be quantized per tensor and the kernel per output feature (or per
+    tensor); ``rhs`` may be an ``IntKernel``.  With ``x = s_x (q_x - z_x)`` and
+    ``w = s_w q_w``, each output is ``s_x s_w [conv(q_x, q_w) - z_x sum q_w]`` (plus
+    the ``z_w`` terms for an affine kernel), exact in int32; the input is padded with
+    ``z_x``, the code of 0.0.  Arguments as for ``lax.conv_general_dilated``
+    (``lhs_dilation`` is not supported); ``rhs_spec`` defaults to 8-bit symmetric
+    per output feature.
+    """
+    del precision, unused
+    if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
+        raise ValueError("int_conv_general_dilated: lhs_dilation (transposed convolution) "
+                         "is not supported on the integer path.")
+    if batch_group_count != 1:
+        raise ValueError("int_conv_general_dilated: batch_group_count must be 1.")
+    raw_rhs = rhs.weights if isinstance(rhs, IntKernel) else rhs
+    dn = lax.conv_dimension_numbers(jnp.shape(lhs), raw_rhs.shape, dimension_numbers)
+    out_feature = dn.rhs_spec[0]
+    if rhs_spec is None:
+        rhs_spec = QuantSpec(bits=8, symmetric=True, axis=out_feature)
+    ql, qr = _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state)
+    _scale_axes_must_be(ql, (), "input", "per tensor")
+    _scale_axes_must_be(qr, (out_feature,), "kernel", "per tensor or per output feature")
+    cl, zl, sym_l = _int8_codes(ql, "input", "int_conv_general_dilated")
+    cr, zr, sym_r = _int8_codes(qr, "kernel", "int_conv_general_dilated")
+    if not sym_r and feature_group_count != 1:
+        raise ValueError("int_conv_general_dilated: an affine (asymmetric) kernel needs "
+                         "feature_group_count=1; quantize the kernel symmetrically.")
+
+    spatial_in = [ql.shape[d] for d in dn.lhs_spec[2:]]
+    spatial_k = [qr.shape[d] for d in dn.rhs_spec[2:]]
+    dil = rhs_dilation or (1,) * len(spatial_k)
+    effective = [(k - 1) * d + 1 for k, d in zip(spatial_k, dil, strict=True)]
+    pads = (lax.padtype_to_pads(spatial_in, effective, window_strides, padding)
+            if isinstance(padding, str) else padding)
+    config = [(0, 0, 0)] * cl.ndim
+    for d, (lo, hi) in zip(dn.lhs_spec[2:], pads, strict=True):
+        config[d] = (lo, hi, 0)
+    zl_code = jnp.reshape(zl, ()).astype(jnp.int8)  # zl is in int8 range after the shift
+    cl = lax.pad(cl, zl_code, config)
+
+    conv = functools.partial(lax.conv_general_dilated, window_strides=window_strides,
+                             padding="VALID", rhs_dilation=rhs_dilation, dimension_numbers=dn,
+                             feature_group_count=feature_group_count,
+                             preferred_element_type=jnp.int32)
+    acc = conv(cl, cr)
+    out_shape = [1] * acc.ndim
+    out_shape[dn.out_spec[1]] = acc.shape[dn.out_spec[1]]
+    per_out = lambda a: jnp.reshape(a, out_shape)  # noqa: E731 (kernel-feature -> output)
+    reduce_k = tuple(d for d in range(cr.ndim) if d != out_feature)
+    if not sym_l:
+        acc = acc - jnp.reshape(zl, ()) * per_out(jnp.sum(cr, axis=reduce_k, dtype=jnp.int32))
+    if not sym_r:
+        ones_shape = list(cr.shape)
+        ones_shape[out_feature] = 1
+        window_sums = conv(cl, jnp.ones(ones_shape, jnp.int8))  # sum of q_x per window
+        acc = acc - window_sums * per_out(jnp.reshape(zr, -1))
+        if not sym_l:
+            k = int(np.prod([cr.shape[d] for d in reduce_k]))
+            acc = acc + k * jnp.reshape(zl, ()) * per_out(jnp.reshape(zr, -1))
+    out_dtype = preferred_element_type or jnp.float32
+    if not jnp.issubdtype(out_dtype, jnp.floating):
+        out_dtype = jnp.float32
+    scale = jnp.reshape(ql.state.scale, ()) * per_out(jnp.reshape(qr.state.scale, -1))
+    return (acc.astype(scale.dtype) * scale).astype(out_dtype)
+
+
 def make_int_dot_general(*, lhs_spec: QuantSpec = DEFAULT_INPUT_SPEC,
                          rhs_spec: QuantSpec = DEFAULT_WEIGHT_SPEC,
                          lhs_state: QuantState | None = None):
@@ -185,7 +327,7 @@ def make_int_dot_general(*, lhs_spec: QuantSpec = DEFAULT_INPUT_SPEC,
 
 
 def promote_dtype(*args, dtype=None, inexact=True):
-    """Flax's ``promote_dtype`` that passes ``QuantizedArray`` operands through.
+    """Flax's ``promote_dtype`` that passes ``QuantizedArray`` / ``IntKernel`` through.
 
     Pass it as ``promote_dtype=`` to ``flax.linen.Dense`` (called with the operands
     as arguments) or ``nnx.Linear`` (called with one tuple of operands) whose kernel
@@ -195,7 +337,8 @@ def promote_dtype(*args, dtype=None, inexact=True):
 
     as_tuple = len(args) == 1 and isinstance(args[0], tuple)
     operands = args[0] if as_tuple else args
-    floats = [a for a in operands if a is not None and not isinstance(a, QuantizedArray)]
+    kept = (QuantizedArray, IntKernel)
+    floats = [a for a in operands if a is not None and not isinstance(a, kept)]
     promoted = iter(dtypes.promote_dtype(*floats, dtype=dtype, inexact=inexact))
-    out = [a if a is None or isinstance(a, QuantizedArray) else next(promoted) for a in operands]
+    out = [a if a is None or isinstance(a, kept) else next(promoted) for a in operands]
     return tuple(out) if as_tuple else out

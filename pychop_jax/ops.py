@@ -24,7 +24,15 @@ from . import numerics, ste, validation
 from .spec import QuantSpec, join_bounds, split_bounds
 from .state import QuantState
 
-__all__ = ["calibrate", "lsq_init", "quantize", "dequantize", "fake_quant", "check_finite"]
+__all__ = [
+    "calibrate",
+    "lsq_init",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+    "check_finite",
+    "fit_state",
+]
 
 
 # -- argument handling -----------------------------------------------------------------
@@ -44,6 +52,8 @@ def _trace_state_clean() -> bool:
 
 
 def _as_jax(x, what: str):
+    if isinstance(x, jax.Array):
+        return x
     validation.require_framework(x, "jax", what, accept=("numpy", None))
     try:
         return jnp.asarray(x)
@@ -67,10 +77,22 @@ def _fitted(x_shape, state: QuantState, what: str):
         raise TypeError(f"{what} needs a QuantState (from calibrate); got {type(state).__name__}.")
     expected = state.spec.scale_shape(x_shape)
     scale, zero_point = state.scale, state.zero_point
-    if state.spec.axis is None and np.size(scale) == 1:  # per-tensor fits any rank
+    if jnp.shape(scale) != expected and state.spec.axis is None and np.size(scale) == 1:
+        # a per-tensor state fits any rank
         scale, zero_point = jnp.reshape(scale, expected), jnp.reshape(zero_point, expected)
     validation.require_state_fits(x_shape, jnp.shape(scale), expected, what)
     return scale, zero_point
+
+
+def fit_state(state: QuantState, shape) -> QuantState:
+    """``state`` with its arrays shaped for an input of ``shape``
+    (``state.spec.scale_shape(shape)``; a per-tensor state fits any rank).
+
+    Raises:
+      ValueError: the state was calibrated for an incompatible shape.
+    """
+    scale, zero_point = _fitted(tuple(shape), state, "fit_state")
+    return state.replace(scale=scale, zero_point=zero_point)
 
 
 def _integer_zero_point(zero_point, spec: QuantSpec):

@@ -57,9 +57,10 @@ class QuantizedArray:
           key: optional PRNG key for stochastic rounding.
           state: a precomputed state (e.g. from an observer).
         """
-        state = ops.calibrate(x, spec) if state is None else state
+        shape = tuple(int(n) for n in jnp.shape(x))
+        state = ops.calibrate(x, spec) if state is None else ops.fit_state(state, shape)
         codes = ops.quantize(x, state, key=key)
-        out = cls(codes=codes, state=state, shape=tuple(int(n) for n in jnp.shape(x)))
+        out = cls(codes=codes, state=state, shape=shape)
         want = packing.field_bits(state.spec) is not None if pack == "auto" else bool(pack)
         return out.pack() if want else out
 

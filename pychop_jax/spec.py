@@ -29,6 +29,7 @@ The spec is a frozen, hashable dataclass, so it can be a static argument of
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 
 import numpy as np
@@ -188,11 +189,14 @@ class BoundSpec:
         return getattr(self.structure, name)
 
 
+@functools.lru_cache(maxsize=1024)
 def split_bounds(spec: QuantSpec):
     """``spec`` -> (int32 ``[qmin, qmax]``, hashable structure with the same layout,
-    signedness and code dtype)."""
+    signedness and code dtype).  Cached: eager calls pay for it once per spec."""
     structure = dataclasses.replace(spec, bits=8 if spec.bits <= 8 else 16, narrow_range=False)
-    return np.array([spec.qmin, spec.qmax], np.int32), structure
+    bounds = np.array([spec.qmin, spec.qmax], np.int32)
+    bounds.flags.writeable = False
+    return bounds, structure
 
 
 def join_bounds(structure: QuantSpec, bounds) -> BoundSpec:

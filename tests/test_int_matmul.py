@@ -123,3 +123,61 @@ def test_as_flax_dot_general_with_quantized_kernels():
                                                         pj.int_matmul.DEFAULT_WEIGHT_SPEC))
     np.testing.assert_allclose(layer(x), pj.int_dot_general(x, layer.kernel.value, DN)
                                + layer.bias.value, rtol=1e-6)
+
+
+CONV_DN = ("NHWC", "HWIO", "NHWC")
+
+
+@pytest.mark.parametrize("padding, strides, dilation, groups, lsym, rsym", [
+    ("SAME", (1, 1), None, 1, False, True),
+    ("SAME", (2, 2), None, 1, False, False),
+    ("VALID", (1, 1), (2, 2), 1, True, True),
+    (((1, 2), (0, 1)), (2, 1), None, 1, True, False),
+    ("SAME", (1, 1), None, 2, False, True),
+])
+def test_int_conv_matches_float_conv_of_dequantized(padding, strides, dilation, groups,
+                                                    lsym, rsym):
+    x = jax.random.normal(jax.random.key(9), (2, 9, 8, 4)) + 0.5
+    w = jax.random.normal(jax.random.key(10), (3, 3, 4 // groups, 6))
+    ql = pj.QuantizedArray.quantize(x, pj.QuantSpec(8, symmetric=lsym))
+    qr = pj.QuantizedArray.quantize(w, pj.QuantSpec(8, symmetric=rsym, axis=3))
+    kw = dict(window_strides=strides, padding=padding, rhs_dilation=dilation,
+              dimension_numbers=CONV_DN, feature_group_count=groups)
+    got = pj.int_conv_general_dilated(ql, qr, **kw)
+    # float reference: zero padding of the *dequantized* input, i.e. padding with 0.0
+    ref = jax.lax.conv_general_dilated(ql.dequantize(), qr.dequantize(), precision="highest",
+                                       **kw)
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int_conv_exact_on_integers():
+    spec = pj.QuantSpec(8)
+    codes = np.random.default_rng(3).integers(0, 256, (1, 5, 5, 2))
+    x = qa_from_codes(codes, 1.0, 7, spec)
+    kspec = pj.QuantSpec(8, symmetric=True, axis=3)
+    kcodes = np.random.default_rng(4).integers(-127, 128, (3, 3, 2, 3))
+    k = qa_from_codes(kcodes, 1.0, 0, kspec)
+    got = pj.int_conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=CONV_DN)
+    vals = np.pad(codes - 7, ((0, 0), (1, 1), (1, 1), (0, 0)))  # 0.0 outside the image
+    expected = np.zeros((1, 5, 5, 3))
+    for i in range(5):
+        for j in range(5):
+            expected[0, i, j] = np.tensordot(vals[0, i:i + 3, j:j + 3], kcodes, 3)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_int_kernel_carries_the_input_state_into_flax_layers():
+    x = jax.random.normal(jax.random.key(11), (2, 6, 6, 3))
+    conv = nn.Conv(4, (3, 3), conv_general_dilated=pj.int_conv_general_dilated,
+                   promote_dtype=pj.promote_dtype)
+    params = nn.Conv(4, (3, 3)).init(jax.random.key(12), x)["params"]
+    state = pj.calibrate(x, pj.QuantSpec(8))
+    kernel = pj.IntKernel(pj.QuantizedArray.quantize(params["kernel"],
+                                                     pj.QuantSpec(8, True, axis=3)), state)
+    y = jax.jit(conv.apply)({"params": {**params, "kernel": kernel}}, x)
+    xq = pj.QuantizedArray.quantize(x, None, state=state)
+    ref = jax.lax.conv_general_dilated(xq.dequantize(), kernel.weights.dequantize(), (1, 1),
+                                       "SAME", dimension_numbers=CONV_DN,
+                                       precision="highest") + params["bias"]
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)

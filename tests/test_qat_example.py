@@ -1,5 +1,6 @@
 """The digits QAT example, shortened: QAT must beat the post-training-quantized model it
-starts from, and 8-bit PTQ must stay at the fp32 accuracy."""
+starts from, 8-bit PTQ must stay at the fp32 accuracy, and the integer-served QAT model
+must predict what its fake-quant evaluation predicts on every test image."""
 
 import importlib.util
 import os
@@ -21,12 +22,18 @@ def _example():
 @pytest.mark.slow
 def test_short_qat_run_beats_its_ptq_start(tmp_path):
     ex = _example()
-    fp32, ptq8, ptq4, qat4 = ex.run([ex.fp32_row, ex.ptq_row(8), ex.ptq_row(4), ex.qat_row(4)],
-                                    epochs=10)
+    notes = []
+    fp32, ptq8, ptq4, qat4, served = ex.run(
+        [ex.fp32_row, ex.ptq_row(8), ex.ptq_row(4), ex.qat_row(4),
+         ex.served_row("4-bit QAT, from fp32")], epochs=10, notes=notes)
     assert fp32.accuracy > 90  # the fp32 model did learn
     assert abs(ptq8.accuracy - fp32.accuracy) <= 0.5
     assert qat4.accuracy > ptq4.accuracy
     assert qat4.method == "QAT" and qat4.bits == 4
+    # the integer-served model predicts exactly what its fake-quant evaluation does
+    assert served.accuracy == qat4.accuracy and served.method == "served"
+    n = len(ex.load_data().y_test)
+    assert f"on {n}/{n} test images" in notes[0]
     table = ex.table([fp32, ptq8, ptq4, qat4])
     assert "4-bit QAT" in table and f"{qat4.accuracy:.2f}%" in table
     ex.plot([fp32, ptq8, ptq4, qat4], str(tmp_path / "plot.png"))

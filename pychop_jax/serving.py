@@ -1,0 +1,148 @@
+"""From a QAT-trained Flax model to an integer model.
+
+``to_served(model, variables, x)`` turns the variables of a ``flax.linen`` model built
+from ``pychop_jax.linen`` layers into the params of the same architecture built from
+*stock* Flax layers whose ops are integer (``IntDense`` / ``IntConv`` below): every
+``QuantDense`` / ``QuantConv`` kernel becomes an ``IntKernel`` holding
+
+* the int8 codes and per-channel scales of the kernel, quantized exactly as the QAT
+  layer fake-quantizes it (calibrated on the kernel, or its learned LSQ step size), and
+* the static quantizer of the layer's input: the observer's frozen range (or the
+  learned LSQ step size and zero point), i.e. what the layer uses at evaluation.
+
+The served layer computes ``s_x s_w [sum q_x q_w - corrections] + b`` in int32, the
+same codes as the fake-quant evaluation, which sums ``(q_x - z_x) s_x * q_w s_w`` in
+float: the two agree up to float summation order (``tests/test_serving.py``; the
+digits example adds the served model as a row of its table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from . import numerics, observers, ops
+from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
+from .qarray import QuantizedArray
+from .spec import QuantSpec
+from .state import QuantState
+
+__all__ = ["IntDense", "IntConv", "ServedLayer", "to_served"]
+
+#: ``nn.Dense`` that serves an ``IntKernel`` (any ``nn.Dense`` argument applies)
+IntDense = functools.partial(nn.Dense, dot_general=int_dot_general, promote_dtype=promote_dtype)
+#: ``nn.Conv`` that serves an ``IntKernel``
+IntConv = functools.partial(nn.Conv, conv_general_dilated=int_conv_general_dilated,
+                            promote_dtype=promote_dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedLayer:
+    """What ``to_served`` found in one layer (for its report)."""
+
+    path: tuple[str, ...]
+    weight_spec: QuantSpec
+    input_spec: QuantSpec | None
+    learned: bool
+    input_state: str  # "observed", "learned", or "dynamic" (no static range)
+
+
+def _quant_layers(model: nn.Module, variables, args, kwargs) -> dict[tuple[str, ...], Any]:
+    """Path -> module of every pychop_jax.linen QuantDense / QuantConv the model calls."""
+    from . import linen
+
+    found = {}
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        if isinstance(module, linen._QuantLayer) and context.method_name == "__call__":
+            found[tuple(module.path)] = module
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(interceptor):
+        model.apply(variables, *args, **kwargs)
+    return found
+
+
+def _subtree(tree, path):
+    for key in path:
+        if not isinstance(tree, dict) and not hasattr(tree, "get"):
+            return None
+        tree = tree.get(key)
+        if tree is None:
+            return None
+    return tree
+
+
+def _learned_state(params, spec: QuantSpec, shape) -> QuantState:
+    scale = jnp.asarray(params["lsq_scale"])
+    zp = params.get("lsq_zero_point")
+    zp = jnp.zeros(jnp.shape(scale), jnp.int32) if zp is None else jnp.asarray(zp)
+    full = spec.scale_shape(shape) if spec.axis is not None else (1,) * len(shape)
+    zp = numerics.integer_zero_point(jnp, jnp.reshape(zp, full), spec)
+    return QuantState(jnp.reshape(scale, full), zp, spec)
+
+
+def to_served(model: nn.Module, variables, *args, **kwargs):
+    """Params of the integer-served model, and a report of the layers converted.
+
+    Args:
+      model: a ``flax.linen`` model whose quantized layers are
+        ``pychop_jax.linen.QuantDense`` / ``QuantConv``.
+      variables: its trained variables (``params`` and, for observed inputs,
+        ``quant_stats``).
+      *args, **kwargs: a sample input (and options) for one evaluation call, which
+        locates the quantized layers; its values do not matter.
+
+    Returns:
+      ``(params, layers)``: the ``params`` collection with each quantized layer's
+      ``kernel`` replaced by an ``IntKernel`` (its ``lsq_*`` / ``input_quant``
+      entries dropped), for the same architecture built from ``IntDense`` /
+      ``IntConv``; and a list of ``ServedLayer``.  A layer whose input was never
+      quantized, or whose observer saw no data, gets ``input_state=None``: the served
+      layer then calibrates its input per call (dynamic range).
+
+    Raises:
+      ValueError: a quantized layer that keeps float weights (``weight_bits=None``).
+    """
+    params = variables["params"]
+    stats = variables.get("quant_stats", {})
+    layers = _quant_layers(model, variables, args, kwargs)
+    served = _copy(params)
+    report = []
+    for path, module in sorted(layers.items()):
+        node = _subtree(params, path)
+        w_spec, a_spec = module.weight_spec, module.act_spec
+        if w_spec is None:
+            raise ValueError(f"layer {'/'.join(path)} keeps float weights (weight_bits=None); "
+                             "an integer model needs quantized kernels.")
+        kernel = jnp.asarray(node["kernel"])
+        if module.lsq:
+            w_state = _learned_state(node["WeightQuant_0"], w_spec, kernel.shape)
+        else:
+            w_state = ops.calibrate(kernel, w_spec)
+        weights = QuantizedArray.quantize(kernel, w_spec, state=w_state, pack=False)
+        source, in_state = "dynamic", None
+        if a_spec is not None and module.lsq:
+            source, in_state = "learned", _learned_state(node["input_quant"], a_spec, (1,))
+        elif a_spec is not None:
+            range_ = _subtree(stats, (*path, "input_quant", "range"))
+            if range_ is not None and int(range_.count) > 0:
+                source, in_state = "observed", observers.quant_state(range_, a_spec)
+        target = _subtree(served, path)
+        target["kernel"] = IntKernel(weights, in_state)
+        for key in ("WeightQuant_0", "input_quant"):
+            target.pop(key, None)
+        report.append(ServedLayer(path, w_spec, a_spec, module.lsq, source))
+    return served, report
+
+
+def _copy(tree):
+    """Plain nested dicts (flax FrozenDicts too), so that leaves can be replaced."""
+    if hasattr(tree, "items"):
+        return {k: _copy(v) for k, v in tree.items()}
+    return tree
