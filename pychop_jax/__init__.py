@@ -54,7 +54,6 @@ __all__ = [
     "promote_dtype",
     "save_quantized",
     "load_quantized",
-    "lsq_init",
     "observers",
     "qat",
     "linen",

@@ -110,17 +110,12 @@ def _on_cpu():
 # -- pipelines: compositions of numerics, run by either engine ---------------------------
 # Each takes (xp, *arrays, spec, **options) and returns a tuple of arrays (or None);
 # adapters compose them into their own pipelines (torch_backend's observer step).
-def range_is_finite(xp, lo, hi):
-    """With ``nonfinite='flag'`` the range is non-finite iff the input was."""
-    return xp.all(xp.isfinite(lo) & xp.isfinite(hi))
+range_is_finite = numerics.range_is_finite
 
 
 def all_finite(xp, x, check: bool):
-    """One reduction: ``x * 0`` is 0 for finite values, NaN otherwise, and a sum
-    propagates NaN (min/max reductions may not, numerics rule 5)."""
-    if not check:
-        return None
-    return xp.isfinite(xp.sum(x * 0))
+    """``numerics.all_finite`` when ``check``, else ``None``."""
+    return numerics.all_finite(xp, x) if check else None
 
 
 def calibrate_pipeline(xp, x, spec):
@@ -153,7 +148,7 @@ def dequantize_pipeline(xp, q, scale, zero_point, spec):
 
 def fake_quant_pipeline(xp, x, scale, zero_point, spec, *, check, mask):
     """-> fake-quantized ``x`` (its dtype), clip mask (or ``None``), finiteness."""
-    y = xp.astype(numerics.fake_quant(xp, x, scale, zero_point, spec), x.dtype)
+    y = numerics.fake_quant(xp, x, scale, zero_point, spec)
     inside = numerics.clip_mask(xp, x, scale, zero_point, spec) if mask else None
     return y, inside, all_finite(xp, x, check)
 
@@ -219,16 +214,13 @@ def raise_nonfinite(fw: Framework, x, what: str):
 
 
 def _fitted(fw: Framework, shape, state: QuantState, what: str):
-    """The state's arrays, checked (and for per-tensor, reshaped) to fit ``shape``."""
-    if not isinstance(state, QuantState):
-        raise TypeError(f"{what} needs a QuantState (from calibrate); got {type(state).__name__}.")
-    validation.require_framework(state.scale, fw.name, f"{what} (the state's scale)")
-    expected = state.spec.scale_shape(shape)
-    scale, zero_point = state.scale, state.zero_point
-    if state.spec.axis is None and math.prod(scale.shape) == 1:  # per-tensor fits any rank
-        scale, zero_point = fw.xp.reshape(scale, expected), fw.xp.reshape(zero_point, expected)
-    validation.require_state_fits(shape, tuple(scale.shape), expected, what)
-    return scale, zero_point
+    """The state's arrays, checked (and for per-tensor, reshaped) to fit ``shape``; a
+    non-finite or non-positive scale is rejected (``validation.fitted_state``)."""
+    if isinstance(state, QuantState):
+        validation.require_framework(state.scale, fw.name, f"{what} (the state's scale)")
+    return validation.fitted_state(
+        state, tuple(shape), what, fw.xp.reshape,
+        is_valid=lambda s: bool(numerics.valid_scale(fw.xp, s)))
 
 
 def check_range_input(fw: Framework, x, spec: QuantSpec, what: str) -> None:

@@ -31,24 +31,28 @@ _KERNEL = "__int_kernel__"
 _SEQ = "__sequence__"
 
 
+def _encode_spec(spec: QuantSpec) -> list:
+    return [spec.bits, spec.symmetric, spec.narrow_range,
+            -1 if spec.axis is None else spec.axis, spec.axis is None,
+            0 if spec.group_size is None else spec.group_size]
+
+
+def _decode_spec(fields) -> QuantSpec:
+    bits, symmetric, narrow, axis, per_tensor, group = fields
+    return QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
+                     axis=None if per_tensor else int(axis), group_size=int(group) or None)
+
+
 def _encode_state(state: QuantState) -> dict:
     """Scale, spec fields and (asymmetric only: a symmetric one is 0) the zero point."""
-    spec = state.spec
-    stored = {
-        "scale": np.asarray(state.scale),
-        "spec": [spec.bits, spec.symmetric, spec.narrow_range,
-                 -1 if spec.axis is None else spec.axis, spec.axis is None,
-                 0 if spec.group_size is None else spec.group_size],
-    }
-    if not spec.symmetric:
+    stored = {"scale": np.asarray(state.scale), "spec": _encode_spec(state.spec)}
+    if not state.spec.symmetric:
         stored["zero_point"] = np.asarray(state.zero_point)
     return stored
 
 
 def _decode_state(d: dict) -> QuantState:
-    bits, symmetric, narrow, axis, per_tensor, group = d["spec"]
-    spec = QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
-                     axis=None if per_tensor else int(axis), group_size=int(group) or None)
+    spec = _decode_spec(d["spec"])
     scale = jnp.asarray(d["scale"])
     zero_point = (jnp.zeros(scale.shape, jnp.int32) if spec.symmetric
                   else jnp.asarray(d["zero_point"]))
@@ -63,6 +67,8 @@ def _encode(node, path="root"):
         stored = {"weights": _encode(node.weights, f"{path}/weights")}
         if node.input_state is not None:
             stored["input_state"] = _encode_state(node.input_state)
+        if node.input_spec is not None:
+            stored["input_spec"] = _encode_spec(node.input_spec)
         return {_KERNEL: stored}
     if isinstance(node, dict):
         for k in node:
@@ -87,7 +93,8 @@ def _decode(node):
     if isinstance(node, dict) and _KERNEL in node:
         d = node[_KERNEL]
         state = _decode_state(d["input_state"]) if "input_state" in d else None
-        return IntKernel(_decode(d["weights"]), state)
+        spec = _decode_spec(d["input_spec"]) if "input_spec" in d else None
+        return IntKernel(_decode(d["weights"]), state, spec)
     if isinstance(node, dict) and _SEQ in node:
         items = node[_SEQ]
         return [_decode(items[str(i)]) for i in range(len(items))]

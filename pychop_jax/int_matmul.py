@@ -64,11 +64,13 @@ class IntKernel:
     Pass it as the ``kernel`` parameter of a ``flax.linen.Dense`` / ``Conv`` (or
     ``nnx.Linear`` / ``Conv``) whose op is ``int_dot_general`` /
     ``int_conv_general_dilated`` and whose ``promote_dtype`` is this module's.
-    ``input_state=None`` quantizes the input with a range calibrated per call.
+    ``input_state=None`` quantizes the input with a range calibrated per call under
+    ``input_spec`` (default: the op's ``lhs_spec``).
     """
 
     weights: QuantizedArray
     input_state: QuantState | None = None
+    input_spec: QuantSpec | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def shape(self):
@@ -97,6 +99,7 @@ def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):
     """Both operands as ``QuantizedArray``s (an ``IntKernel`` brings the lhs state)."""
     if isinstance(rhs, IntKernel):
         lhs_state = rhs.input_state if lhs_state is None else lhs_state
+        lhs_spec = rhs.input_spec or lhs_spec
         rhs = rhs.weights
     return (_as_quantized(lhs, lhs_spec, lhs_state), _as_quantized(rhs, rhs_spec, rhs_state))
 
@@ -175,7 +178,8 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
         # match, so broadcast those to the operands' sizes first
         a = _broadcast_axes(a, lb, ql.shape)
         b = _broadcast_axes(b, rb, qr.shape)
-        return lax.dot_general(a, b, dimension_numbers, preferred_element_type=dtype)
+        return lax.dot_general(a, b, dimension_numbers, preferred_element_type=dtype,
+                               precision=lax.Precision.HIGHEST)
 
     acc, rhs_sums = _product_and_rhs_sums(cl, cr, dimension_numbers, with_sums=not sym_l)
     if not sym_r:
@@ -186,10 +190,16 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     if not (sym_l or sym_r):
         k = int(np.prod([ql.shape[a] for a in lc]))
         acc = acc + k * dot(zl, zr)
+    # exact: one product per output element (HIGHEST keeps TF32 / bf16 passes away)
+    scale = dot(ql.state.scale, qr.state.scale, ql.state.scale.dtype)
+    return _rescale(acc, scale, preferred_element_type)
+
+
+def _rescale(acc, scale, preferred_element_type):
+    """``acc * scale`` in float, cast to the requested float type (default float32)."""
     out_dtype = preferred_element_type or jnp.float32
     if not jnp.issubdtype(out_dtype, jnp.floating):
         out_dtype = jnp.float32
-    scale = dot(ql.state.scale, qr.state.scale, ql.state.scale.dtype)
     return (acc.astype(scale.dtype) * scale).astype(out_dtype)
 
 
@@ -309,11 +319,8 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
         if not sym_l:
             k = int(np.prod([cr.shape[d] for d in reduce_k]))
             acc = acc + k * jnp.reshape(zl, ()) * per_out(jnp.reshape(zr, -1))
-    out_dtype = preferred_element_type or jnp.float32
-    if not jnp.issubdtype(out_dtype, jnp.floating):
-        out_dtype = jnp.float32
     scale = jnp.reshape(ql.state.scale, ()) * per_out(jnp.reshape(qr.state.scale, -1))
-    return (acc.astype(scale.dtype) * scale).astype(out_dtype)
+    return _rescale(acc, scale, preferred_element_type)
 
 
 def make_int_dot_general(*, lhs_spec: QuantSpec = DEFAULT_INPUT_SPEC,

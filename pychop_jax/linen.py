@@ -60,7 +60,13 @@ def _train(attribute: bool | None, argument: bool | None) -> bool:
 
 def _lsq_params(module: nn.Module, x, spec: QuantSpec):
     """The ``lsq_scale`` (and ``lsq_zero_point``) params, created from ``x``."""
-    init = lambda _key, i: qat.init_lsq(x, spec)[i]  # noqa: E731 (runs only when creating)
+    made = []
+
+    def init(_key, i):  # runs only when the params are created; one lsq_init for both
+        if not made:
+            made.append(qat.init_lsq(x, spec))
+        return made[0][i]
+
     scale = module.param("lsq_scale", init, 0)
     zero_point = None if spec.symmetric else module.param("lsq_zero_point", init, 1)
     return scale, zero_point

@@ -86,6 +86,9 @@ __all__ = [
     "fake_quant",
     "clip_mask",
     "integer_zero_point",
+    "all_finite",
+    "range_is_finite",
+    "valid_scale",
     "lsq_init",
     "lsq_grads",
 ]
@@ -290,12 +293,14 @@ def to_grid(xp, x, scale):
 
 
 def _views(xp, x, scale, zero_point, spec):
-    """Reshape ``x`` and the state so that they broadcast (per-group split)."""
+    """Reshape ``x`` and the state so that they broadcast (per-group split); a float
+    (learned) zero point is rounded here (``integer_zero_point``), so every function
+    below sees the int32 zero point the grid uses."""
     view, _, state_view = _layout(spec, x.shape)
     return (
         xp.reshape(x, view),
         xp.reshape(scale, state_view),
-        xp.reshape(zero_point, state_view),
+        xp.reshape(integer_zero_point(xp, zero_point, spec), state_view),
     )
 
 
@@ -345,6 +350,24 @@ def _steps_to_values(xp, steps, scale):
     return xp.clip(xp.astype(steps, F) * scale, -big, big)
 
 
+# -- checks (one reduction each; eager callers turn them into errors) -------------------
+def all_finite(xp, x):
+    """Whether ``x`` has no NaN / +-inf: ``x * 0`` is 0 for finite values and NaN
+    otherwise, and a sum propagates NaN (min/max reductions may not, rule 5)."""
+    return xp.isfinite(xp.sum(x * _const(xp, 0.0, x.dtype, x)))
+
+
+def range_is_finite(xp, lo, hi):
+    """With ``observe_range(..., nonfinite='flag')`` the range is non-finite exactly
+    where the input was."""
+    return xp.all(xp.isfinite(lo) & xp.isfinite(hi))
+
+
+def valid_scale(xp, scale):
+    """Whether every scale is finite and positive."""
+    return xp.all(xp.isfinite(scale) & (scale > _const(xp, 0.0, scale.dtype, scale)))
+
+
 def _view_like(xp, noise, xv):
     return None if noise is None else xp.reshape(noise, xv.shape)
 
@@ -376,13 +399,14 @@ def dequantize(xp, q, scale, zero_point, spec: QuantSpec):
 def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
     """``dequantize(quantize(x))`` without materialising the codes.
 
-    Returns ``x``'s shape in the compute dtype (callers cast back to ``x.dtype``);
-    the bits equal ``dequantize(quantize(x))``.  NaN becomes 0.0.
+    Returns ``x``'s shape and dtype; computed in the compute dtype, whose bits equal
+    ``dequantize(quantize(x))`` (then rounded to ``x.dtype`` for float16 / bfloat16).
+    NaN becomes 0.0.
     """
-    shape = x.shape
+    shape, dtype = x.shape, x.dtype
     xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
     steps = grid_steps(xp, xv, sv, zv, spec, noise=_view_like(xp, noise, xv))
-    return xp.reshape(_steps_to_values(xp, steps, sv), shape)
+    return xp.astype(xp.reshape(_steps_to_values(xp, steps, sv), shape), dtype)
 
 
 def clip_mask(xp, x, scale, zero_point, spec: QuantSpec):

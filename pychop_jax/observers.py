@@ -31,11 +31,11 @@ Granularity follows the spec as everywhere else: per tensor, per channel
 (``axis``) or per group; ``lo``/``hi`` have the state's shape
 (``spec.scale_shape(x.shape)``) and ``count`` (int32, batches seen) is a scalar.
 
-The range estimators ``percentile_range``, ``mse_range`` and ``ema_update`` are
-written against an array namespace ``xp`` like ``numerics`` (minmax is
-``numerics.observe_range``), so the NumPy and Torch adapters use the same code.
-Observers are statistics, not part of the bit-identity contract: ``ema`` blends with
-a multiply-add that XLA may fuse.
+The range estimators ``percentile_range``, ``mse_range``, ``ema_update`` and
+``moving_average`` are written against an array namespace ``xp`` like ``numerics``
+(minmax is ``numerics.observe_range``), so other backends can call them; the Torch
+adapter's observer (``TorchChopi``) uses ``moving_average``.  The NumPy / Torch
+adapters do not offer ``percentile`` / ``mse`` observers as objects yet.
 
 Eager calls validate like ``calibrate`` (type, shape, NaN/inf raise ``ValueError``);
 under ``jit`` non-finite values are left out of ``minmax``/``ema`` ranges and count
@@ -199,12 +199,29 @@ def mse_range(xp, x, spec: QuantSpec, *, num_candidates: int = 100):
     return lo, hi
 
 
+def moving_average(xp, old, new, rate: float):
+    """One moving-average step ``old + rate * (new - old)``, bit-identical on every
+    engine: computed as ``old + (new - old) / (1 / rate)``.
+
+    ``old + rate * (new - old)`` would not be: XLA:CPU contracts a product feeding a
+    sum into a fused multiply-add (one rounding instead of two) and an optimization
+    barrier does not stop it.  A division by a same-shape array is exact on every
+    backend and never contracted; the barrier keeps XLA from seeing that the divisor
+    is a constant (it would rewrite the division into a product, numerics rule 1).
+    ``rate == 1`` returns ``new`` itself.
+    """
+    if rate == 1.0:
+        return new
+    (divisor,) = numerics._barrier(xp, xp.full_like(new, 1.0 / rate))
+    return old + (new - old) / divisor
+
+
 def ema_update(xp, lo, hi, count, new_lo, new_hi, momentum: float):
     """``(lo, hi)`` after one batch: ``(new_lo, new_hi)`` when ``count == 0``, else
-    ``m * old + (1 - m) * new`` with ``m = momentum``."""
-    m = xp.astype(xp.asarray(momentum), lo.dtype)
+    ``m * old + (1 - m) * new`` with ``m = momentum`` (``moving_average``)."""
     fresh = count == 0
-    blend = lambda old, new: xp.where(fresh, new, m * old + (1 - m) * new)  # noqa: E731
+    blend = lambda old, new: xp.where(  # noqa: E731
+        fresh, new, moving_average(xp, old, new, 1.0 - momentum))
     return blend(lo, new_lo), blend(hi, new_hi)
 
 

@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.experimental import checkify
 
 from . import numerics, ste, validation
@@ -46,8 +45,9 @@ def _is_traced(x) -> bool:
 def _trace_state_clean() -> bool:
     try:
         from jax._src.core import trace_state_clean
-    except ImportError:  # pragma: no cover - older/newer JAX: fall back to the type test
-        return True
+    except ImportError:  # pragma: no cover - a JAX without it: probe with a public op,
+        # which comes back as a tracer exactly when a transformation is staging ops
+        return not isinstance(jnp.zeros(()), jax.core.Tracer)
     return trace_state_clean()
 
 
@@ -68,20 +68,12 @@ def _as_float(x, what: str):
 
 
 def _fitted(x_shape, state: QuantState, what: str):
-    """The state's arrays, checked (and for per-tensor, reshaped) to fit ``x_shape``.
-
-    A floating (learned) zero point is returned as it is; ``_integer_zero_point``
-    rounds it where codes are formed.
-    """
-    if not isinstance(state, QuantState):
-        raise TypeError(f"{what} needs a QuantState (from calibrate); got {type(state).__name__}.")
-    expected = state.spec.scale_shape(x_shape)
-    scale, zero_point = state.scale, state.zero_point
-    if jnp.shape(scale) != expected and state.spec.axis is None and np.size(scale) == 1:
-        # a per-tensor state fits any rank
-        scale, zero_point = jnp.reshape(scale, expected), jnp.reshape(zero_point, expected)
-    validation.require_state_fits(x_shape, jnp.shape(scale), expected, what)
-    return scale, zero_point
+    """The state's arrays, checked (and for per-tensor, reshaped) to fit ``x_shape``;
+    eagerly, a non-finite or non-positive scale is rejected."""
+    concrete = isinstance(state, QuantState) and not _is_traced(state.scale)
+    return validation.fitted_state(
+        state, x_shape, what, jnp.reshape,
+        is_valid=(lambda s: bool(_valid_scale_kernel(s))) if concrete else None)
 
 
 def fit_state(state: QuantState, shape) -> QuantState:
@@ -93,12 +85,6 @@ def fit_state(state: QuantState, shape) -> QuantState:
     """
     scale, zero_point = _fitted(tuple(shape), state, "fit_state")
     return state.replace(scale=scale, zero_point=zero_point)
-
-
-def _integer_zero_point(zero_point, spec: QuantSpec):
-    if jnp.issubdtype(jnp.result_type(zero_point), jnp.integer):
-        return zero_point
-    return numerics.integer_zero_point(jnp, jnp.asarray(zero_point), spec)
 
 
 def _raise_nonfinite(x, what: str):
@@ -117,10 +103,9 @@ def _noise(key, x, scale):
 # The kernels are compiled per *structure* of the spec and receive the grid bounds as
 # data (spec.split_bounds), so one compilation serves every bit width: XLA compilation,
 # not arithmetic, dominates the cost of small calls.
-def _all_finite(x):
-    """One reduction: ``x * 0`` is 0 for finite values and NaN for NaN / +-inf, and a
-    sum propagates NaN (XLA:CPU's min/max reductions do not, numerics rule 5)."""
-    return jnp.isfinite(jnp.sum(x * jnp.zeros((), x.dtype)))
+_all_finite = functools.partial(numerics.all_finite, jnp)
+_all_finite_kernel = jax.jit(_all_finite)
+_valid_scale_kernel = jax.jit(functools.partial(numerics.valid_scale, jnp))
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "nonfinite"))
@@ -129,8 +114,7 @@ def _calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str):
     lo, hi = numerics.observe_range(jnp, x, spec, nonfinite=nonfinite)
     scale, zero_point = numerics.qparams_from_range(jnp, lo, hi, spec)
     # with nonfinite='flag' the range is non-finite iff x has a non-finite value
-    ok = jnp.all(jnp.isfinite(lo) & jnp.isfinite(hi))
-    return scale, zero_point, ok
+    return scale, zero_point, numerics.range_is_finite(jnp, lo, hi)
 
 
 @functools.partial(jax.jit, static_argnames=("structure",))
@@ -143,9 +127,6 @@ def _quantize_kernel(x, scale, zero_point, key, bounds, structure: QuantSpec, ch
     spec = join_bounds(structure, bounds)
     q = numerics.quantize(jnp, x, scale, zero_point, spec, noise=_noise(key, x, scale))
     return q, (_all_finite(x) if check else jnp.bool_(True))
-
-
-_all_finite_kernel = jax.jit(_all_finite)
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "dtype"))
@@ -250,7 +231,6 @@ def quantize(x, state: QuantState, *, key=None, check: bool = True):
     """
     x = _as_float(x, "quantize")
     scale, zero_point = _fitted(x.shape, state, "quantize")
-    zero_point = _integer_zero_point(zero_point, state.spec)
     check = check and not _is_traced(x)
     q, ok = _quantize_kernel(x, scale, zero_point, key, *split_bounds(state.spec), check)
     if check and not ok:
@@ -269,7 +249,6 @@ def dequantize(q, state: QuantState, *, dtype=None):
     q = _as_jax(q, "dequantize")
     validation.require_integer_codes(jnp.issubdtype(q.dtype, jnp.integer), q.dtype)
     scale, zero_point = _fitted(q.shape, state, "dequantize")
-    zero_point = _integer_zero_point(zero_point, state.spec)
     dtype = jnp.dtype(dtype or scale.dtype)
     return _dequantize_kernel(q, scale, zero_point, *split_bounds(state.spec), dtype)
 
@@ -307,7 +286,7 @@ def check_finite(x, what: str = "x"):
     """
     x = jnp.asarray(x)
     if not _is_traced(x):
-        if not bool(jnp.all(jnp.isfinite(x))):
+        if not bool(_all_finite_kernel(x)):
             _raise_nonfinite(x, what)
         return x
     checkify.check(

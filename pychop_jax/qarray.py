@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 from . import ops, packing
 from .spec import QuantSpec
@@ -134,14 +135,7 @@ def _from_state_dict(target: QuantizedArray, data: dict) -> QuantizedArray:
     return dataclasses.replace(target, codes=data["codes"], state=state)
 
 
-def _register_with_flax() -> None:
-    try:
-        from flax import serialization
-    except ImportError:
-        return
-    serialization.register_serialization_state(
-        QuantizedArray, _to_state_dict, _from_state_dict, override=True
-    )
-
-
-_register_with_flax()
+# flax.serialization (and orbax through it) stores the arrays; the spec is static
+serialization.register_serialization_state(
+    QuantizedArray, _to_state_dict, _from_state_dict, override=True
+)

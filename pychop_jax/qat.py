@@ -45,6 +45,7 @@ __all__ = [
     "observed_fake_quant",
     "init_lsq",
     "lsq_placeholder",
+    "learned_state",
     "learned_fake_quant",
     "fake_quant_weight",
 ]
@@ -172,14 +173,19 @@ def lsq_placeholder(spec: QuantSpec, num_features: int | None = None):
     return jnp.full(shape, jnp.nan, jnp.float32), zero_point
 
 
+def learned_state(shape, spec: QuantSpec, scale, zero_point=None) -> QuantState:
+    """The ``QuantState`` of a compact learned ``scale`` (and float ``zero_point``;
+    ``None`` means 0) for an input of ``shape``."""
+    scale = _full(scale, spec, shape)
+    if zero_point is None:
+        zero_point = jnp.zeros(scale.shape, jnp.int32)
+    return QuantState(scale, _full(zero_point, spec, shape), spec)
+
+
 def learned_fake_quant(x, spec: QuantSpec, scale, zero_point=None):
     """``fake_quant(x, state, grad='lsq')`` with a compact learned ``scale`` (and float
     ``zero_point``; ``None`` means 0).  Gradients flow into both."""
-    scale = _full(scale, spec, x.shape)
-    if zero_point is None:
-        zero_point = jnp.zeros(scale.shape, jnp.int32)
-    state = QuantState(scale, _full(zero_point, spec, x.shape), spec)
-    return ops.fake_quant(x, state, grad="lsq")
+    return ops.fake_quant(x, learned_state(x.shape, spec, scale, zero_point), grad="lsq")
 
 
 # -- weights -----------------------------------------------------------------------------------

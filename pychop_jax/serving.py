@@ -25,7 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from . import numerics, observers, ops
+from . import numerics, observers, ops, qat
 from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
 from .qarray import QuantizedArray
 from .spec import QuantSpec
@@ -79,12 +79,12 @@ def _subtree(tree, path):
 
 
 def _learned_state(params, spec: QuantSpec, shape) -> QuantState:
-    scale = jnp.asarray(params["lsq_scale"])
-    zp = params.get("lsq_zero_point")
-    zp = jnp.zeros(jnp.shape(scale), jnp.int32) if zp is None else jnp.asarray(zp)
-    full = spec.scale_shape(shape) if spec.axis is not None else (1,) * len(shape)
-    zp = numerics.integer_zero_point(jnp, jnp.reshape(zp, full), spec)
-    return QuantState(jnp.reshape(scale, full), zp, spec)
+    """The learned (LSQ) state of a layer's kernel or input, with the integer zero
+    point the grid uses."""
+    state = qat.learned_state(shape, spec, jnp.asarray(params["lsq_scale"]),
+                              params.get("lsq_zero_point"))
+    return state.replace(
+        zero_point=numerics.integer_zero_point(jnp, jnp.asarray(state.zero_point), spec))
 
 
 def to_served(model: nn.Module, variables, *args, **kwargs):
@@ -102,9 +102,13 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
       ``(params, layers)``: the ``params`` collection with each quantized layer's
       ``kernel`` replaced by an ``IntKernel`` (its ``lsq_*`` / ``input_quant``
       entries dropped), for the same architecture built from ``IntDense`` /
-      ``IntConv``; and a list of ``ServedLayer``.  A layer whose input was never
-      quantized, or whose observer saw no data, gets ``input_state=None``: the served
-      layer then calibrates its input per call (dynamic range).
+      ``IntConv``; and a list of ``ServedLayer``.  A layer whose observer saw no data
+      gets ``input_state=None``: the served layer calibrates its input per call under
+      the layer's input spec, as the QAT layer's evaluation does for the batch at hand
+      (exactly so for the ``minmax`` and ``ema`` observers).  A layer whose input was
+      never quantized (``act_bits=None``) is served with 8-bit dynamic inputs
+      (``int_matmul.DEFAULT_INPUT_SPEC``): an integer product needs integer codes, so
+      that layer's output only approximates the float-input evaluation.
 
     Raises:
       ValueError: a quantized layer that keeps float weights (``weight_bits=None``).
@@ -134,7 +138,7 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
             if range_ is not None and int(range_.count) > 0:
                 source, in_state = "observed", observers.quant_state(range_, a_spec)
         target = _subtree(served, path)
-        target["kernel"] = IntKernel(weights, in_state)
+        target["kernel"] = IntKernel(weights, in_state, a_spec)
         for key in ("WeightQuant_0", "input_quant"):
             target.pop(key, None)
         report.append(ServedLayer(path, w_spec, a_spec, module.lsq, source))

@@ -13,6 +13,7 @@ import dataclasses
 from typing import Any
 
 import jax
+from flax import serialization
 
 from .spec import QuantSpec
 
@@ -54,14 +55,7 @@ def _from_state_dict(target: QuantState, data: dict) -> QuantState:
     return target.replace(scale=data["scale"], zero_point=data["zero_point"])
 
 
-def _register_with_flax() -> None:
-    try:
-        from flax import serialization
-    except ImportError:  # flax is a dependency, but the core does not need it
-        return
-    serialization.register_serialization_state(
-        QuantState, _to_state_dict, _from_state_dict, override=True
-    )
-
-
-_register_with_flax()
+# flax.serialization (and orbax through it) stores the arrays; the spec is static
+serialization.register_serialization_state(
+    QuantState, _to_state_dict, _from_state_dict, override=True
+)

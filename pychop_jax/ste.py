@@ -14,8 +14,10 @@ the data here, not a parameter.
 
 * ``'lsq'``: learned step size quantization (Esser et al., 2019, "Learned Step Size
   Quantization", ICLR 2020) and, for asymmetric grids, its learned offset (Bhalgat et
-  al., 2020, "LSQ+").  ``x`` gets the clipped STE and the scale (and a floating zero
-  point) get the paper's gradient, scaled by ``1 / sqrt(N * Q_P)``: see
+  al., 2020, "LSQ+").  ``x`` gets the paper's pass-through mask, strict and before
+  rounding (``qmin - zp < x / scale < qmax - zp``; it differs from ``'clipped'``
+  within half a step of the grid's ends), and the scale (and a floating zero point)
+  get the paper's gradient, scaled by ``1 / sqrt(N * Q_P)``: see
   ``numerics.lsq_grads``.  An integer zero point is treated as fixed.
 
 A floating zero point is a learned one: the forward pass rounds it
@@ -47,7 +49,6 @@ def _ste(x, scale, zero_point, spec, g):
 
 
 def _clipped(x, scale, zero_point, spec, g):
-    zero_point = numerics.integer_zero_point(jnp, zero_point, spec)
     inside = numerics.clip_mask(jnp, x, scale, zero_point, spec)
     return jnp.where(inside, g, jnp.zeros_like(g)), None, None
 
@@ -65,9 +66,7 @@ def register_rule(name: str, rule: Rule) -> None:
 
 
 def _forward(x, scale, zero_point, noise, spec):
-    zero_point = numerics.integer_zero_point(jnp, zero_point, spec)
-    y = numerics.fake_quant(jnp, x, scale, zero_point, spec, noise=noise)
-    return y.astype(x.dtype)
+    return numerics.fake_quant(jnp, x, scale, zero_point, spec, noise=noise)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

@@ -21,7 +21,7 @@ channel, over the batch ranges of ``numerics.observe_range``::
     scale, zero_point = numerics.qparams_from_range(lo, hi)
 
 (``lo + momentum * (batch_lo - lo)`` up to rounding; the division keeps the result
-bit-identical across engines, see ``_moving_average``.)
+bit-identical across engines, see ``observers.moving_average``.)
 
 ``momentum=1`` uses each batch's own range (what weight quantizers do).  ``calibrate(x)``
 sets the range to ``x``'s, so its scale equals every other backend's ``calibrate``.
@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from array_api_compat import torch as xtorch
 from torch import nn
 
-from . import adapter, numerics
+from . import adapter, numerics, observers
 from .chopi import Backend, Quantizer
 from .spec import QuantSpec
 from .state import QuantState
@@ -69,7 +69,8 @@ def _to_xla(t: torch.Tensor):
     arrays to a jitted function costs a third of ``jax.dlpack.from_dlpack``)."""
     t = t.detach()
     if t.dtype in _DLPACK_ONLY:
-        return jax.dlpack.from_dlpack(t)
+        # XLA's DLPack import takes compact (row-major) strides only
+        return jax.dlpack.from_dlpack(t.contiguous())
     return t.resolve_neg().numpy()
 
 
@@ -144,20 +145,6 @@ BACKEND = Backend("torch", xtorch, calibrate, quantize, dequantize, fake_quant)
 
 
 # -- the observer ---------------------------------------------------------------------------
-def _moving_average(xp, old, new, momentum: float):
-    """``old + (new - old) / (1 / momentum)``: the moving-average step, written so that
-    every engine gets the same bits.
-
-    ``old + momentum * (new - old)`` would not be: XLA:CPU contracts a product feeding
-    a sum into a fused multiply-add (one rounding instead of two) and an optimization
-    barrier does not stop it.  A division by a same-shape array is exact on every
-    backend and never contracted; the barrier keeps XLA from seeing the divisor is a
-    constant (it would rewrite the division into a product, numerics rule 1).
-    """
-    (divisor,) = numerics._barrier(xp, xp.full_like(new, 1.0 / momentum))
-    return old + (new - old) / divisor
-
-
 def _observer_step(xp, x, running_min, running_max, spec, *, momentum, first, mask):
     """One training step of ``TorchChopi`` as one pipeline (one XLA kernel on CPU):
     the batch range, its moving average, the qparams, fake quantization and its mask.
@@ -165,9 +152,9 @@ def _observer_step(xp, x, running_min, running_max, spec, *, momentum, first, ma
     -> y, inside, lo, hi, scale, zero_point, whether ``x`` was finite.
     """
     lo, hi, finite = adapter.observe_pipeline(xp, x, spec)
-    if not (first or momentum == 1.0):
-        lo = _moving_average(xp, running_min, lo, momentum)
-        hi = _moving_average(xp, running_max, hi, momentum)
+    if not first:
+        lo = observers.moving_average(xp, running_min, lo, momentum)
+        hi = observers.moving_average(xp, running_max, hi, momentum)
     scale, zero_point = numerics.qparams_from_range(xp, lo, hi, spec)
     y, inside, _ = adapter.fake_quant_pipeline(xp, x, scale, zero_point, spec,
                                                check=False, mask=mask)
@@ -303,8 +290,8 @@ class _IQuantized:
     output each get their own ``TorchChopi`` built from the settings of ``chop``.
 
     * weight: ``chop``'s settings (per-channel if ``chop`` is), ``momentum=1``: the
-      range of the current weights at every step;
-    * bias: ``chop``'s bit width and grid, per tensor, ``momentum=1``;
+      range of the current weights at every call, in training and in eval;
+    * bias: ``chop``'s bit width and grid, per tensor, ``momentum=1``, likewise;
     * output: ``chop``'s bit width and grid, per tensor, ``chop``'s momentum.
 
     (pychop 0.6.2 passes all three through one quantizer, so its range follows
@@ -327,8 +314,11 @@ class _IQuantized:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight_quant is None:
             return self._layer(x, self.weight, self.bias)
-        weight = self.weight_quant(self.weight)
-        bias = None if self.bias is None else self.bias_quant(self.bias)
+        # the parameters are quantized with their current range also in eval (the
+        # optimizer may have moved them since the last training step); only the
+        # output's range freezes
+        weight = self.weight_quant(self.weight, training=True)
+        bias = None if self.bias is None else self.bias_quant(self.bias, training=True)
         return self.output_quant(self._layer(x, weight, bias))
 
 

@@ -16,6 +16,7 @@ __all__ = [
     "require_state_fits",
     "framework_of",
     "require_framework",
+    "fitted_state",
 ]
 
 
@@ -108,3 +109,35 @@ def require_framework(x, expected: str, what: str, accept=()) -> None:
     raise TypeError(
         f"{what} expects a {expected} array but got {got} with {_CONVERT_HINT[expected]}."
     )
+
+
+def fitted_state(state, shape, what: str, reshape, is_valid=None):
+    """``(scale, zero_point)`` of ``state`` shaped for an input of ``shape``.
+
+    A per-tensor state fits any rank (``reshape(array, shape)`` of the caller's
+    framework); other states must have ``state.spec.scale_shape(shape)``.  With
+    ``is_valid`` (``scale -> bool``; eager callers) a scale that is not finite and
+    positive everywhere is rejected: it would quantize silently to garbage (NaN
+    scales give the zero point everywhere, negative ones reverse the grid).
+
+    Raises:
+      TypeError: ``state`` is not a ``QuantState``.
+      ValueError: the state does not fit, or its scale is invalid.
+    """
+    from .state import QuantState
+
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{what} needs a QuantState (from calibrate); got {type(state).__name__}.")
+    expected = state.spec.scale_shape(tuple(shape))
+    scale, zero_point = state.scale, state.zero_point
+    actual = tuple(scale.shape)
+    if actual != expected and state.spec.axis is None and all(n == 1 for n in actual):
+        scale, zero_point = reshape(scale, expected), reshape(zero_point, expected)
+    require_state_fits(shape, tuple(scale.shape), expected, what)
+    if is_valid is not None and not is_valid(scale):
+        raise ValueError(
+            f"{what}: the state's scale must be finite and > 0 everywhere (a diverged "
+            "learned step size, or a hand-made state?). Recalibrate, or re-initialise "
+            "it with lsq_init."
+        )
+    return scale, zero_point

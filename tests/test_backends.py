@@ -211,3 +211,61 @@ def test_numpy_dequantize_of_extreme_range_does_not_warn():
             state = adapter.calibrate(fw, x, spec)
             xhat = adapter.dequantize(fw, adapter.quantize(fw, x, state), state)
         assert np.isfinite(xhat).all()
+
+
+def _as_framework(fw, a):
+    return torch.tensor(np.asarray(a)) if fw.name == "torch" else np.asarray(a)
+
+
+def _to_numpy(a):
+    return a.numpy() if isinstance(a, torch.Tensor) else np.asarray(a)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_learned_float_zero_point_rounds_the_same_everywhere(engine, symmetric):
+    # an LSQ+ state: float scale and a float zero point in code units
+    fw = ENGINES[engine]
+    spec = pj.QuantSpec(bits=4, symmetric=symmetric)
+    x = np.array([-1.0, 0.3, 2.0, 5.0, -0.21], np.float32)
+    zp = 0.0 if symmetric else 3.6  # rounds half-to-even to 4
+    state_jax = pj.QuantState(np.full((1,), 0.4, np.float32), np.full((1,), zp, np.float32),
+                              spec)
+    state = pj.QuantState(_as_framework(fw, state_jax.scale),
+                          _as_framework(fw, state_jax.zero_point), spec)
+    q = adapter.quantize(fw, _as_framework(fw, x), state)
+    np.testing.assert_array_equal(_to_numpy(q), pj.quantize(x, state_jax))
+    # independent reference: codes with the rounded zero point
+    z = 0 if symmetric else 4
+    np.testing.assert_array_equal(_to_numpy(q), np.clip(np.round(x / np.float32(0.4)) + z,
+                                                        spec.qmin, spec.qmax))
+    np.testing.assert_array_equal(_to_numpy(adapter.dequantize(fw, q, state)),
+                                  pj.dequantize(np.asarray(_to_numpy(q)), state_jax))
+    np.testing.assert_array_equal(_to_numpy(adapter.fake_quant(fw, _as_framework(fw, x),
+                                                               state)[0]),
+                                  pj.fake_quant(x, state_jax))
+
+
+@pytest.mark.parametrize("engine", ["jax", *ENGINES])
+@pytest.mark.parametrize("bad_scale", [np.nan, np.inf, -0.1, 0.0])
+def test_invalid_scale_is_rejected(engine, bad_scale):
+    scale = np.array([0.1, bad_scale], np.float32).reshape(1, 2)
+    zp = np.zeros((1, 2), np.int32)
+    x = np.ones((3, 2), np.float32)
+    message = "the state's scale must be finite and > 0"
+    spec = pj.QuantSpec(bits=8, axis=1)
+    if engine == "jax":
+        state = pj.QuantState(scale, zp, spec)
+        for call in (lambda: pj.quantize(x, state), lambda: pj.fake_quant(x, state),
+                     lambda: pj.dequantize(np.ones((3, 2), np.uint8), state)):
+            with pytest.raises(ValueError, match=message):
+                call()
+        # under jit nothing can raise: the documented garbage-in stays possible there
+        jax.jit(pj.quantize)(x, state)
+        return
+    fw = ENGINES[engine]
+    state = pj.QuantState(_as_framework(fw, scale), _as_framework(fw, zp), spec)
+    with pytest.raises(ValueError, match=message):
+        adapter.quantize(fw, _as_framework(fw, x), state)
+    with pytest.raises(ValueError, match=message):
+        adapter.fake_quant(fw, _as_framework(fw, x), state)

@@ -77,11 +77,17 @@ def test_unquantized_inputs_are_served_with_dynamic_ranges():
     np.testing.assert_allclose(served, model.apply(variables, X), atol=0.05)
 
 
-def test_layers_without_observed_data_get_dynamic_ranges():
-    model = QatNet(dict(weight_bits=8, act_bits=8))
+@pytest.mark.parametrize("act_bits", [3, 8])
+def test_layers_without_observed_data_calibrate_per_call_at_their_bit_width(act_bits):
+    # the QAT layer's evaluation quantizes an unobserved input with this batch's range
+    # (count == 0); the served layer must do the same, at the layer's bit width
+    model = QatNet(dict(weight_bits=4, act_bits=act_bits))
     variables = model.init(jax.random.key(1), X)  # observers have seen nothing
-    _, report = serving.to_served(model, variables, X[:1])
+    params, report = serving.to_served(model, variables, X[:1])
     assert {r.input_state for r in report} == {"dynamic"}
+    assert params["fc"]["kernel"].input_spec.bits == act_bits
+    served = ServedNet().apply({"params": params}, X)
+    np.testing.assert_allclose(served, model.apply(variables, X), rtol=1e-5, atol=1e-5)
 
 
 def test_float_weight_layers_cannot_be_served():
@@ -102,6 +108,7 @@ def test_served_params_checkpoint_round_trip(tmp_path):
     loaded = pj.load_quantized(tmp_path / "m.msgpack")
     assert loaded["fc"]["kernel"].weights.packed
     assert loaded["fc"]["kernel"].input_state.spec == params["fc"]["kernel"].input_state.spec
+    assert loaded["fc"]["kernel"].input_spec == params["fc"]["kernel"].input_spec
     unpacked = jax.tree_util.tree_map(lambda k: k.unpack() if is_kernel(k) else k, loaded,
                                       is_leaf=is_kernel)
     np.testing.assert_array_equal(ServedNet().apply({"params": unpacked}, X),

@@ -299,3 +299,26 @@ def test_qat_on_digits_learns():
     layer = model[0]
     codes = torch.round(layer(x_te) / layer.scale) + layer.zero_point
     assert len(torch.unique(codes)) <= 16
+
+
+def test_iquantized_layer_quantizes_current_weights_in_eval():
+    layer = pychop.IQuantizedLinear(4, 3, chop=pychop.ChopiSTE(bits=8))
+    layer(torch.randn(5, 4))  # one training step observes the weights
+    with torch.no_grad():
+        layer.weight.mul_(3.0)  # the optimizer moved them
+    layer.eval()
+    x = torch.randn(5, 4)
+    out = layer(x)  # before anything else touches the quantizers
+    w_hat = layer.weight_quant(layer.weight, training=True)
+    assert torch.allclose(w_hat, layer.weight, atol=float(layer.weight.abs().max()) / 127)
+    expected = layer.output_quant(torch.nn.functional.linear(
+        x, w_hat, layer.bias_quant(layer.bias, training=True)))
+    torch.testing.assert_close(out, expected)
+
+
+def test_sliced_bfloat16_tensors_are_accepted():
+    x = torch.randn(6, 8, dtype=torch.bfloat16)[:, 1:]  # non-compact strides
+    state = torch_backend.calibrate(x, pj.QuantSpec(bits=8))
+    q = torch_backend.quantize(x, state)
+    np.testing.assert_array_equal(q.numpy(),
+                                  torch_backend.quantize(x.contiguous(), state).numpy())
