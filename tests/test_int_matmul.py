@@ -119,10 +119,10 @@ def test_as_flax_dot_general_with_quantized_kernels():
     np.testing.assert_allclose(y_float_kernel, nn.Dense(6).apply(params, x), atol=0.05)
 
     layer = nnx.Linear(12, 6, rngs=nnx.Rngs(0), **kw)
-    layer.kernel = nnx.Param(pj.QuantizedArray.quantize(layer.kernel.value,
+    layer.kernel = nnx.Param(pj.QuantizedArray.quantize(layer.kernel[...],
                                                         pj.int_matmul.DEFAULT_WEIGHT_SPEC))
-    np.testing.assert_allclose(layer(x), pj.int_dot_general(x, layer.kernel.value, DN)
-                               + layer.bias.value, rtol=1e-6)
+    np.testing.assert_allclose(layer(x), pj.int_dot_general(x, layer.kernel[...], DN)
+                               + layer.bias[...], rtol=1e-6)
 
 
 CONV_DN = ("NHWC", "HWIO", "NHWC")
