@@ -197,11 +197,6 @@ def run(fw: Framework, pipeline, arrays, spec: QuantSpec, **options):
 
 
 # -- checks -----------------------------------------------------------------------------------
-def _require_spec(spec, what: str) -> None:
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{what} needs a QuantSpec; got {type(spec).__name__}.")
-
-
 def _require_float_input(fw: Framework, x, what: str) -> None:
     validation.require_framework(x, fw.name, what)
     validation.require_float(fw.is_float(x), x.dtype, what)
@@ -226,7 +221,7 @@ def _fitted(fw: Framework, shape, state: QuantState, what: str):
 def check_range_input(fw: Framework, x, spec: QuantSpec, what: str) -> None:
     """The checks of calibration input: a spec, a float array of ``fw``, not empty,
     an axis (and group size) that fits."""
-    _require_spec(spec, what)
+    validation.require_spec(spec, what)
     _require_float_input(fw, x, what)
     validation.require_nonempty(math.prod(x.shape), what)
     spec.scale_shape(tuple(x.shape))  # axis and group-size errors

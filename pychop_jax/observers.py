@@ -241,8 +241,7 @@ def _check_momentum(momentum, what: str, *, optional: bool) -> None:
 
 def _prepared(stats: RangeState, x, spec: QuantSpec, what: str):
     """Type / shape checks (eager and traced) and, eagerly, the NaN/inf check."""
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"{what} needs a QuantSpec; got {type(spec).__name__}.")
+    validation.require_spec(spec, what)
     if not isinstance(stats, RangeState):
         raise TypeError(
             f"{what} needs a RangeState (from observers.init); got {type(stats).__name__}."

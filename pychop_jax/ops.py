@@ -168,8 +168,7 @@ def calibrate(x, spec: QuantSpec) -> QuantState:
       TypeError: non-float input, or an array of another framework (torch).
       ValueError: empty input, bad axis / group size; eagerly also NaN or +-inf.
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"calibrate needs a QuantSpec; got {type(spec).__name__}.")
+    validation.require_spec(spec, "calibrate")
     x = _as_float(x, "calibrate")
     validation.require_nonempty(x.size, "calibrate")
     spec.scale_shape(x.shape)  # axis and group-size errors, eagerly and under jit
@@ -199,8 +198,7 @@ def lsq_init(x, spec: QuantSpec) -> QuantState:
       TypeError / ValueError: as ``calibrate`` (non-float or empty input, bad axis,
         eagerly NaN or +-inf).
     """
-    if not isinstance(spec, QuantSpec):
-        raise TypeError(f"lsq_init needs a QuantSpec; got {type(spec).__name__}.")
+    validation.require_spec(spec, "lsq_init")
     x = _as_float(x, "lsq_init")
     validation.require_nonempty(x.size, "lsq_init")
     spec.scale_shape(x.shape)

@@ -9,6 +9,7 @@ for a ``checkify`` check).
 from __future__ import annotations
 
 __all__ = [
+    "require_spec",
     "require_float",
     "require_integer_codes",
     "require_nonempty",
@@ -18,6 +19,14 @@ __all__ = [
     "require_framework",
     "fitted_state",
 ]
+
+
+def require_spec(spec, what: str) -> None:
+    """``TypeError`` unless ``spec`` is a ``QuantSpec``."""
+    from .spec import QuantSpec
+
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"{what} needs a QuantSpec; got {type(spec).__name__}.")
 
 
 def require_float(is_float: bool, dtype, what: str) -> None:
