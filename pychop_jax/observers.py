@@ -86,6 +86,12 @@ class RangeState:
     hi: Any
     count: Any
 
+    @classmethod
+    def empty(cls, shape, dtype=jnp.float32) -> RangeState:
+        """Statistics that have seen nothing: ``lo = hi = 0`` of ``shape``, ``count = 0``."""
+        zeros = jnp.zeros(shape, dtype)
+        return cls(zeros, zeros, jnp.zeros((), jnp.int32))
+
     def reshape(self, shape) -> RangeState:
         """The same statistics with ``lo``/``hi`` reshaped (e.g. per-channel
         ``(C,)`` <-> ``(1, .., C)``)."""
@@ -108,9 +114,7 @@ _register_with_flax()
 
 def init(spec: QuantSpec, shape, dtype=jnp.float32) -> RangeState:
     """Empty statistics for inputs of ``shape`` under ``spec`` (zeros, ``count = 0``)."""
-    state_shape = spec.scale_shape(shape)
-    zeros = jnp.zeros(state_shape, dtype)
-    return RangeState(zeros, zeros, jnp.zeros((), jnp.int32))
+    return RangeState.empty(spec.scale_shape(shape), dtype)
 
 
 # -- range estimators, against an array namespace ---------------------------------------

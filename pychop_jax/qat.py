@@ -130,9 +130,7 @@ def _full(array, spec: QuantSpec, shape):
 # -- observed activations ------------------------------------------------------------------
 def init_stats(spec: QuantSpec, num_features: int | None = None) -> RangeState:
     """Empty observer statistics in the compact shape."""
-    shape = compact_shape(spec, num_features)
-    zeros = jnp.zeros(shape, jnp.float32)
-    return RangeState(zeros, zeros, jnp.zeros((), jnp.int32))
+    return RangeState.empty(compact_shape(spec, num_features))
 
 
 def observed_fake_quant(x, stats: RangeState, spec: QuantSpec, observer: Callable, *,
