@@ -3,9 +3,15 @@
 This machine is noisy (2 shared cores), so a baseline and the candidates it is
 compared with are timed *interleaved*: every round runs each function for a short
 block, in turn, and the reported figure is the median over all rounds.  Slow drifts
-of the machine then hit baseline and candidate alike.  The first run of each block is
-discarded: right after a switch, the other framework's worker threads are still
-spinning (torch's OpenMP pool) and would be charged to whoever runs next.
+of the machine then hit baseline and candidate alike.
+
+Each block starts with ``settle`` seconds of untimed runs of the same function.  Right
+after a switch the other framework's worker threads are still spinning (torch's
+OpenMP pool spins for milliseconds after a parallel region, XLA's pool likewise) and
+compete for the two cores with whoever runs next.  Discarding one run is not enough:
+measured on a 4M-element quantize, the function timed right after torch lost 0.2-0.3
+ms per call (30-50 %), and torch timed right after JAX lost 10-20 %, for a whole
+5-run block.  With 20 ms of settling, the order of the functions no longer matters.
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import time
 
 
 def interleaved_medians(fns: dict, *, repeats: int = 30, block: int = 5, warmup: int = 2,
-                        sync=None) -> dict:
+                        settle: float = 0.02, sync=None) -> dict:
     """Median wall time (s) of each ``fn()`` in ``fns``, timed in rotating blocks.
 
-    Each of ``repeats // (block - 1)`` rounds runs every function ``block`` times in a
-    row and keeps the last ``block - 1`` timings.  ``sync(result)`` blocks until
-    asynchronous work is done (e.g. ``jax.block_until_ready``).
+    Each of ``repeats // (block - 1)`` rounds runs every function for ``settle``
+    seconds (at least once) untimed, then ``block - 1`` timed times in a row.
+    ``sync(result)`` blocks until asynchronous work is done (e.g.
+    ``jax.block_until_ready``).
     """
     sync = sync or (lambda r: r)
     for _ in range(warmup):
@@ -30,11 +37,14 @@ def interleaved_medians(fns: dict, *, repeats: int = 30, block: int = 5, warmup:
     rounds = max(1, -(-repeats // (block - 1)))
     for _ in range(rounds):
         for name, fn in fns.items():
-            for i in range(block):
+            until = time.perf_counter() + settle
+            sync(fn())
+            while time.perf_counter() < until:
+                sync(fn())
+            for _ in range(block - 1):
                 t0 = time.perf_counter()
                 sync(fn())
-                if i:
-                    times[name].append(time.perf_counter() - t0)
+                times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
