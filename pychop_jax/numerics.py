@@ -85,6 +85,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "clip_mask",
+    "needs_prescale",
     "integer_zero_point",
     "all_finite",
     "range_is_finite",
@@ -178,16 +179,50 @@ def _minmax(xp, x, axes):
     if not axes:  # torch's amin/amax treat an empty dim tuple as "all dims"
         return x, x
     if _is_jax(xp) and x.ndim - 1 in axes:
-        from jax import lax
-
-        big = xp.asarray(np.inf, dtype=x.dtype)
-        lo, hi = lax.reduce(
-            (x, x), (big, -big),
-            lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes,
-        )
         keep = tuple(1 if d in axes else n for d, n in enumerate(x.shape))
+        if len(axes) == x.ndim and x.size >= _SPLIT_REDUCE_MIN:
+            lo, hi = _split_minmax(x)
+        else:
+            lo, hi = _variadic_minmax(x, axes)
         return xp.reshape(lo, keep), xp.reshape(hi, keep)
     return xp.min(x, axis=axes, keepdims=True), xp.max(x, axis=axes, keepdims=True)
+
+
+#: whole-array reductions from this size on are split in two stages (``_split_minmax``)
+_SPLIT_REDUCE_MIN = 1 << 20
+_SPLIT_ROWS = 64
+
+
+def _variadic_minmax(x, axes):
+    """One XLA reduction computing ``(min, max)`` over ``axes`` (keepdims=False)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    big = jnp.asarray(np.inf, dtype=x.dtype)
+    return lax.reduce(
+        (x, x), (big, -big), lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes
+    )
+
+
+def _split_minmax(x):
+    """``(min, max)`` of all of ``x`` as 64 row reductions, then one over the rows
+    (and the ``size % 64`` leftover elements).
+
+    XLA:CPU runs many row reductions much faster than one reduction to a single
+    value (measured: 0.70 -> 0.51 ms on 4M float32, 2 cores).  min and max
+    are exact, so any reduction tree gives the same values; the only freedom, the
+    sign of a zero result, is removed by ``observe_range``'s flush to +0.0.
+    """
+    import jax.numpy as jnp
+
+    flat = jnp.ravel(x)
+    m = flat.size // _SPLIT_ROWS
+    row_lo, row_hi = _variadic_minmax(jnp.reshape(flat[: _SPLIT_ROWS * m], (_SPLIT_ROWS, m)), (1,))
+    tail = flat[_SPLIT_ROWS * m :]
+    if tail.size:
+        row_lo = jnp.concatenate([row_lo, tail])
+        row_hi = jnp.concatenate([row_hi, tail])
+    return _variadic_minmax(row_lo, (0,))[0], _variadic_minmax(row_hi, (0,))[1]
 
 
 # -- calibration ----------------------------------------------------------------------
@@ -279,15 +314,27 @@ def _flush(xp, x):
     return flush(x)
 
 
-def to_grid(xp, x, scale):
+def needs_prescale(xp, scale):
+    """Whether any scale is above ``2^100`` and needs rule 4's pre-scale."""
+    return xp.any(scale > _const(xp, 2.0**_HUGE_SCALE_EXP, scale.dtype, scale))
+
+
+def to_grid(xp, x, scale, *, prescale: bool = True):
     """``t = x / scale`` evaluated as ``(x * p) * (1 / (scale * p))`` (rule 4).
 
     ``x`` and ``scale`` share the compute dtype and broadcast against each other.
+    ``prescale=False`` computes ``x * (1 / scale)``: the same values wherever no
+    scale exceeds ``2^100`` (there ``p == 1`` exactly), with one multiplication per
+    element fewer.  Callers may pass it only after checking ``needs_prescale`` (the
+    JAX kernels branch on it with ``lax.cond``).
     """
     F = scale.dtype
+    one = _const(xp, 1.0, F, scale)
+    if not prescale:
+        return x * (one / scale)
     huge = scale > _const(xp, 2.0**_HUGE_SCALE_EXP, F, scale)
-    p = xp.where(huge, _const(xp, 2.0**_PRESCALE_EXP, F, scale), _const(xp, 1.0, F, scale))
-    inv = _const(xp, 1.0, F, scale) / (scale * p)
+    p = xp.where(huge, _const(xp, 2.0**_PRESCALE_EXP, F, scale), one)
+    inv = one / (scale * p)
     p, inv = _barrier(xp, p, inv)
     return (x * p) * inv
 
@@ -304,13 +351,13 @@ def _views(xp, x, scale, zero_point, spec):
     )
 
 
-def _rounded(xp, x, scale, noise):
+def _rounded(xp, x, scale, noise, prescale=True):
     """``round(x / scale)`` as integer-valued floats (NaN and +-inf pass through).
 
     With ``noise`` (uniform in [0, 1)) the rounding is stochastic:
     ``floor(t) + [floor(t) + u < t]``, i.e. up with probability ``frac(t)``.
     """
-    t = to_grid(xp, _flush(xp, x), scale)
+    t = to_grid(xp, _flush(xp, x), scale, prescale=prescale)
     if noise is None:
         return xp.round(t)
     f = xp.floor(t)
@@ -323,14 +370,14 @@ def _step_bounds(xp, zero_point, spec):
     return qmin - zero_point, qmax - zero_point
 
 
-def grid_steps(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+def grid_steps(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None, prescale=True):
     """int32 ``steps = clip(round(x / scale), qmin - zp, qmax - zp)`` (NaN -> 0).
 
     ``x``, ``scale`` and ``zero_point`` are in the (per-group) view; ``x`` in the
     compute dtype.  The code is ``steps + zero_point`` and the value
-    ``steps * scale``.  +-inf saturate.
+    ``steps * scale``.  +-inf saturate.  ``prescale``: see ``to_grid``.
     """
-    r = _rounded(xp, x, scale, noise)
+    r = _rounded(xp, x, scale, noise, prescale)
     low, high = _step_bounds(xp, zero_point, spec)
     if _is_jax(xp):
         # XLA converts saturating and maps NaN to 0: clip in integers afterwards.
@@ -372,17 +419,18 @@ def _view_like(xp, noise, xv):
     return None if noise is None else xp.reshape(noise, xv.shape)
 
 
-def quantize(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+def quantize(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None, prescale=True):
     """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)``.
 
     ``x``: any floating array; ``scale``/``zero_point``: state-shaped.  Returns codes
     of ``spec.code_dtype`` and ``x``'s shape.  Non-finite input (reachable only
     where the caller does not validate, e.g. under ``jit``): +-inf saturate to
-    ``qmax``/``qmin``, NaN maps to the zero point.
+    ``qmax``/``qmin``, NaN maps to the zero point.  ``prescale``: see ``to_grid``.
     """
     shape = x.shape
     xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
-    steps = grid_steps(xp, xv, sv, zv, spec, noise=_view_like(xp, noise, xv))
+    steps = grid_steps(xp, xv, sv, zv, spec, noise=_view_like(xp, noise, xv),
+                       prescale=prescale)
     return xp.reshape(xp.astype(steps + zv, _code_dtype(xp, spec)), shape)
 
 

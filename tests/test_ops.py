@@ -265,3 +265,51 @@ def test_single_non_finite_in_a_large_array_is_caught(n, bad):
     # under jit: ignored by calibration
     state = jax.jit(lambda x: pj.calibrate(x, SPEC))(x)
     np.testing.assert_array_equal(state.scale, clean.scale)
+
+
+# -- kernel schedules that must not change a bit -----------------------------------------------
+@pytest.mark.parametrize("where", ["body", "tail"])
+def test_two_stage_range_of_a_large_array_equals_numpy(where):
+    # arrays from numerics._SPLIT_REDUCE_MIN elements on are reduced in 64 rows and a
+    # tail of size % 64; the extremes may sit in either, next to non-finite values
+    from array_api_compat import numpy as xnp
+
+    from pychop_jax import numerics
+
+    n = numerics._SPLIT_REDUCE_MIN + 37
+    x = np.random.default_rng(3).standard_normal(n).astype(np.float32)
+    at = n - 5 if where == "tail" else n // 2
+    x[at], x[at - 1] = 9.5, -7.25
+    for spec in (SPEC, pj.QuantSpec(bits=4, symmetric=True)):
+        scale, zp = numerics.calibrate(xnp, x, spec)
+        for state in (pj.calibrate(x, spec), jax.jit(pj.calibrate, static_argnums=1)(x, spec)):
+            np.testing.assert_array_equal(np.asarray(state.scale).view(np.uint32),
+                                          scale.view(np.uint32))
+            np.testing.assert_array_equal(state.zero_point, zp)
+    # under jit non-finite values are left out, wherever they are
+    dirty = x.copy()
+    dirty[[1, n // 3, n - 2]] = [np.inf, np.nan, -np.inf]
+    state = jax.jit(lambda x: pj.calibrate(x, SPEC))(dirty)
+    np.testing.assert_array_equal(state.scale, pj.calibrate(x, SPEC).scale)
+
+
+def test_quantize_with_one_huge_channel_scale_equals_numpy():
+    # the quantize kernel skips rule 4's pre-scale when no scale needs it (lax.cond);
+    # a state where one channel needs it must take the pre-scaled branch for all
+    from array_api_compat import numpy as xnp
+
+    from pychop_jax import numerics
+
+    x = np.array([[F32.max, 1.0], [-F32.max / 2, -0.3], [7.0, 0.25]], np.float32)
+    spec = pj.QuantSpec(bits=2, axis=1)
+    state = pj.calibrate(x, spec)
+    assert float(state.scale[0, 0]) > 2.0**100 > float(state.scale[0, 1])
+    expected = numerics.quantize(xnp, x, *numerics.calibrate(xnp, x, spec), spec)
+    np.testing.assert_array_equal(pj.quantize(x, state), expected)
+    np.testing.assert_array_equal(jax.jit(pj.quantize)(x, state), expected)
+    # and the plain branch agrees with the pre-scaled formula where both apply
+    small = x[:, 1:]
+    s = pj.calibrate(small, spec)
+    np.testing.assert_array_equal(
+        pj.quantize(small, s),
+        numerics.quantize(xnp, small, np.asarray(s.scale), np.asarray(s.zero_point), spec))
