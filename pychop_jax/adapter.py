@@ -147,9 +147,15 @@ def dequantize_pipeline(xp, q, scale, zero_point, spec):
 
 
 def fake_quant_pipeline(xp, x, scale, zero_point, spec, *, check, mask):
-    """-> fake-quantized ``x`` (its dtype), clip mask (or ``None``), finiteness."""
+    """-> fake-quantized ``x`` (its dtype), clip mask (or ``None``), finiteness.
+
+    The mask is 1.0 / 0.0 in ``x``'s dtype: a gradient is then masked by one
+    vectorised multiplication (Torch multiplies by a bool tensor 3-30x slower).
+    """
     y = numerics.fake_quant(xp, x, scale, zero_point, spec)
-    inside = numerics.clip_mask(xp, x, scale, zero_point, spec) if mask else None
+    inside = None
+    if mask:
+        inside = xp.astype(numerics.clip_mask(xp, x, scale, zero_point, spec), y.dtype)
     return y, inside, all_finite(xp, x, check)
 
 
@@ -276,8 +282,9 @@ def dequantize(fw: Framework, q, state: QuantState):
 def fake_quant(fw: Framework, x, state: QuantState, *, check: bool = True, mask: bool = False):
     """``(dequantize(quantize(x)) in x's dtype, clip mask or None)``.
 
-    The mask (``numerics.clip_mask``, computed in the same pass when ``mask=True``) is
-    where the clipped straight-through gradient passes.
+    The mask (``numerics.clip_mask`` as 1.0 / 0.0 in ``x``'s dtype, computed in the
+    same pass when ``mask=True``) is where the clipped straight-through gradient
+    passes.
     """
     _require_float_input(fw, x, "fake_quant")
     scale, zero_point = _fitted(fw, tuple(x.shape), state, "fake_quant")

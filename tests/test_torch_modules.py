@@ -192,6 +192,24 @@ def test_gradient_in_training_mode_and_through_layers():
     assert layer.bias.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_clip_mask_comes_back_as_ones_and_zeros_in_the_input_dtype(dtype):
+    # the backward pass multiplies by it, so it must be x's dtype (and exactly 0 / 1)
+    from array_api_compat import numpy as xnp
+
+    from pychop_jax import adapter, numerics
+
+    x = (_data(64) * 3).to(dtype)
+    spec = pj.QuantSpec(bits=3)
+    state = torch_backend.calibrate(x[:32], spec)  # the other half partly saturates
+    y, inside = adapter.fake_quant(torch_backend.FRAMEWORK, x, state, mask=True)
+    assert inside.dtype == dtype == y.dtype
+    expected = numerics.clip_mask(xnp, x.double().numpy(), state.scale.double().numpy(),
+                                  state.zero_point.numpy(), spec)
+    assert 0 < int(expected.sum()) < 64
+    np.testing.assert_array_equal(inside.double().numpy(), expected.astype(np.float64))
+
+
 def test_no_mask_is_kept_without_gradients():
     ch = pychop.TorchChopi(8)
     with torch.no_grad():
