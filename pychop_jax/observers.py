@@ -260,11 +260,11 @@ def _prepared(stats: RangeState, x, spec: QuantSpec, what: str):
 
 
 # -- observers over a RangeState ----------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("spec", "method", "options", "momentum"))
-def _update(stats, x, spec, method, options, momentum):
+@functools.partial(jax.jit, static_argnames=("spec", "method", "options", "momentum", "in_step"))
+def _update(stats, x, spec, method, options, momentum, in_step):
     kw = dict(options)
     if method == "minmax":
-        lo, hi = numerics.observe_range(jnp, x, spec)
+        lo, hi = numerics.observe_range(jnp, x, spec, in_step=in_step)
     elif method == "percentile":
         lo, hi = percentile_range(jnp, x, spec, **kw)
     else:
@@ -279,7 +279,7 @@ def minmax(stats: RangeState, x, spec: QuantSpec) -> RangeState:
     """This batch's range, ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)``
     (``numerics.observe_range``); ``count`` + 1."""
     x = _prepared(stats, x, spec, "observers.minmax")
-    return _update(stats, x, spec, "minmax", (), None)
+    return _update(stats, x, spec, "minmax", (), None, ops._is_traced(x))
 
 
 def ema(stats: RangeState, x, spec: QuantSpec, *, momentum: float = 0.9) -> RangeState:
@@ -292,7 +292,7 @@ def ema(stats: RangeState, x, spec: QuantSpec, *, momentum: float = 0.9) -> Rang
     """
     _check_momentum(momentum, "observers.ema", optional=False)
     x = _prepared(stats, x, spec, "observers.ema")
-    return _update(stats, x, spec, "minmax", (), float(momentum))
+    return _update(stats, x, spec, "minmax", (), float(momentum), ops._is_traced(x))
 
 
 def percentile(stats: RangeState, x, spec: QuantSpec, *, q: float = 99.99,
@@ -310,7 +310,7 @@ def percentile(stats: RangeState, x, spec: QuantSpec, *, q: float = 99.99,
     _check_momentum(momentum, "observers.percentile", optional=True)
     x = _prepared(stats, x, spec, "observers.percentile")
     options = (("q", float(q)), ("tails", bool(tails)))
-    return _update(stats, x, spec, "percentile", options, momentum)
+    return _update(stats, x, spec, "percentile", options, momentum, ops._is_traced(x))
 
 
 def mse(stats: RangeState, x, spec: QuantSpec, *, num_candidates: int = 100,
@@ -328,7 +328,8 @@ def mse(stats: RangeState, x, spec: QuantSpec, *, num_candidates: int = 100,
         )
     _check_momentum(momentum, "observers.mse", optional=True)
     x = _prepared(stats, x, spec, "observers.mse")
-    return _update(stats, x, spec, "mse", (("num_candidates", int(num_candidates)),), momentum)
+    options = (("num_candidates", int(num_candidates)),)
+    return _update(stats, x, spec, "mse", options, momentum, ops._is_traced(x))
 
 
 def quant_state(stats: RangeState, spec: QuantSpec) -> QuantState:

@@ -108,10 +108,10 @@ _all_finite_kernel = jax.jit(_all_finite)
 _valid_scale_kernel = jax.jit(functools.partial(numerics.valid_scale, jnp))
 
 
-@functools.partial(jax.jit, static_argnames=("structure", "nonfinite"))
-def _calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str):
+@functools.partial(jax.jit, static_argnames=("structure", "nonfinite", "in_step"))
+def _calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str, in_step: bool = False):
     spec = join_bounds(structure, bounds)
-    lo, hi = numerics.observe_range(jnp, x, spec, nonfinite=nonfinite)
+    lo, hi = numerics.observe_range(jnp, x, spec, nonfinite=nonfinite, in_step=in_step)
     scale, zero_point = numerics.qparams_from_range(jnp, lo, hi, spec)
     # with nonfinite='flag' the range is non-finite iff x has a non-finite value
     return scale, zero_point, numerics.range_is_finite(jnp, lo, hi)
@@ -184,7 +184,8 @@ def calibrate(x, spec: QuantSpec) -> QuantState:
     spec.scale_shape(x.shape)  # axis and group-size errors, eagerly and under jit
     x = jax.lax.stop_gradient(x)
     if _is_traced(x):
-        scale, zero_point, _ = _calibrate_kernel(x, *split_bounds(spec), nonfinite="ignore")
+        scale, zero_point, _ = _calibrate_kernel(x, *split_bounds(spec), nonfinite="ignore",
+                                                 in_step=True)
     else:
         scale, zero_point, ok = _calibrate_kernel(x, *split_bounds(spec), nonfinite="flag")
         if not ok:

@@ -1,5 +1,6 @@
 """JAX entry points: errors (DESIGN.md section 6), jit semantics, dtypes, groups."""
 
+import functools
 import re
 
 import jax
@@ -313,3 +314,26 @@ def test_quantize_with_one_huge_channel_scale_equals_numpy():
     np.testing.assert_array_equal(
         pj.quantize(small, s),
         numerics.quantize(xnp, small, np.asarray(s.scale), np.asarray(s.zero_point), spec))
+
+
+@pytest.mark.parametrize("n", [5000, (1 << 17) - 1, 1 << 17])
+def test_every_reduction_schedule_gives_the_same_range(n):
+    # numerics._minmax picks how XLA reduces by size and context (in_step); the
+    # range may not depend on it, nor on where the non-finite values sit
+    from pychop_jax import numerics
+
+    x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    x[[0, n // 2, n - 1]] = [np.nan, np.inf, -np.inf]
+    x[7], x[n - 9] = -4.5, 6.25
+    for spec in (SPEC, pj.QuantSpec(bits=5, symmetric=True)):
+        for nonfinite in ("ignore", "flag"):
+            observe = jax.jit(functools.partial(numerics.observe_range, jnp),
+                              static_argnames=("spec", "nonfinite", "in_step"))
+            ranges = [observe(x, spec=spec, nonfinite=nonfinite, in_step=step)
+                      for step in (False, True)]
+            np.testing.assert_array_equal(ranges[0][0], ranges[1][0])
+            np.testing.assert_array_equal(ranges[0][1], ranges[1][1])
+            if nonfinite == "ignore":
+                assert (float(ranges[0][0][0]), float(ranges[0][1][0])) == (-4.5, 6.25)
+            else:
+                assert float(ranges[0][1][0]) == np.inf and float(ranges[0][0][0]) == -np.inf
