@@ -1,6 +1,6 @@
 """Core ops vs PyTorch's quantization kernels, and a QAT grad step vs fp32.
 
-    python benchmarks/bench_core.py [--n 4194304] [--repeats 40]
+    python benchmarks/bench_core.py [--n 4194304] [--repeats 80]
 
 Every ratio is measured in this one process, baseline and candidates interleaved
 (benchmarks/_timing.py): "vs base" = baseline time / our time, so > 1 means faster
@@ -125,7 +125,7 @@ def qat_dense_step(reps: int) -> None:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4 * 1024 * 1024)
-    parser.add_argument("--repeats", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=80)
     args = parser.parse_args()
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, n = {args.n} float32")

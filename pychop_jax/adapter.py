@@ -120,7 +120,7 @@ def all_finite(xp, x, check: bool):
 
 def calibrate_pipeline(xp, x, spec):
     """-> scale, zero_point, whether ``x`` was finite."""
-    lo, hi = numerics.observe_range(xp, x, spec, nonfinite="flag")
+    lo, hi = numerics.calibration_range(xp, x, spec, nonfinite="flag")
     scale, zero_point = numerics.qparams_from_range(xp, lo, hi, spec)
     return scale, zero_point, range_is_finite(xp, lo, hi)
 

@@ -111,7 +111,7 @@ _valid_scale_kernel = jax.jit(functools.partial(numerics.valid_scale, jnp))
 @functools.partial(jax.jit, static_argnames=("structure", "nonfinite", "in_step"))
 def _calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str, in_step: bool = False):
     spec = join_bounds(structure, bounds)
-    lo, hi = numerics.observe_range(jnp, x, spec, nonfinite=nonfinite, in_step=in_step)
+    lo, hi = numerics.calibration_range(jnp, x, spec, nonfinite=nonfinite, in_step=in_step)
     scale, zero_point = numerics.qparams_from_range(jnp, lo, hi, spec)
     # with nonfinite='flag' the range is non-finite iff x has a non-finite value
     return scale, zero_point, numerics.range_is_finite(jnp, lo, hi)
