@@ -87,6 +87,7 @@ __all__ = [
     "fake_quant",
     "clip_mask",
     "needs_prescale",
+    "prescale_branch",
     "integer_zero_point",
     "all_finite",
     "range_is_finite",
@@ -385,14 +386,31 @@ def needs_prescale(xp, scale):
     return xp.any(scale > _const(xp, 2.0**_HUGE_SCALE_EXP, scale.dtype, scale))
 
 
+def prescale_branch(xp, scale, compute):
+    """``compute(prescale)`` with ``prescale = needs_prescale(scale)``.
+
+    In JAX a ``lax.cond``: both branches give the same bits (``to_grid``), and the
+    common one, no scale above ``2^100``, multiplies once per element instead of
+    twice.  Measured: a 4M-element quantize 0.61x -> 0.72x of
+    ``torch.quantize_per_tensor``, the digits example's 8-bit QAT step 1.13x -> 1.05x
+    the fp32 step.  (A per-element select between the two products, tried first,
+    made that step slower.)  Other backends always pre-scale.
+    """
+    if not _is_jax(xp):
+        return compute(True)
+    from jax import lax
+
+    return lax.cond(needs_prescale(xp, scale), lambda: compute(True), lambda: compute(False))
+
+
 def to_grid(xp, x, scale, *, prescale: bool = True):
     """``t = x / scale`` evaluated as ``(x * p) * (1 / (scale * p))`` (rule 4).
 
     ``x`` and ``scale`` share the compute dtype and broadcast against each other.
     ``prescale=False`` computes ``x * (1 / scale)``: the same values wherever no
     scale exceeds ``2^100`` (there ``p == 1`` exactly), with one multiplication per
-    element fewer.  Callers may pass it only after checking ``needs_prescale`` (the
-    JAX kernels branch on it with ``lax.cond``).
+    element fewer.  Callers may pass it only after checking ``needs_prescale``
+    (``prescale_branch``).
     """
     F = scale.dtype
     one = _const(xp, 1.0, F, scale)
@@ -510,16 +528,17 @@ def dequantize(xp, q, scale, zero_point, spec: QuantSpec):
     return xp.reshape(_steps_to_values(xp, xp.astype(qv, xp.int32) - zv, sv), shape)
 
 
-def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None, prescale=True):
     """``dequantize(quantize(x))`` without materialising the codes.
 
     Returns ``x``'s shape and dtype; computed in the compute dtype, whose bits equal
     ``dequantize(quantize(x))`` (then rounded to ``x.dtype`` for float16 / bfloat16).
-    NaN becomes 0.0.
+    NaN becomes 0.0.  ``prescale``: see ``to_grid``.
     """
     shape, dtype = x.shape, x.dtype
     xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
-    steps = grid_steps(xp, xv, sv, zv, spec, noise=_view_like(xp, noise, xv))
+    steps = grid_steps(xp, xv, sv, zv, spec, noise=_view_like(xp, noise, xv),
+                       prescale=prescale)
     return xp.astype(xp.reshape(_steps_to_values(xp, steps, sv), shape), dtype)
 
 

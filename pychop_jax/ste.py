@@ -66,7 +66,8 @@ def register_rule(name: str, rule: Rule) -> None:
 
 
 def _forward(x, scale, zero_point, noise, spec):
-    return numerics.fake_quant(jnp, x, scale, zero_point, spec, noise=noise)
+    return numerics.prescale_branch(jnp, scale, lambda prescale: numerics.fake_quant(
+        jnp, x, scale, zero_point, spec, noise=noise, prescale=prescale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))

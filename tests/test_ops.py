@@ -295,8 +295,8 @@ def test_two_stage_range_of_a_large_array_equals_numpy(where):
 
 
 def test_quantize_with_one_huge_channel_scale_equals_numpy():
-    # the quantize kernel skips rule 4's pre-scale when no scale needs it (lax.cond);
-    # a state where one channel needs it must take the pre-scaled branch for all
+    # quantize and fake_quant skip rule 4's pre-scale when no scale needs it
+    # (lax.cond); a state where one channel needs it takes the pre-scaled branch
     from array_api_compat import numpy as xnp
 
     from pychop_jax import numerics
@@ -305,15 +305,22 @@ def test_quantize_with_one_huge_channel_scale_equals_numpy():
     spec = pj.QuantSpec(bits=2, axis=1)
     state = pj.calibrate(x, spec)
     assert float(state.scale[0, 0]) > 2.0**100 > float(state.scale[0, 1])
-    expected = numerics.quantize(xnp, x, *numerics.calibrate(xnp, x, spec), spec)
+    scale, zp = numerics.calibrate(xnp, x, spec)
+    expected = numerics.quantize(xnp, x, scale, zp, spec)
     np.testing.assert_array_equal(pj.quantize(x, state), expected)
     np.testing.assert_array_equal(jax.jit(pj.quantize)(x, state), expected)
+    # fake_quant branches the same way (numerics.prescale_branch)
+    expected_fq = numerics.fake_quant(xnp, x, scale, zp, spec)
+    np.testing.assert_array_equal(pj.fake_quant(x, state), expected_fq)
+    np.testing.assert_array_equal(jax.jit(pj.fake_quant)(x, state), expected_fq)
     # and the plain branch agrees with the pre-scaled formula where both apply
     small = x[:, 1:]
     s = pj.calibrate(small, spec)
-    np.testing.assert_array_equal(
-        pj.quantize(small, s),
-        numerics.quantize(xnp, small, np.asarray(s.scale), np.asarray(s.zero_point), spec))
+    scale, zp = np.asarray(s.scale), np.asarray(s.zero_point)
+    np.testing.assert_array_equal(pj.quantize(small, s),
+                                  numerics.quantize(xnp, small, scale, zp, spec))
+    np.testing.assert_array_equal(pj.fake_quant(small, s),
+                                  numerics.fake_quant(xnp, small, scale, zp, spec))
 
 
 @pytest.mark.parametrize("n", [5000, (1 << 17) - 1, 1 << 17])
