@@ -146,16 +146,24 @@ def dequantize_pipeline(xp, q, scale, zero_point, spec):
     return (numerics.dequantize(xp, q, scale, zero_point, spec),)
 
 
+#: clip masks of this many elements and more are uint8 instead of x's float dtype
+_FLOAT_MASK_MAX = 1 << 20
+
+
 def fake_quant_pipeline(xp, x, scale, zero_point, spec, *, check, mask):
     """-> fake-quantized ``x`` (its dtype), clip mask (or ``None``), finiteness.
 
-    The mask is 1.0 / 0.0 in ``x``'s dtype: a gradient is then masked by one
-    vectorised multiplication (Torch multiplies by a bool tensor 3-30x slower).
+    The mask is 1 / 0 in a dtype Torch multiplies a gradient by quickly (by a bool
+    tensor it takes its slow type-promoting path: 262k elements, one thread, 244 us):
+    ``x``'s float dtype below ``2^20`` elements (98 us), uint8 from there on (117 us,
+    but a quarter of the bytes: 16 MB float masks made whole benchmark processes
+    fall into slow fresh-page allocation).
     """
     y = numerics.fake_quant(xp, x, scale, zero_point, spec)
     inside = None
     if mask:
-        inside = xp.astype(numerics.clip_mask(xp, x, scale, zero_point, spec), y.dtype)
+        dtype = y.dtype if math.prod(x.shape) < _FLOAT_MASK_MAX else xp.uint8
+        inside = xp.astype(numerics.clip_mask(xp, x, scale, zero_point, spec), dtype)
     return y, inside, all_finite(xp, x, check)
 
 
@@ -282,9 +290,9 @@ def dequantize(fw: Framework, q, state: QuantState):
 def fake_quant(fw: Framework, x, state: QuantState, *, check: bool = True, mask: bool = False):
     """``(dequantize(quantize(x)) in x's dtype, clip mask or None)``.
 
-    The mask (``numerics.clip_mask`` as 1.0 / 0.0 in ``x``'s dtype, computed in the
-    same pass when ``mask=True``) is where the clipped straight-through gradient
-    passes.
+    The mask (``numerics.clip_mask`` as 1 / 0, see ``fake_quant_pipeline`` for its
+    dtype, computed in the same pass when ``mask=True``) is where the clipped
+    straight-through gradient passes.
     """
     _require_float_input(fw, x, "fake_quant")
     scale, zero_point = _fitted(fw, tuple(x.shape), state, "fake_quant")

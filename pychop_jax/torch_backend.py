@@ -117,7 +117,7 @@ class _FakeQuantSTE(torch.autograd.Function):
     """Fake quantization with the clipped straight-through gradient.
 
     ``compute(mask) -> (y, inside)`` runs the forward pass (``inside``, the clip mask
-    as 1.0 / 0.0 in ``y``'s dtype, only when ``mask``); the backward pass is
+    as 1 / 0 in a float or uint8 dtype, only when ``mask``); the backward pass is
     ``grad * inside``, as in Torch's own fake-quantize backward (so an infinite
     incoming gradient at a saturated position gives NaN there, as it does in Torch).
     """

@@ -193,21 +193,30 @@ def test_gradient_in_training_mode_and_through_layers():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_clip_mask_comes_back_as_ones_and_zeros_in_the_input_dtype(dtype):
-    # the backward pass multiplies by it, so it must be x's dtype (and exactly 0 / 1)
+@pytest.mark.parametrize("large", [False, True])
+def test_clip_mask_comes_back_as_ones_and_zeros(dtype, large, monkeypatch, request):
+    # the backward pass multiplies by it: x's float dtype, uint8 for large inputs,
+    # exactly 0 / 1 either way, and the gradient keeps x's dtype
     from array_api_compat import numpy as xnp
 
     from pychop_jax import adapter, numerics
 
+    monkeypatch.setattr(adapter, "_FLOAT_MASK_MAX", 64 if large else 1 << 20)
+    jax.clear_caches()  # the threshold is read when the kernel is traced
+    request.addfinalizer(jax.clear_caches)
     x = (_data(64) * 3).to(dtype)
     spec = pj.QuantSpec(bits=3)
     state = torch_backend.calibrate(x[:32], spec)  # the other half partly saturates
     y, inside = adapter.fake_quant(torch_backend.FRAMEWORK, x, state, mask=True)
-    assert inside.dtype == dtype == y.dtype
+    assert y.dtype == dtype and inside.dtype == (torch.uint8 if large else dtype)
     expected = numerics.clip_mask(xnp, x.double().numpy(), state.scale.double().numpy(),
                                   state.zero_point.numpy(), spec)
     assert 0 < int(expected.sum()) < 64
     np.testing.assert_array_equal(inside.double().numpy(), expected.astype(np.float64))
+    xg = x.clone().requires_grad_(True)
+    torch_backend.fake_quant(xg, state).backward(torch.full_like(x, 2.0))
+    assert xg.grad.dtype == dtype
+    np.testing.assert_array_equal(xg.grad.double().numpy(), 2.0 * expected)
 
 
 def test_no_mask_is_kept_without_gradients():
