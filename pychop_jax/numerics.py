@@ -51,7 +51,8 @@ evaluates the same way.  Measured XLA:CPU behaviours fix it:
    span is formed from quarters, ``(hi/4 - lo/4) * R * 4`` (the factors pass a barrier
    too: XLA would factor ``hi*c - lo*c`` back into ``(hi - lo)*c``); scaling by a
    power of two is exact, so the result equals ``(hi - lo) * R`` wherever that does
-   not overflow.
+   not overflow.  Since ``p == 1`` unless a scale is huge, the JAX kernels branch
+   (``prescale_branch``) and skip the multiplication by ``p`` when none is.
 5. XLA:CPU's single-output min/max reductions do not propagate NaN on large arrays
    (measured), so no result here depends on NaN propagation through a reduction:
    non-finite values are replaced before the range is reduced.  Likewise float to
