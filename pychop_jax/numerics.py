@@ -192,11 +192,10 @@ def _minmax(xp, x, axes, in_step=False):
     """
     if not axes:  # torch's amin/amax treat an empty dim tuple as "all dims"
         return x, x
-    whole = len(axes) == x.ndim
-    separate = in_step and whole and x.size < _SEPARATE_REDUCE_MAX
+    separate = in_step and len(axes) == x.ndim and x.size < _SEPARATE_REDUCE_MAX
     if _is_jax(xp) and x.ndim - 1 in axes and not separate:
         keep = tuple(1 if d in axes else n for d, n in enumerate(x.shape))
-        if whole and x.size >= _SPLIT_REDUCE_MIN:
+        if _split_in_rows(xp, x, axes):
             lo, hi = _split_minmax(x)
         else:
             lo, hi = _variadic_minmax(x, axes)
@@ -220,6 +219,12 @@ def _variadic_minmax(x, axes):
     return lax.reduce(
         (x, x), (big, -big), lambda a, b: (lax.min(a[0], b[0]), lax.max(a[1], b[1])), axes
     )
+
+
+def _split_in_rows(xp, x, axes) -> bool:
+    """Whether a reduction of ``x`` over ``axes`` is done in two stages (XLA, the
+    whole array, ``_SPLIT_REDUCE_MIN`` elements or more)."""
+    return _is_jax(xp) and len(axes) == x.ndim and x.size >= _SPLIT_REDUCE_MIN
 
 
 def _split_rows(x):
@@ -254,7 +259,7 @@ def _max_abs(xp, x, axes):
     if not axes:
         return xp.abs(x)
     a = xp.abs(x)
-    if _is_jax(xp) and len(axes) == x.ndim and x.size >= _SPLIT_REDUCE_MIN:
+    if _split_in_rows(xp, x, axes):
         import jax.numpy as jnp
 
         rows, tail = _split_rows(a)
