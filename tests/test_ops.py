@@ -269,18 +269,21 @@ def test_single_non_finite_in_a_large_array_is_caught(n, bad):
 
 
 # -- kernel schedules that must not change a bit -----------------------------------------------
-@pytest.mark.parametrize("where", ["body", "tail"])
-def test_two_stage_range_of_a_large_array_equals_numpy(where):
-    # arrays from numerics._SPLIT_REDUCE_MIN elements on are reduced in 64 rows and a
-    # tail of size % 64; the extremes may sit in either, next to non-finite values
+@pytest.mark.parametrize("shape", [(1 << 20,), (1027, 1024)])
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_two_stage_range_of_a_large_array_equals_numpy(shape, where):
+    # arrays from numerics._SPLIT_REDUCE_MIN elements on are reduced in rows (64 for
+    # 1-D, the leading axis otherwise), then over the rows; the extremes may sit in
+    # any row, next to non-finite values
     from array_api_compat import numpy as xnp
 
     from pychop_jax import numerics
 
-    n = numerics._SPLIT_REDUCE_MIN + 37
-    x = np.random.default_rng(3).standard_normal(n).astype(np.float32)
-    at = n - 5 if where == "tail" else n // 2
-    x[at], x[at - 1] = 9.5, -7.25
+    x = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    assert x.size >= numerics._SPLIT_REDUCE_MIN
+    flat = x.reshape(-1)
+    at = flat.size - 5 if where == "last" else 3
+    flat[at], flat[at - 1] = 9.5, -7.25
     for spec in (SPEC, pj.QuantSpec(bits=4, symmetric=True)):
         scale, zp = numerics.calibrate(xnp, x, spec)
         for state in (pj.calibrate(x, spec), jax.jit(pj.calibrate, static_argnums=1)(x, spec)):
@@ -289,9 +292,10 @@ def test_two_stage_range_of_a_large_array_equals_numpy(where):
             np.testing.assert_array_equal(state.zero_point, zp)
     # under jit non-finite values are left out, wherever they are
     dirty = x.copy()
-    dirty[[1, n // 3, n - 2]] = [np.inf, np.nan, -np.inf]
-    state = jax.jit(lambda x: pj.calibrate(x, SPEC))(dirty)
-    np.testing.assert_array_equal(state.scale, pj.calibrate(x, SPEC).scale)
+    dirty.reshape(-1)[[1, flat.size // 3, flat.size - 2]] = [np.inf, np.nan, -np.inf]
+    for spec in (SPEC, pj.QuantSpec(bits=4, symmetric=True)):
+        state = jax.jit(pj.calibrate, static_argnums=1)(dirty, spec)
+        np.testing.assert_array_equal(state.scale, pj.calibrate(x, spec).scale)
 
 
 def test_quantize_with_one_huge_channel_scale_equals_numpy():
