@@ -261,9 +261,9 @@ def _split_minmax(x):
 def _max_abs(xp, x, axes):
     """``max(|x|)`` over ``axes`` with keepdims (one reduction; in rows like
     ``_split_minmax`` for large whole arrays on XLA)."""
-    if not axes:
-        return xp.abs(x)
     a = xp.abs(x)
+    if not axes:
+        return a
     if _split_in_rows(xp, x, axes):
         rows, first = _rows(a)
         return xp.reshape(xp.max(xp.max(rows, axis=first)), (1,) * x.ndim)
