@@ -48,6 +48,7 @@ from .state import QuantState
 
 __all__ = [
     "Framework",
+    "prepare",
     "run",
     "check_range_input",
     "raise_nonfinite",
@@ -168,10 +169,37 @@ def fake_quant_pipeline(xp, x, scale, zero_point, spec, *, check, mask):
 
 
 # -- engines ----------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("pipeline", "structure", "options"))
-def _xla_kernel(arrays, bounds, pipeline, structure, options):
+def _pipeline_kernel(arrays, bounds, pipeline, structure, options):
     # bounds as data: one compilation per spec *structure* serves every bit width
     return pipeline(jnp, *arrays, join_bounds(structure, bounds), **dict(options))
+
+
+_KERNEL_STATICS = ("pipeline", "structure", "options")
+#: XLA:CPU splits a loop over more than 256 KB of output into tasks for its own thread
+#: pool; these kernels are compiled without that split (one task, on the calling thread)
+_ONE_TASK = {"xla_disable_hlo_passes": "cpu-parallel-task-assigner"}
+#: arrays below this many elements run the one-task kernels (``_kernel_for``)
+_ONE_TASK_MAX = 1 << 20
+
+_xla_kernel = jax.jit(_pipeline_kernel, static_argnames=_KERNEL_STATICS)
+_xla_kernel_one_task = jax.jit(_pipeline_kernel, static_argnames=_KERNEL_STATICS,
+                               compiler_options=_ONE_TASK)
+
+
+def _kernel_for(arrays):
+    """The compiled pipeline kernel for ``arrays``: one task below ``_ONE_TASK_MAX``
+    elements, XLA's own task split from there on.
+
+    The adapters' kernels run inside other frameworks' programs (a Torch training
+    step), whose thread pool still spins on the other cores when the kernel starts.
+    XLA's second task then waits for a core, and the pool's wake-ups cost more than
+    the split saves.  Measured (2 cores): a ``TorchChopi`` training forward of a
+    256x1024 activation took 392 instead of 486 us alone, and the MLP step with three
+    ``IntQuantizedLayer`` (``benchmarks/bench_compat.py``) 1-2 % less time; from 1M
+    elements on the split pays (871 vs 929 us).
+    """
+    small = max(math.prod(a.shape) for a in arrays) < _ONE_TASK_MAX
+    return _xla_kernel_one_task if small else _xla_kernel
 
 
 # Pipelines the JAX API has compiled kernels for (the same numerics calls in the same
@@ -187,27 +215,62 @@ _OPS_KERNELS = {
 }
 
 
-def run(fw: Framework, pipeline, arrays, spec: QuantSpec, **options):
+def prepare(fw: Framework, pipeline, arrays, spec: QuantSpec, *, to_host=(), **options):
+    """``run`` for arrays like ``arrays`` (the same engine, shapes and dtypes), with all
+    that depends only on those worked out once: a callable ``(*arrays) -> results``.
+
+    For callers that run the same pipeline many times (``TorchChopi``'s training step
+    keeps one per input signature): inside a training step, where the caches are full
+    of the model's data, each Python operation around the kernel costs several times
+    what it costs in a loop of its own, and this leaves only the conversions and the
+    kernel call.
+    """
+    if not all(fw.on_xla(a) for a in arrays):
+        def call_xp(*arrays):
+            # NumPy warns about the saturating products the formulas clip on purpose
+            with np.errstate(all="ignore"):
+                return pipeline(fw.xp, *arrays, spec, **options)
+        return call_xp
+
+    bounds, structure = split_bounds(spec)
+    if pipeline in _OPS_KERNELS:
+        ops_kernel = _OPS_KERNELS[pipeline]
+
+        def launch(args):
+            return ops_kernel(*args, bounds, structure, **options)
+    else:
+        kernel, static = _kernel_for(arrays), tuple(sorted(options.items()))
+
+        def launch(args):
+            return kernel(args, bounds, pipeline, structure, static)
+
+    wide = any(fw.is_wide(a) for a in arrays)
+    on_cpu = _on_cpu()
+    plain = not wide and on_cpu is contextlib.nullcontext
+    to_xla, from_jax = fw.to_xla, fw.from_jax
+
+    def call_xla(*arrays):
+        # (no block_until_ready: a DLPack export and np.asarray wait for the result)
+        if plain:
+            out = launch(tuple(map(to_xla, arrays)))
+        else:
+            with jax.enable_x64(True) if wide else contextlib.nullcontext(), on_cpu():
+                out = launch(tuple(map(to_xla, arrays)))
+        return tuple(None if o is None else np.asarray(o) if i in to_host else from_jax(o)
+                     for i, o in enumerate(out))
+    return call_xla
+
+
+def run(fw: Framework, pipeline, arrays, spec: QuantSpec, *, to_host=(), **options):
     """``pipeline(xp, *arrays, spec, **options)`` on the engine that can read ``arrays``.
 
     ``pipeline`` returns a tuple of arrays (or ``None``s); they come back as ``fw``'s
-    arrays.  ``options`` must be hashable (they are static in the XLA kernel).
+    arrays, except that the XLA engine returns the outputs at the positions in
+    ``to_host`` as read-only NumPy arrays: small results the caller reads on the
+    host (a Torch DLPack import costs 5-10 us per array).  ``options`` must be
+    hashable (they are static in the XLA kernel).
     """
-    if all(fw.on_xla(a) for a in arrays):
-        wide = any(fw.is_wide(a) for a in arrays)
-        bounds, structure = split_bounds(spec)
-        with jax.enable_x64(True) if wide else contextlib.nullcontext(), _on_cpu()():
-            args = tuple(fw.to_xla(a) for a in arrays)
-            if pipeline in _OPS_KERNELS:
-                out = _OPS_KERNELS[pipeline](*args, bounds, structure, **options)
-            else:
-                out = _xla_kernel(args, bounds, pipeline, structure,
-                                  tuple(sorted(options.items())))
-            out = jax.block_until_ready(out)
-            return tuple(None if o is None else fw.from_jax(o) for o in out)
-    # NumPy warns about the saturating products the formulas clip on purpose
-    with np.errstate(all="ignore"):
-        return pipeline(fw.xp, *arrays, spec, **options)
+    return prepare(fw, pipeline, arrays, spec, to_host=to_host, **options)(*arrays)
 
 
 # -- checks -----------------------------------------------------------------------------------

@@ -269,3 +269,33 @@ def test_invalid_scale_is_rejected(engine, bad_scale):
         adapter.quantize(fw, _as_framework(fw, x), state)
     with pytest.raises(ValueError, match=message):
         adapter.fake_quant(fw, _as_framework(fw, x), state)
+
+
+# -- the XLA engine's kernels ----------------------------------------------------------------
+@pytest.mark.parametrize("one_task", [False, True])
+def test_one_task_and_split_kernels_give_the_same_bits(one_task, monkeypatch):
+    """Below ``_ONE_TASK_MAX`` elements the pipelines run in one XLA task, from there
+    on XLA splits them; both compilations must agree (checked on one array, forcing
+    the other kernel by moving the threshold)."""
+    x = torch.from_numpy(np.random.default_rng(0).standard_normal(3 * 4096, np.float32))
+    state = torch_backend.calibrate(x, SPEC)
+    reference = adapter.fake_quant(TORCH, x, state, mask=True)
+    monkeypatch.setattr(adapter, "_ONE_TASK_MAX", 1 << 30 if one_task else 1)
+    chosen = adapter._kernel_for((x.numpy(),))
+    assert chosen is (adapter._xla_kernel_one_task if one_task else adapter._xla_kernel)
+    y, inside = adapter.fake_quant(TORCH, x, state, mask=True)
+    assert torch.equal(y, reference[0]) and torch.equal(inside, reference[1])
+
+
+@pytest.mark.parametrize("portable", [False, True])
+def test_prepared_pipeline_reruns_and_brings_small_results_to_the_host(portable):
+    fw = TORCH.portable() if portable else TORCH
+    x = torch.tensor(X)
+    call = adapter.prepare(fw, adapter.observe_pipeline, (x,), SPEC, to_host=(0, 1))
+    for scale in (1.0, 3.0):  # the same prepared call, new data each time
+        lo, hi, finite = call(x * scale)
+        assert bool(finite)
+        # the XLA engine returns the outputs named in to_host as NumPy arrays
+        assert isinstance(lo, np.ndarray) != portable and isinstance(finite, torch.Tensor)
+        assert float(lo.min()) == pytest.approx(-0.5 * scale)
+        assert float(hi.max()) == pytest.approx(0.6 * scale)

@@ -350,3 +350,77 @@ def test_sliced_bfloat16_tensors_are_accepted():
     q = torch_backend.quantize(x, state)
     np.testing.assert_array_equal(q.numpy(),
                                   torch_backend.quantize(x.contiguous(), state).numpy())
+
+
+# -- the prepared training step ----------------------------------------------------------------
+def _observe_sequence(ch):
+    """Training steps whose input signature changes: shape, rank, momentum, and
+    buffers replaced by ``load_state_dict`` from another instance's (grown) range."""
+    outputs = []
+    for seed, shape in enumerate([(32, 16), (32, 16), (8, 16), (8, 4, 4)]):
+        outputs.append(ch(_data(*shape, seed=seed) * (seed + 1)))
+    ch.momentum = 0.5
+    outputs.append(ch(_data(32, 16, seed=7)))
+    other = pychop.IntQuantizedLayer(8)
+    other(_data(32, 16, seed=8) * 10)
+    ch.load_state_dict(other.state_dict())
+    outputs.append(ch(_data(32, 16, seed=9)))
+    return ch.state_dict(), outputs
+
+
+def test_prepared_steps_follow_their_inputs_on_both_engines(monkeypatch):
+    """The XLA engine keeps a prepared kernel call per input signature and writes a
+    per-tensor state back as four scalars; the portable engine takes neither
+    shortcut.  Both must agree bit for bit through every change of signature."""
+    state, outputs = _observe_sequence(pychop.IntQuantizedLayer(8, momentum=0.1))
+    monkeypatch.setattr(torch_backend, "FRAMEWORK", torch_backend.FRAMEWORK.portable())
+    portable_state, portable_outputs = _observe_sequence(
+        pychop.IntQuantizedLayer(8, momentum=0.1))
+    for name in state:
+        assert torch.equal(state[name], portable_state[name]), name
+        assert state[name].shape == portable_state[name].shape == ()
+    for a, b in zip(outputs, portable_outputs, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_momentum_changed_after_the_first_steps_is_used():
+    ch = pychop.IntQuantizedLayer(8, momentum=0.5)
+    ch(_data(64, seed=0))
+    ch(_data(64, seed=1))
+    ch.momentum = 1.0  # from now on: each batch's own range
+    x = 5 * _data(64, seed=2)
+    ch(x)
+    assert float(ch.running_min) == float(x.min()) and float(ch.running_max) == float(x.max())
+
+
+def test_a_trained_layer_can_be_copied_and_pickled():
+    import copy
+    import io
+
+    layer = pychop.IntQuantizedLayer(8)
+    layer(_data(16, 8))  # prepares the kernel call for this signature
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    twin = copy.deepcopy(layer)
+    x = _data(16, 8, seed=1)
+    expected = layer(x)
+    for other in (loaded, twin):
+        assert torch.equal(other(x), expected)
+        assert torch.equal(other.scale, layer.scale)
+
+
+def test_checks_still_apply_once_a_step_is_prepared():
+    """The checks run when the input signature changes; an input that differs only
+    in shape from a prepared one must still be checked."""
+    ch = pychop.IntQuantizedLayer(8)
+    ch(_data(8, 16))
+    ch(_data(8, 16, seed=1))  # prepared for (8, 16), not the first step
+    with pytest.raises(ValueError, match="empty array"):
+        ch(torch.zeros(0, 16))
+    per_channel = pychop.TorchChopi(8, per_channel=True, channel_dim=1)
+    per_channel(_data(8, 16))
+    per_channel(_data(8, 16, seed=1))
+    with pytest.raises(ValueError, match=r"needs \(1, 12\)"):
+        per_channel(_data(8, 12))
