@@ -200,6 +200,9 @@ class TorchChopi(nn.Module, Quantizer):
 
     backend = BACKEND
     __call__ = nn.Module.__call__
+    #: set per instance by the first training step (instances unpickled from older
+    #: versions fall back to this)
+    _prepared_step = _UNPREPARED
 
     def __init__(self, num_bits=8, symmetric=False, per_channel=False, channel_dim=0, *,
                  bits=None, axis=None, narrow_range=False, momentum=0.01):
@@ -211,7 +214,6 @@ class TorchChopi(nn.Module, Quantizer):
         if not 0.0 < float(momentum) <= 1.0:
             raise ValueError(f"momentum must be in (0, 1]; got {momentum!r}.")
         self.momentum = float(momentum)
-        self._prepared_step = _UNPREPARED
 
     def __getstate__(self):
         # the prepared kernel call is a closure (not picklable) and cheap to rebuild
