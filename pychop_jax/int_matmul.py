@@ -9,9 +9,13 @@ constant along the contracted axis ``k`` (per-tensor, or per-channel on a free a
 The bracket is computed exactly in int32 (``lax.dot_general(...,
 preferred_element_type=int32)`` for the first term; the others are rank-1
 corrections that vanish for symmetric operands), then converted to float and
-multiplied by ``s_x s_w`` once.  Unsigned (asymmetric) 8-bit codes are moved to int8
-first, ``q - 128`` with ``z - 128``, because XLA:CPU's fast integer kernels are
-int8 x int8 (uint8 x int8 measured ~50x slower).
+multiplied by ``s_x s_w`` once.  Exact while ``K * max|q_x - z_x| * max|q_w - z_w|``
+fits in int32 (``K <= 65793`` for 8-bit inputs and 8-bit symmetric weights); longer
+contractions are rejected with a ``ValueError`` rather than left to wrap around.
+
+Unsigned (asymmetric) 8-bit codes are moved to int8 first, ``q - 128`` with
+``z - 128``, because XLA:CPU's fast integer kernels are int8 x int8 (uint8 x int8
+measured ~50x slower).
 
 Every operand may be a ``QuantizedArray`` or a float array; floats are quantized
 on the fly, with a fixed ``state`` (static ranges, e.g. from an observer) or by
@@ -129,6 +133,30 @@ def _int8_codes(qa: QuantizedArray, name: str, op: str = "int_dot_general"):
     return codes, zp, spec.symmetric
 
 
+def _max_step(spec: QuantSpec) -> int:
+    """The largest ``|q - z|`` of a spec's codes: ``2^b - 1`` on an affine grid (a zero
+    point at one end), ``2^(b-1)`` on a symmetric one."""
+    return 2 ** (spec.bits - 1) if spec.symmetric else 2**spec.bits - 1
+
+
+def _check_accumulator(ql: QuantizedArray, qr: QuantizedArray, k: int, op: str) -> None:
+    """Reject a contraction whose bracket ``sum_k (q_l - z_l)(q_r - z_r)`` could leave
+    int32: ``|bracket| <= K * max|q_l - z_l| * max|q_r - z_r|``.  Below that bound every
+    term of the int32 computation fits too (the code products, the code sums and the
+    zero-point corrections are each bounded by it), so the result is exact; above it
+    a long contraction over extreme codes would wrap around silently.  8-bit inputs
+    against 8-bit symmetric weights allow ``K <= 65793``."""
+    worst = k * _max_step(ql.spec) * _max_step(qr.spec)
+    if worst > np.iinfo(np.int32).max:
+        raise ValueError(
+            f"{op}: contracting K={k} codes of up to |q - z| = {_max_step(ql.spec)} "
+            f"(lhs) and {_max_step(qr.spec)} (rhs) can exceed the int32 accumulator "
+            f"(K * {_max_step(ql.spec)} * {_max_step(qr.spec)} = {worst} > 2^31 - 1). "
+            "Split the contraction into shorter ones, quantize symmetrically or with "
+            "fewer bits, or use a float matmul."
+        )
+
+
 def _check_contracting(qa: QuantizedArray, axes, name: str) -> None:
     shape = qa.state.scale.shape
     if len(shape) != qa.ndim or any(shape[a] != 1 for a in axes):
@@ -161,8 +189,8 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
       floats ``s_l s_r (sum q_l q_r - corrections)`` in the ``dot_general`` layout.
 
     Raises:
-      ValueError: codes wider than 8 bits, or scales that vary along a contracted
-        axis.
+      ValueError: codes wider than 8 bits, scales that vary along a contracted axis,
+        or a contraction too long for the int32 accumulator (``_check_accumulator``).
     """
     del precision, unused
     (lc, rc), (lb, rb) = dimension_numbers
@@ -171,6 +199,7 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     _check_contracting(qr, rc, "rhs")
     cl, zl, sym_l = _int8_codes(ql, "lhs")
     cr, zr, sym_r = _int8_codes(qr, "rhs")
+    _check_accumulator(ql, qr, int(np.prod([ql.shape[a] for a in lc])), "int_dot_general")
 
     def dot(a, b, dtype=jnp.int32):
         # zero points, scales and code sums (keepdims) are size 1 along contracted
@@ -188,8 +217,7 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
         ones = jnp.ones(tuple(1 if d in rc else n for d, n in enumerate(qr.shape)), jnp.int32)
         acc = acc - dot(zl, ones) * rhs_sums
     if not (sym_l or sym_r):
-        k = int(np.prod([ql.shape[a] for a in lc]))
-        acc = acc + k * dot(zl, zr)
+        acc = acc + int(np.prod([ql.shape[a] for a in lc])) * dot(zl, zr)
     # exact: one product per output element (HIGHEST keeps TF32 / bf16 passes away)
     scale = dot(ql.state.scale, qr.state.scale, ql.state.scale.dtype)
     return _rescale(acc, scale, preferred_element_type)
@@ -266,7 +294,8 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
     the ``z_w`` terms for an affine kernel), exact in int32; the input is padded with
     ``z_x``, the code of 0.0.  Arguments as for ``lax.conv_general_dilated``
     (``lhs_dilation`` is not supported); ``rhs_spec`` defaults to 8-bit symmetric
-    per output feature.
+    per output feature.  Windows of more codes than the int32 accumulator holds
+    exactly raise ``ValueError`` (see ``int_dot_general``).
     """
     del precision, unused
     if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
@@ -287,6 +316,9 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
     if not sym_r and feature_group_count != 1:
         raise ValueError("int_conv_general_dilated: an affine (asymmetric) kernel needs "
                          "feature_group_count=1; quantize the kernel symmetrically.")
+    reduce_k = tuple(d for d in range(cr.ndim) if d != out_feature)
+    window = int(np.prod([cr.shape[d] for d in reduce_k]))  # K: codes per output
+    _check_accumulator(ql, qr, window, "int_conv_general_dilated")
 
     spatial_in = [ql.shape[d] for d in dn.lhs_spec[2:]]
     spatial_k = [qr.shape[d] for d in dn.rhs_spec[2:]]
@@ -308,7 +340,6 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
     out_shape = [1] * acc.ndim
     out_shape[dn.out_spec[1]] = acc.shape[dn.out_spec[1]]
     per_out = lambda a: jnp.reshape(a, out_shape)  # noqa: E731 (kernel-feature -> output)
-    reduce_k = tuple(d for d in range(cr.ndim) if d != out_feature)
     if not sym_l:
         acc = acc - jnp.reshape(zl, ()) * per_out(jnp.sum(cr, axis=reduce_k, dtype=jnp.int32))
     if not sym_r:
@@ -317,8 +348,7 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
         window_sums = conv(cl, jnp.ones(ones_shape, jnp.int8))  # sum of q_x per window
         acc = acc - window_sums * per_out(jnp.reshape(zr, -1))
         if not sym_l:
-            k = int(np.prod([cr.shape[d] for d in reduce_k]))
-            acc = acc + k * jnp.reshape(zl, ()) * per_out(jnp.reshape(zr, -1))
+            acc = acc + window * jnp.reshape(zl, ()) * per_out(jnp.reshape(zr, -1))
     scale = jnp.reshape(ql.state.scale, ()) * per_out(jnp.reshape(qr.state.scale, -1))
     return _rescale(acc, scale, preferred_element_type)
 

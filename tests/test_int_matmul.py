@@ -181,3 +181,34 @@ def test_int_kernel_carries_the_input_state_into_flax_layers():
                                        "SAME", dimension_numbers=CONV_DN,
                                        precision="highest") + params["bias"]
     np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_longest_contraction_int32_holds_is_exact_and_one_more_is_rejected():
+    """8-bit affine input against 8-bit symmetric weights: |q - z| <= 255 and 128, so
+    K = 65793 is the longest contraction whose bracket always fits in int32.  At that
+    length, with every product at its extreme (255 * -128), the result is still exact;
+    one code more raises instead of wrapping around."""
+    k = (2**31 - 1) // (255 * 128)
+    assert k == 65793
+    ls, rs = pj.QuantSpec(8), pj.QuantSpec(8, symmetric=True, axis=1)
+    lhs = qa_from_codes(np.full((1, k), 255), 0.5, 0, ls)  # q - z = 255
+    rhs = qa_from_codes(np.full((k, 1), -128), 0.25, 0, rs)  # q = -128
+    got = float(pj.int_dot_general(lhs, rhs, DN)[0, 0])
+    exact = k * 255 * -128  # -2147483520, 127 from int32's minimum
+    assert got == np.float32(np.float32(exact) * np.float32(0.5 * 0.25))
+    longer = qa_from_codes(np.full((1, k + 1), 255), 0.5, 0, ls)
+    with pytest.raises(ValueError, match=r"K=65794 .* exceed the int32 accumulator"):
+        pj.int_dot_general(longer, qa_from_codes(np.zeros((k + 1, 1)), 0.25, 0, rs), DN)
+    # symmetric 8-bit on both sides allows 2^31 / 128^2 codes
+    sym = pj.QuantSpec(8, symmetric=True)
+    ok = qa_from_codes(np.zeros((1, k + 1)), 1.0, 0, sym)
+    assert float(pj.int_dot_general(ok, qa_from_codes(np.zeros((k + 1, 1)), 1.0, 0, rs),
+                                    DN)[0, 0]) == 0.0
+
+
+def test_conv_window_too_long_for_int32_is_rejected():
+    x = jnp.ones((1, 4, 4, 70000), jnp.float32)  # NHWC: a 1x1 window of 70000 codes
+    kernel = jnp.ones((1, 1, 70000, 2), jnp.float32)
+    with pytest.raises(ValueError, match="int_conv_general_dilated: contracting K=70000"):
+        pj.int_conv_general_dilated(x, kernel, (1, 1), "VALID",
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
