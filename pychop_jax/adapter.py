@@ -246,16 +246,12 @@ def prepare(fw: Framework, pipeline, arrays, spec: QuantSpec, *, to_host=(), **o
 
     wide = any(fw.is_wide(a) for a in arrays)
     on_cpu = _on_cpu()
-    plain = not wide and on_cpu is contextlib.nullcontext
     to_xla, from_jax = fw.to_xla, fw.from_jax
 
     def call_xla(*arrays):
         # (no block_until_ready: a DLPack export and np.asarray wait for the result)
-        if plain:
+        with jax.enable_x64(True) if wide else contextlib.nullcontext(), on_cpu():
             out = launch(tuple(map(to_xla, arrays)))
-        else:
-            with jax.enable_x64(True) if wide else contextlib.nullcontext(), on_cpu():
-                out = launch(tuple(map(to_xla, arrays)))
         return tuple(None if o is None else np.asarray(o) if i in to_host else from_jax(o)
                      for i, o in enumerate(out))
     return call_xla

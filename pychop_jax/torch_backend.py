@@ -174,8 +174,6 @@ def _observer_step(xp, x, running_min, running_max, spec, *, momentum, first, ma
 # -- modules -------------------------------------------------------------------------------
 #: in the order of the observer's results: range, then qparams
 _BUFFERS = ("running_min", "running_max", "scale", "zero_point")
-#: the compute dtypes of the observer's state
-_TORCH_FLOAT = {np.float32: torch.float32, np.float64: torch.float64}
 #: ``TorchChopi._prepared_step`` before the first training step: (input signature,
 #: ``adapter.prepare``d observer step, whether its state comes back as four scalars)
 _UNPREPARED = (None, None, False)
@@ -277,13 +275,15 @@ class TorchChopi(nn.Module, Quantizer):
             step = adapter.prepare(FRAMEWORK, _observer_step, (x, running_min, running_max),
                                    self.spec, to_host=(2,), momentum=self.momentum,
                                    first=first, mask=mask)
-            # per-tensor state on the XLA engine comes back as NumPy scalars
-            scalars = not first and running_min.dim() == 0 and FRAMEWORK.on_xla(x)
+            # a per-tensor state on the XLA engine, in the buffers' dtype, comes back
+            # as NumPy scalars
+            scalars = (not first and running_min.dim() == 0 and FRAMEWORK.on_xla(x)
+                       and running_min.dtype == numerics.compute_dtype(xtorch, x.dtype))
             self._prepared_step = (signature, step, scalars)
         y, inside, packed = step(x, running_min, running_max)
         if not packed[-1].all():
             adapter.raise_nonfinite(FRAMEWORK, x, "forward")
-        if scalars and _TORCH_FLOAT.get(packed.dtype.type) is running_min.dtype:
+        if scalars:
             # four scalars into the 0-d buffers (exact: a Python float holds any
             # float32 / float64 value); the buffers keep their identity
             lo, hi, scale, zero_point, _ = packed.ravel().tolist()

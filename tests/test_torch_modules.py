@@ -354,11 +354,16 @@ def test_sliced_bfloat16_tensors_are_accepted():
 
 # -- the prepared training step ----------------------------------------------------------------
 def _observe_sequence(ch):
-    """Training steps whose input signature changes: shape, rank, momentum, and
-    buffers replaced by ``load_state_dict`` from another instance's (grown) range."""
+    """Training steps whose input signature changes: shape, rank, dtype (float64
+    input turns the state into float64 and back), momentum, and buffers replaced by
+    ``load_state_dict`` from another instance's (grown) range."""
     outputs = []
     for seed, shape in enumerate([(32, 16), (32, 16), (8, 16), (8, 4, 4)]):
         outputs.append(ch(_data(*shape, seed=seed) * (seed + 1)))
+    for seed in (10, 11):
+        outputs.append(ch(_data(32, 16, seed=seed).double()))
+    assert ch.scale.dtype == torch.float64
+    outputs.append(ch(_data(32, 16, seed=12)))
     ch.momentum = 0.5
     outputs.append(ch(_data(32, 16, seed=7)))
     other = pychop.IntQuantizedLayer(8)
