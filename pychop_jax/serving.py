@@ -2,8 +2,10 @@
 
 ``to_served(model, variables, x)`` turns the variables of a ``flax.linen`` model built
 from ``pychop_jax.linen`` layers into the params of the same architecture built from
-*stock* Flax layers whose ops are integer (``IntDense`` / ``IntConv`` below): every
-``QuantDense`` / ``QuantConv`` kernel becomes an ``IntKernel`` holding
+*stock* Flax layers whose ops are integer (``IntDense`` / ``IntConv`` below);
+``to_served_nnx(model)`` makes an integer-served copy of a ``flax.nnx`` model built
+from ``pychop_jax.nnx`` layers.  Either way every ``QuantDense`` / ``QuantConv``
+kernel becomes an ``IntKernel`` holding
 
 * the int8 codes and per-channel scales of the kernel, quantized exactly as the QAT
   layer fake-quantizes it (calibrated on the kernel, or its learned LSQ step size), and
@@ -31,7 +33,7 @@ from .qarray import QuantizedArray
 from .spec import QuantSpec
 from .state import QuantState
 
-__all__ = ["IntDense", "IntConv", "ServedLayer", "to_served"]
+__all__ = ["IntDense", "IntConv", "ServedLayer", "to_served", "to_served_nnx"]
 
 #: ``nn.Dense`` that serves an ``IntKernel`` (any ``nn.Dense`` argument applies)
 IntDense = functools.partial(nn.Dense, dot_general=int_dot_general, promote_dtype=promote_dtype)
@@ -87,6 +89,31 @@ def _learned_state(params, spec: QuantSpec, shape) -> QuantState:
         zero_point=numerics.integer_zero_point(jnp, jnp.asarray(state.zero_point), spec))
 
 
+def _int_kernel(path, kernel, w_spec, a_spec, *, weight_lsq=None, input_lsq=None,
+                observed=None):
+    """The ``IntKernel`` of one QAT layer, and its ``ServedLayer`` report.
+
+    ``weight_lsq`` / ``input_lsq``: the learned step sizes (``{"lsq_scale": ...[,
+    "lsq_zero_point": ...]}``) of an ``lsq`` layer's kernel / input; ``observed``: the
+    input observer's ``RangeState`` otherwise (``None`` or empty: dynamic input).
+    """
+    if w_spec is None:
+        raise ValueError(f"layer {'/'.join(path)} keeps float weights (weight_bits=None); "
+                         "an integer model needs quantized kernels.")
+    lsq = weight_lsq is not None
+    if lsq:
+        w_state = _learned_state(weight_lsq, w_spec, kernel.shape)
+    else:
+        w_state = ops.calibrate(kernel, w_spec)
+    weights = QuantizedArray.quantize(kernel, w_spec, state=w_state, pack=False)
+    source, in_state = "dynamic", None
+    if a_spec is not None and input_lsq is not None:
+        source, in_state = "learned", _learned_state(input_lsq, a_spec, (1,))
+    elif a_spec is not None and observed is not None and int(observed.count) > 0:
+        source, in_state = "observed", observers.quant_state(observed, a_spec)
+    return IntKernel(weights, in_state, a_spec), ServedLayer(path, w_spec, a_spec, lsq, source)
+
+
 def to_served(model: nn.Module, variables, *args, **kwargs):
     """Params of the integer-served model, and a report of the layers converted.
 
@@ -120,29 +147,74 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
     report = []
     for path, module in sorted(layers.items()):
         node = _subtree(params, path)
-        w_spec, a_spec = module.weight_spec, module.act_spec
-        if w_spec is None:
-            raise ValueError(f"layer {'/'.join(path)} keeps float weights (weight_bits=None); "
-                             "an integer model needs quantized kernels.")
-        kernel = jnp.asarray(node["kernel"])
-        if module.lsq:
-            w_state = _learned_state(node["WeightQuant_0"], w_spec, kernel.shape)
-        else:
-            w_state = ops.calibrate(kernel, w_spec)
-        weights = QuantizedArray.quantize(kernel, w_spec, state=w_state, pack=False)
-        source, in_state = "dynamic", None
-        if a_spec is not None and module.lsq:
-            source, in_state = "learned", _learned_state(node["input_quant"], a_spec, (1,))
-        elif a_spec is not None:
-            range_ = _subtree(stats, (*path, "input_quant", "range"))
-            if range_ is not None and int(range_.count) > 0:
-                source, in_state = "observed", observers.quant_state(range_, a_spec)
+        lsq = module.lsq and module.weight_spec is not None
+        kernel, layer = _int_kernel(
+            path, jnp.asarray(node["kernel"]), module.weight_spec, module.act_spec,
+            weight_lsq=node["WeightQuant_0"] if lsq else None,
+            input_lsq=node["input_quant"] if lsq and module.act_spec is not None else None,
+            observed=_subtree(stats, (*path, "input_quant", "range")))
         target = _subtree(served, path)
-        target["kernel"] = IntKernel(weights, in_state, a_spec)
+        target["kernel"] = kernel
         for key in ("WeightQuant_0", "input_quant"):
             target.pop(key, None)
-        report.append(ServedLayer(path, w_spec, a_spec, module.lsq, source))
+        report.append(layer)
     return served, report
+
+
+def to_served_nnx(model):
+    """An integer-served copy of a ``flax.nnx`` model, and a report of the layers.
+
+    ``model`` is built from ``pychop_jax.nnx.QuantDense`` / ``QuantConv`` (trained,
+    its observers' ranges as they are now).  In the copy (``nnx.clone``; ``model``
+    is left as it is) each such layer's ``kernel`` becomes an ``IntKernel``, exactly
+    as ``to_served`` builds it, its op slot ``int_dot_general`` /
+    ``int_conv_general_dilated`` and its ``input_quant`` ``None``: the layer then
+    runs as the stock ``nnx.Linear`` / ``nnx.Conv`` it extends, with integer ops.
+    The rules for unobserved and unquantized inputs are ``to_served``'s.
+
+    Returns:
+      ``(served_model, layers)``, ``layers`` a list of ``ServedLayer``.
+
+    Raises:
+      ValueError: a quantized layer that keeps float weights (``weight_bits=None``).
+    """
+    from flax import nnx
+
+    from . import nnx as qnnx
+
+    def lsq_params(module):
+        if not module.lsq:
+            return None
+        params = {"lsq_scale": module.lsq_scale[...]}
+        if module.lsq_zero_point is not None:
+            params["lsq_zero_point"] = module.lsq_zero_point[...]
+        return params
+
+    served = nnx.clone(model)
+    report = []
+    for path, layer in nnx.iter_modules(served):
+        if not isinstance(layer, qnnx._QuantLayer):
+            continue
+        path = tuple(str(p) for p in path)
+        weight_quant, input_quant = getattr(layer, layer._op_slot), layer.input_quant
+        kernel, entry = _int_kernel(
+            path, layer.kernel[...], weight_quant.spec,
+            None if input_quant is None else input_quant.spec,
+            weight_lsq=lsq_params(weight_quant),
+            input_lsq=None if input_quant is None else lsq_params(input_quant),
+            observed=None if input_quant is None or input_quant.stats is None
+            else input_quant.stats.get_value())
+        layer.kernel = nnx.Param(kernel)
+        # the slot held the WeightQuant module (data); a stock layer's op is static
+        delattr(layer, layer._op_slot)
+        setattr(layer, layer._op_slot, _INT_OPS[layer._op_slot])
+        layer.promote_dtype = promote_dtype
+        layer.input_quant = None
+        report.append(entry)
+    return served, report
+
+
+_INT_OPS = {"dot_general": int_dot_general, "conv_general_dilated": int_conv_general_dilated}
 
 
 def _copy(tree):

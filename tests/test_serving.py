@@ -11,6 +11,14 @@ import pychop_jax.linen as qnn
 from pychop_jax import serving
 
 X = jax.random.uniform(jax.random.key(0), (16, 6, 6, 2)) * 2 - 0.5
+#: QAT settings every served model is checked under (linen and nnx)
+CONFIGS = [
+    dict(weight_bits=8, act_bits=8),
+    dict(weight_bits=4, act_bits=4),
+    dict(weight_bits=3, act_bits=6, act_symmetric=True),
+    dict(weight_bits=4, act_bits=4, weight_symmetric=False),
+    dict(weight_bits=2, act_bits=2, lsq=True),
+]
 
 
 def architecture(x, conv, dense, call):
@@ -43,13 +51,7 @@ def trained_variables(model, lsq=False):
     return {**variables, **stats}
 
 
-@pytest.mark.parametrize("kw", [
-    dict(weight_bits=8, act_bits=8),
-    dict(weight_bits=4, act_bits=4),
-    dict(weight_bits=3, act_bits=6, act_symmetric=True),
-    dict(weight_bits=4, act_bits=4, weight_symmetric=False),
-    dict(weight_bits=2, act_bits=2, lsq=True),
-])
+@pytest.mark.parametrize("kw", CONFIGS)
 def test_served_model_computes_the_fake_quant_evaluation(kw):
     model = QatNet(kw)
     variables = trained_variables(model, lsq=kw.get("lsq", False))
@@ -114,3 +116,77 @@ def test_served_params_checkpoint_round_trip(tmp_path):
     np.testing.assert_array_equal(ServedNet().apply({"params": unpacked}, X),
                                   ServedNet().apply({"params": params}, X))
     assert size < pj.checkpoint.to_bytes(params).__len__()  # packing shrinks the file
+
+
+# -- flax.nnx ---------------------------------------------------------------------------------
+class NnxNet:
+    """The same architecture from pychop_jax.nnx layers (built lazily: nnx import)."""
+
+    def __new__(cls, **kw):
+        from flax import nnx
+
+        import pychop_jax.nnx as qnnx
+
+        class Net(nnx.Module):
+            def __init__(self, rngs):
+                self.conv = qnnx.QuantConv(2, 4, (3, 3), rngs=rngs, **kw)
+                self.fc = qnnx.QuantDense(4 * 6 * 6, 8, rngs=rngs, **kw)
+                self.head = qnnx.QuantDense(8, 3, rngs=rngs, **kw)
+
+            def __call__(self, x):
+                x = nn.relu(self.conv(x))
+                x = nn.relu(self.fc(x.reshape(x.shape[0], -1)))
+                return self.head(x)
+
+        return Net(nnx.Rngs(1))
+
+
+def trained_nnx(kw):
+    import pychop_jax.nnx as qnnx
+
+    model = NnxNet(**kw)
+    if kw.get("lsq"):
+        qnnx.init_lsq(model, X)
+    else:
+        model.train()
+        model(X)
+    model.eval()
+    return model
+
+
+@pytest.mark.parametrize("kw", CONFIGS)
+def test_served_nnx_model_computes_the_fake_quant_evaluation(kw):
+    from flax import nnx
+
+    import pychop_jax.nnx as qnnx
+
+    model = trained_nnx(kw)
+    fake = model(X)
+    served, report = serving.to_served_nnx(model)
+    assert [r.path for r in report] == [("conv",), ("fc",), ("head",)]
+    expected_source = "learned" if kw.get("lsq") else "observed"
+    assert all(r.input_state == expected_source for r in report)
+    kernel = served.fc.kernel[...]
+    assert isinstance(kernel, pj.IntKernel) and kernel.weights.spec.bits == kw["weight_bits"]
+    assert served.fc.input_quant is None
+    # the QAT model is left as it was
+    assert isinstance(model.fc.dot_general, qnnx.WeightQuant)
+    np.testing.assert_array_equal(model(X), fake)
+    for out in (served(X), nnx.jit(lambda m, x: m(x))(served, X)):
+        np.testing.assert_array_equal(jnp.argmax(out, -1), jnp.argmax(fake, -1))
+        np.testing.assert_allclose(out, fake, rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_layers_without_observed_data_calibrate_per_call():
+    # (at 8 bits: with a few bits, float summation order can flip one code of a
+    # later layer's input, which then moves that output by a whole grid step)
+    model = NnxNet(weight_bits=4, act_bits=8)
+    model.eval()  # observers have seen nothing
+    served, report = serving.to_served_nnx(model)
+    assert {r.input_state for r in report} == {"dynamic"}
+    np.testing.assert_allclose(served(X), model(X), rtol=1e-5, atol=1e-5)
+
+
+def test_nnx_float_weight_layers_cannot_be_served():
+    with pytest.raises(ValueError, match="conv keeps float weights"):
+        serving.to_served_nnx(trained_nnx(dict(weight_bits=None, act_bits=8)))
