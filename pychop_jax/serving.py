@@ -191,11 +191,11 @@ def to_served_nnx(model):
         return params
 
     served = nnx.clone(model)
+    # listed first: the loop below changes the graph it would be walking
+    layers = [(tuple(str(p) for p in path), layer) for path, layer in nnx.iter_modules(served)
+              if isinstance(layer, qnnx._QuantLayer)]
     report = []
-    for path, layer in nnx.iter_modules(served):
-        if not isinstance(layer, qnnx._QuantLayer):
-            continue
-        path = tuple(str(p) for p in path)
+    for path, layer in layers:
         weight_quant, input_quant = getattr(layer, layer._op_slot), layer.input_quant
         kernel, entry = _int_kernel(
             path, layer.kernel[...], weight_quant.spec,
