@@ -253,9 +253,11 @@ def _split_minmax(x):
     are exact, so any reduction tree gives the same values; the only freedom, the
     sign of a zero result, is removed by ``observe_range``'s flush to +0.0.
     """
+    import jax.numpy as jnp
+
     rows, first = _rows(x)
     row_lo, row_hi = _variadic_minmax(rows, first)
-    return _variadic_minmax(row_lo, (0,))[0], _variadic_minmax(row_hi, (0,))[1]
+    return jnp.min(row_lo), jnp.max(row_hi)
 
 
 def _max_abs(xp, x, axes):
