@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _timing import HEADER, interleaved_medians, row  # noqa: E402
 
 import pychop  # noqa: E402
-from pychop_jax import QuantSpec, numerics, numpy_backend  # noqa: E402
+from pychop_jax import QuantSpec  # noqa: E402
+from pychop_jax.core import numerics  # noqa: E402
+from pychop_jax.interop import numpy as numpy_backend  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
 

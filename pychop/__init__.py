@@ -9,36 +9,33 @@
 ``Chopi(...)`` returns the quantizer of the current backend: ``NumpyChopi``,
 ``TorchChopi`` (an ``nn.Module``), ``JaxChopi``, or under ``'auto'`` an ``AutoChopi``
 that binds to the framework of the first array it sees.  All of them compute with
-``pychop_jax.numerics`` and agree bit for bit.  A symmetric quantizer's
+``pychop_jax.core.numerics`` and agree bit for bit.  A symmetric quantizer's
 ``zero_point`` is 0 (not ``None``).  Torch is imported only when a Torch name is used.
 
 pychop 0.6 names: ``bits=`` / ``axis=`` keywords, ``ChopiSTE``,
 ``IQuantizedLinear`` (= ``IQuantizedDense``), ``IQuantizedConv1d/2d/3d``.
 """
 
-from pychop_jax.chopi import AutoChopi, JaxChopi
-from pychop_jax.numpy_backend import NumpyChopi
+import importlib.util
+import sys
 
-__all__ = [
-    "backend",
-    "get_backend",
-    "Chopi",
-    "NumpyChopi",
-    "TorchChopi",
-    "JaxChopi",
-    "AutoChopi",
-    "IntQuantizedLayer",
-    "ChopiSTE",
-    "IQuantizedLinear",
-    "IQuantizedDense",
-    "IQuantizedConv1d",
-    "IQuantizedConv2d",
-    "IQuantizedConv3d",
-]
+from .quantizer import AutoChopi, JaxChopi, NumpyChopi
+
+_TORCH_NAMES = ("TorchChopi", "IntQuantizedLayer", "ChopiSTE", "IQuantizedLinear",
+                "IQuantizedDense", "IQuantizedConv1d", "IQuantizedConv2d", "IQuantizedConv3d")
+
+
+def _torch_installed() -> bool:
+    if "torch" in sys.modules:
+        return sys.modules["torch"] is not None  # None: imports of torch are blocked
+    return importlib.util.find_spec("torch") is not None
+
+
+# ``from pychop import *`` must work without torch: list its names only where it is
+__all__ = ["backend", "get_backend", "Chopi", "NumpyChopi", "JaxChopi", "AutoChopi",
+           *(_TORCH_NAMES if _torch_installed() else ())]
 
 _BACKENDS = ("numpy", "torch", "jax", "auto")
-_TORCH_NAMES = {"TorchChopi", "IntQuantizedLayer", "ChopiSTE", "IQuantizedLinear",
-                "IQuantizedDense", "IQuantizedConv1d", "IQuantizedConv2d", "IQuantizedConv3d"}
 _current = "auto"
 
 
@@ -59,16 +56,16 @@ def get_backend() -> str:
 
 
 def Chopi(num_bits=8, symmetric=False, per_channel=False, channel_dim=0, **kwargs):
-    """The current backend's integer quantizer (see ``pychop_jax.chopi.Quantizer``)."""
+    """The current backend's integer quantizer (see ``pychop.quantizer.Quantizer``)."""
     classes = {"numpy": NumpyChopi, "jax": JaxChopi, "auto": AutoChopi}
     cls = classes.get(_current) or __getattr__("TorchChopi")
     return cls(num_bits, symmetric, per_channel, channel_dim, **kwargs)
 
 
 def __getattr__(name):
-    # Torch names load torch_backend (and torch) on first use
+    # Torch names load torch_modules (and torch) on first use
     if name in _TORCH_NAMES:
-        from pychop_jax import torch_backend
+        from . import torch_modules
 
-        return getattr(torch_backend, name)
+        return getattr(torch_modules, name)
     raise AttributeError(f"module 'pychop' has no attribute {name!r}")

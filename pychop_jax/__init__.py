@@ -1,6 +1,6 @@
-"""pychop-jax: integer quantization for JAX, Flax, NumPy and PyTorch.
+"""pychop-jax: quantization for JAX, Flax, NumPy and PyTorch.
 
-The public API, re-exported from the modules that define it::
+The public API, re-exported from the subpackages that define it::
 
     spec  = pychop_jax.QuantSpec(bits=8, symmetric=False, axis=None)
     state = pychop_jax.calibrate(x, spec)      # QuantState pytree
@@ -9,28 +9,32 @@ The public API, re-exported from the modules that define it::
     y     = pychop_jax.fake_quant(x, state)    # STE gradient
     s     = pychop_jax.lsq_init(x, spec)       # learnable state: fake_quant(x, s, grad='lsq')
 
-Submodules: ``observers`` (range statistics over batches), ``qat`` (the layer-level
-functions), the Flax skins ``linen`` and ``nnx`` and ``serving`` (QAT -> integer
-model); the last three are imported on first access, so that ``import pychop_jax``
-does not load ``flax.nnx``.
+Subpackages (arrows point down): ``core`` (spec, numerics, state, ops, observers,
+QuantizedArray), ``flax`` (QAT functions and the linen / nnx skins), ``serving``
+(integer matmuls, PTQ, checkpoints, QAT -> served models) and ``interop`` (the same
+numerics on NumPy and Torch arrays).  Public modules: ``observers``, ``qat``,
+``linen``, ``nnx`` and ``serving``; the last three are imported on first access, so
+that ``import pychop_jax`` does not load ``flax.nnx``.
 """
 
 import importlib
 
-from . import observers, qat
-from .checkpoint import load_quantized, save_quantized
-from .int_matmul import (
+from .core import observers
+from .core.ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
+from .core.qarray import QuantizedArray
+from .core.spec import QuantSpec
+from .core.state import QuantState
+from .flax import qat
+from .flax import serialization as _serialization  # noqa: F401  (registers the pytrees)
+from .serving.checkpoint import load_quantized, save_quantized
+from .serving.int_matmul import (
     IntKernel,
     int_conv_general_dilated,
     int_dot_general,
     make_int_dot_general,
     promote_dtype,
 )
-from .ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
-from .ptq import PTQReport, dequantize_params, quantize_params
-from .qarray import QuantizedArray
-from .spec import QuantSpec
-from .state import QuantState
+from .serving.ptq import PTQReport, dequantize_params, quantize_params
 
 __version__ = "0.1.0"
 
@@ -56,15 +60,30 @@ __all__ = [
     "load_quantized",
     "observers",
     "qat",
-    "linen",
-    "nnx",
     "serving",
 ]
+# (``linen`` and ``nnx`` are left out of ``__all__`` so that ``from pychop_jax import *``
+# does not import them: access them as ``pychop_jax.linen`` / ``pychop_jax.nnx``)
 
-_LAZY = ("linen", "nnx", "serving")
+#: modules imported on first access (``pychop_jax.nnx`` loads ``flax.nnx``)
+_LAZY = {"linen": ".linen", "nnx": ".nnx", "serving": ".serving"}
+#: where the modules of the flat layout (before the subpackages) live now
+_MOVED = {
+    "spec": ".core.spec", "numerics": ".core.numerics", "state": ".core.state",
+    "validation": ".core.validation", "ste": ".core.ste", "ops": ".core.ops",
+    "packing": ".core.packing", "qarray": ".core.qarray",
+    "int_matmul": ".serving.int_matmul", "ptq": ".serving.ptq",
+    "checkpoint": ".serving.checkpoint", "adapter": ".interop.engine",
+    "numpy_backend": ".interop.numpy", "torch_backend": ".interop.torch",
+}
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        return importlib.import_module(f".{name}", __name__)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    target = _LAZY.get(name) or _MOVED.get(name)
+    if target is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return importlib.import_module(target, __name__)
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

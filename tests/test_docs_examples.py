@@ -10,9 +10,10 @@ import ast
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import pychop
+
+torch = pytest.importorskip("torch")
 
 X = np.array([[0.1, -0.2], [0.3, 0.4]])
 

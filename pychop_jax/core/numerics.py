@@ -1,0 +1,590 @@
+"""The quantization formulas, written once against an array namespace ``xp``.
+
+Every backend (jitted JAX, eager JAX, NumPy, Torch) calls these functions with its own
+array-API namespace (``jax.numpy``, ``array_api_compat.numpy``,
+``array_api_compat.torch``), so there is exactly one copy of the arithmetic and the
+backends agree bit for bit.
+
+The mathematics (``docs/numerics.md``), over the reduced axes and finite values only::
+
+    lo = min(min(x), 0)          hi = max(max(x), 0)
+    symmetric:   scale = max(-lo, hi) / qmax                       zero_point = 0
+    asymmetric:  scale = (hi - lo) / (qmax - qmin)
+                 zero_point = clip(round(qmin - lo / scale), qmin, qmax)
+    scale == 0 -> 1;  0 < scale < tiny -> tiny   (tiny = smallest normal)
+    quantize:    q = clip(round(x / scale) + zero_point, qmin, qmax)
+    dequantize:  xhat = (q - zero_point) * scale   (saturated to +-max of the dtype)
+
+``round`` is round-half-to-even.  Computation happens in ``F``, the *compute dtype*:
+float64 for float64 input, float32 for every other float (float16 / bfloat16 are
+widened exactly to float32).
+
+The arithmetic order
+--------------------
+Bit-identity across backends is only possible with an order that every backend
+evaluates the same way.  Measured XLA:CPU behaviours fix it:
+
+1. XLA rewrites a division by a broadcast divisor into a multiplication by the
+   reciprocal, so no formula here divides by a broadcast value.  ``x / scale`` is
+   always ``x * inv`` with ``inv = 1 / scale`` computed once on the scale's own
+   (same-shape) array, and ``span / (qmax - qmin)`` is ``span * R`` with
+   ``R = fl(1 / (qmax - qmin))`` computed by a 0-d division (exact everywhere).
+2. Under ``jit`` XLA contracts ``a * b + c`` into a fused multiply-add.  No product
+   is ever added to before it is rounded.  Codes are formed in integers:
+   ``steps = clip(round(t), qmin - zero_point, qmax - zero_point)`` as int32, then
+   ``q = steps + zero_point``; ``zero_point = qmin - round(lo * inv)`` (exactly
+   ``round(qmin - lo * inv)`` because ``qmin = 0`` for the asymmetric grid); and
+   stochastic rounding compares ``floor(t) + u < t`` instead of forming ``t + u``.
+3. XLA:CPU flushes subnormal inputs and results to zero; NumPy and Torch keep them.
+   Subnormals are flushed explicitly: in ``x`` before it meets the scale (on every
+   platform but XLA:CPU, where the hardware already does it), in the observed
+   ``lo``/``hi``, and a subnormal scale becomes ``tiny``.  The zero test
+   ``scale == 0 -> 1`` is made on the *range*, before the multiplication, so a scale
+   that underflowed does not turn into 1 on one backend and ``tiny`` on another.
+4. ``1 / scale`` is subnormal once ``scale > 2^(emax-1)`` (2-3 bit grids over ranges
+   near the dtype's maximum).  The reciprocal is kept normal with an exact power-of-two
+   pre-scale: ``t = (x * p) * (1 / (scale * p))`` where ``p = 2^-64`` when
+   ``scale > 2^100`` and ``p = 1`` otherwise.  In JAX ``p`` and the reciprocal pass
+   through ``lax.optimization_barrier`` so that XLA cannot constant-fold the two
+   multiplications into one by a subnormal.  ``hi - lo`` can overflow to inf for
+   ranges wider than the dtype's maximum, so for ``max(-lo, hi) > 2^(emax-2)`` the
+   span is formed from quarters, ``(hi/4 - lo/4) * R * 4`` (the factors pass a barrier
+   too: XLA would factor ``hi*c - lo*c`` back into ``(hi - lo)*c``); scaling by a
+   power of two is exact, so the result equals ``(hi - lo) * R`` wherever that does
+   not overflow.  Since ``p == 1`` unless a scale is huge, ``quantize`` and
+   ``fake_quant`` branch in JAX (``xla_cpu.cond``) and skip the multiplication by
+   ``p`` when none is.
+5. XLA:CPU's single-output min/max reductions do not propagate NaN on large arrays
+   (measured), so no result here depends on NaN propagation through a reduction:
+   non-finite values are replaced before the range is reduced.  Likewise float to
+   int conversion: XLA's saturates (NaN -> 0), NumPy's and Torch's are undefined out
+   of range, so those two clip (and zero NaN) in floats before converting; both give
+   the same int32 steps.
+
+Shapes: the scale and zero point have the input's rank (``QuantSpec.scale_shape``);
+per-group inputs are viewed with the grouped axis split into ``(n // g, g)``.
+
+Learned step sizes (LSQ, LSQ+): ``lsq_init`` and ``lsq_grads`` at the end of the module
+give the initial state and the gradients of ``ste``'s ``'lsq'`` rule; a floating zero
+point is a learned one, rounded by ``integer_zero_point`` wherever codes are formed.
+These are not part of the bit-identity contract (they feed training, not codes).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import xla_cpu
+from .spec import QuantSpec
+
+__all__ = [
+    "compute_dtype",
+    "observe_range",
+    "calibration_range",
+    "qparams_from_range",
+    "calibrate",
+    "to_grid",
+    "grid_steps",
+    "quantize",
+    "dequantize",
+    "fake_quant",
+    "clip_mask",
+    "needs_prescale",
+    "steps_to_values",
+    "layout",
+    "barrier",
+    "integer_zero_point",
+    "all_finite",
+    "range_is_finite",
+    "valid_scale",
+    "lsq_init",
+    "lsq_grads",
+]
+
+#: scales above this use the power-of-two pre-scale of rule 4
+_HUGE_SCALE_EXP = 100
+_PRESCALE_EXP = -64
+
+
+# -- dtypes and namespaces --------------------------------------------------------
+def _is_jax(xp) -> bool:
+    return xp.__name__.startswith("jax")
+
+
+def barrier(xp, *arrays):
+    """Hide values from XLA's algebraic rewrites (identity on other backends)."""
+    if _is_jax(xp):
+        from jax import lax
+
+        return lax.optimization_barrier(arrays)
+    return arrays
+
+
+def compute_dtype(xp, dtype):
+    """float64 for float64, float32 for every other floating dtype (in ``xp``'s terms)."""
+    return xp.float64 if dtype == xp.float64 else xp.float32
+
+
+def _finfo(xp, dtype):
+    return np.finfo(np.float64 if dtype == xp.float64 else np.float32)
+
+
+def _device(xp, like) -> dict:
+    """``device=`` keyword for array creation next to ``like`` (JAX places by itself)."""
+    return {} if _is_jax(xp) else {"device": like.device}
+
+
+def _const(xp, value, dtype, like):
+    """A 0-d array of ``dtype`` on ``like``'s device."""
+    return xp.asarray(value, dtype=dtype, **_device(xp, like))
+
+
+def _bounds(xp, spec, like):
+    """``(qmin, qmax)`` as int32 0-d arrays.
+
+    ``spec.qmin`` / ``spec.qmax`` are Python ints, or traced int32 scalars when the
+    JAX kernels pass the bit width as data (``spec.split_bounds``), so one compiled
+    kernel serves every bit width.
+    """
+    return (xp.astype(xp.asarray(spec.qmin, **_device(xp, like)), xp.int32),
+            xp.astype(xp.asarray(spec.qmax, **_device(xp, like)), xp.int32))
+
+
+def _code_dtype(xp, spec: QuantSpec):
+    return getattr(xp, spec.code_dtype.name)
+
+
+# -- granularity as shapes ----------------------------------------------------------
+def layout(spec: QuantSpec, shape):
+    """How an input of ``shape`` is viewed for ``spec``.
+
+    Returns ``(view_shape, reduce_axes, state_view_shape)``: the input is reshaped to
+    ``view_shape``, reduced over ``reduce_axes`` (keepdims), and the result has
+    ``state_view_shape``, which reshapes to ``spec.scale_shape(shape)``.
+    """
+    shape = tuple(int(n) for n in shape)
+    state_shape = spec.scale_shape(shape)  # validates axis and divisibility
+    axis = spec.resolve_axis(len(shape))
+    if spec.group_size is None:
+        reduce_axes = tuple(d for d in range(len(shape)) if d != axis)
+        return shape, reduce_axes, state_shape
+    g = spec.group_size
+    view = shape[:axis] + (shape[axis] // g, g) + shape[axis + 1 :]
+    state_view = shape[:axis] + (shape[axis] // g, 1) + shape[axis + 1 :]
+    return view, (axis + 1,), state_view
+
+
+def _minmax(xp, x, axes):
+    """``(min, max)`` over ``axes`` with keepdims (``x`` has no NaN: rule 5).
+
+    min and max are exact, so how XLA reduces is chosen for speed alone
+    (``xla_cpu.minmax``); other backends reduce twice.
+    """
+    if not axes:  # torch's amin/amax treat an empty dim tuple as "all dims"
+        return x, x
+    if _is_jax(xp):
+        return xla_cpu.minmax(x, axes)
+    return xp.min(x, axis=axes, keepdims=True), xp.max(x, axis=axes, keepdims=True)
+
+
+def _max_abs(xp, x, axes):
+    """``max(|x|)`` over ``axes`` with keepdims (``xla_cpu.max_abs`` on JAX)."""
+    a = xp.abs(x)
+    if not axes:
+        return a
+    if _is_jax(xp):
+        return xla_cpu.max_abs(a, axes)
+    return xp.max(a, axis=axes, keepdims=True)
+
+
+# -- calibration ----------------------------------------------------------------------
+def observe_range(xp, x, spec: QuantSpec, *, nonfinite: str = "ignore"):
+    """``(lo, hi)`` of ``x`` over the reduced axes, shaped like the state.
+
+    ``lo = min(min(x), 0)``, ``hi = max(max(x), 0)`` in the compute dtype, subnormal
+    results flushed to +0.0.  ``nonfinite`` says what NaN / +-inf do:
+
+    * ``'ignore'``: they are left out of the range (the behaviour under ``jit``);
+    * ``'flag'``: NaN counts as +inf, so a range is non-finite exactly where ``x``
+      has a non-finite value (eager callers check ``isfinite(lo) & isfinite(hi)``
+      and raise, in the same single pass).
+    """
+    x, axes, state_shape = _range_input(xp, x, spec, nonfinite)
+    zero = _const(xp, 0.0, x.dtype, x)
+    lo, hi = _minmax(xp, x, axes)
+    lo = xp.minimum(lo, zero)
+    hi = xp.maximum(hi, zero)
+    tiny = _const(xp, _finfo(xp, x.dtype).tiny, x.dtype, x)
+    lo = xp.where(lo > -tiny, zero, lo)
+    hi = xp.where(hi < tiny, zero, hi)
+    return xp.reshape(lo, state_shape), xp.reshape(hi, state_shape)
+
+
+def _range_input(xp, x, spec: QuantSpec, nonfinite: str):
+    """``x`` in the compute dtype and the per-group view, non-finite values replaced
+    as ``nonfinite`` says; with the reduced axes and the state's shape."""
+    F = compute_dtype(xp, x.dtype)
+    x = xp.astype(x, F)
+    view, axes, _ = layout(spec, x.shape)
+    state_shape = spec.scale_shape(x.shape)
+    x = xp.reshape(x, view)
+    if nonfinite == "ignore":
+        x = xp.where(xp.isfinite(x), x, _const(xp, 0.0, F, x))
+    elif nonfinite == "flag":
+        x = xp.where(xp.isnan(x), _const(xp, np.inf, F, x), x)
+    else:
+        raise ValueError(f"nonfinite must be 'ignore' or 'flag'; got {nonfinite!r}")
+    return x, axes, state_shape
+
+
+def calibration_range(xp, x, spec: QuantSpec, *, nonfinite: str = "ignore"):
+    """The range ``calibrate`` turns into qparams: ``observe_range`` for affine grids;
+    for symmetric ones ``(-a, a)`` with ``a = max(|x|)`` (flushed to 0 below the
+    smallest normal), computed by one reduction instead of two.
+
+    A symmetric grid uses only ``max(-lo, hi)`` of the range, which is ``a`` exactly,
+    so the qparams are bit-identical; ``nonfinite`` works as in ``observe_range``.
+    Observers keep ``observe_range``: they carry ``lo`` and ``hi`` separately.
+    """
+    if not spec.symmetric:
+        return observe_range(xp, x, spec, nonfinite=nonfinite)
+    x, axes, state_shape = _range_input(xp, x, spec, nonfinite)
+    a = _max_abs(xp, x, axes)
+    tiny = _const(xp, _finfo(xp, x.dtype).tiny, x.dtype, x)
+    a = xp.reshape(xp.where(a < tiny, _const(xp, 0.0, x.dtype, x), a), state_shape)
+    return -a, a
+
+
+def qparams_from_range(xp, lo, hi, spec: QuantSpec):
+    """``(scale, zero_point)`` from a range with ``lo <= 0 <= hi`` (state-shaped).
+
+    ``scale`` has ``lo``'s dtype (the compute dtype), ``zero_point`` is int32.
+    See the module docstring for the arithmetic order.
+    """
+    F = lo.dtype
+    fi = _finfo(xp, F)
+    zero = _const(xp, 0.0, F, lo)
+    one = _const(xp, 1.0, F, lo)
+    tiny = _const(xp, fi.tiny, F, lo)
+    qmin, qmax = (xp.astype(b, F) for b in _bounds(xp, spec, lo))
+    amax = xp.maximum(-lo, hi)
+    if spec.symmetric:
+        span = amax
+        scale = span * (one / qmax)
+    else:
+        recip_levels = one / (qmax - qmin)  # 0-d / 0-d: an exact IEEE division
+        big = amax > _const(xp, 2.0 ** (fi.maxexp - 2), F, lo)
+        shrink = xp.where(big, _const(xp, 0.25, F, lo), one)
+        grow = xp.where(big, _const(xp, 4.0, F, lo), one)
+        # the barrier stops XLA from factoring hi*c - lo*c into (hi - lo)*c
+        shrink, grow = barrier(xp, shrink, grow)
+        span = hi * shrink - lo * shrink
+        scale = (span * recip_levels) * grow
+    scale = xp.where(span == zero, one, xp.maximum(scale, tiny))
+    if spec.symmetric:
+        zero_point = xp.zeros(scale.shape, dtype=xp.int32, **_device(xp, lo))
+    else:
+        # qmin == 0 here, so qmin - round(t) == round(qmin - t) exactly.
+        t = to_grid(xp, lo, scale)
+        zero_point = xp.astype(xp.clip(qmin - xp.round(t), qmin, qmax), xp.int32)
+    return scale, zero_point
+
+
+def calibrate(xp, x, spec: QuantSpec, *, nonfinite: str = "ignore"):
+    """``(scale, zero_point)`` of ``x``: ``qparams_from_range(calibration_range(x))``."""
+    lo, hi = calibration_range(xp, x, spec, nonfinite=nonfinite)
+    return qparams_from_range(xp, lo, hi, spec)
+
+
+# -- quantize / dequantize ------------------------------------------------------------
+def _flush(xp, x):
+    """Subnormals to +-0.  XLA:CPU does this in hardware, so there it is skipped."""
+
+    def flush(x):
+        tiny = _const(xp, _finfo(xp, x.dtype).tiny, x.dtype, x)
+        return xp.where(xp.abs(x) < tiny, _const(xp, 0.0, x.dtype, x), x)
+
+    if _is_jax(xp):
+        from jax import lax
+
+        return lax.platform_dependent(x, cpu=lambda x: x, default=flush)
+    return flush(x)
+
+
+def needs_prescale(xp, scale):
+    """Whether any scale is above ``2^100`` and needs rule 4's pre-scale."""
+    return xp.any(scale > _const(xp, 2.0**_HUGE_SCALE_EXP, scale.dtype, scale))
+
+
+def to_grid(xp, x, scale):
+    """``t = x / scale`` evaluated as ``(x * p) * (1 / (scale * p))`` (rule 4).
+
+    ``x`` and ``scale`` share the compute dtype and broadcast against each other.
+    """
+    return _to_grid(xp, x, scale, prescale=True)
+
+
+def _to_grid(xp, x, scale, *, prescale: bool):
+    """``to_grid``; ``prescale=False`` computes ``x * (1 / scale)``, the same values
+    wherever no scale exceeds ``2^100`` (there ``p == 1`` exactly) with one
+    multiplication per element fewer.  Only ``_exact_or_cheap`` passes it."""
+    F = scale.dtype
+    one = _const(xp, 1.0, F, scale)
+    if not prescale:
+        return x * (one / scale)
+    huge = scale > _const(xp, 2.0**_HUGE_SCALE_EXP, F, scale)
+    p = xp.where(huge, _const(xp, 2.0**_PRESCALE_EXP, F, scale), one)
+    inv = one / (scale * p)
+    p, inv = barrier(xp, p, inv)
+    return (x * p) * inv
+
+
+def _exact_or_cheap(xp, scale, compute):
+    """``compute(prescale=True)``; in JAX a branch (``xla_cpu.cond``) that runs
+    ``compute(prescale=False)`` when no scale needs the pre-scale (same bits)."""
+    exact = lambda: compute(True)  # noqa: E731
+    if not _is_jax(xp):
+        return exact()
+    return xla_cpu.cond(needs_prescale(xp, scale), exact, lambda: compute(False))
+
+
+def _views(xp, x, scale, zero_point, spec):
+    """Reshape ``x`` and the state so that they broadcast (per-group split); a float
+    (learned) zero point is rounded here (``integer_zero_point``), so every function
+    below sees the int32 zero point the grid uses."""
+    view, _, state_view = layout(spec, x.shape)
+    return (
+        xp.reshape(x, view),
+        xp.reshape(scale, state_view),
+        xp.reshape(integer_zero_point(xp, zero_point, spec), state_view),
+    )
+
+
+def _rounded(xp, x, scale, noise, prescale=True):
+    """``round(x / scale)`` as integer-valued floats (NaN and +-inf pass through).
+
+    With ``noise`` (uniform in [0, 1)) the rounding is stochastic:
+    ``floor(t) + [floor(t) + u < t]``, i.e. up with probability ``frac(t)``.
+    """
+    t = _to_grid(xp, _flush(xp, x), scale, prescale=prescale)
+    if noise is None:
+        return xp.round(t)
+    f = xp.floor(t)
+    return f + xp.astype(f + noise < t, t.dtype)
+
+
+def _step_bounds(xp, zero_point, spec):
+    """``(qmin - zero_point, qmax - zero_point)``: the clip range of the steps."""
+    qmin, qmax = _bounds(xp, spec, zero_point)
+    return qmin - zero_point, qmax - zero_point
+
+
+def grid_steps(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+    """int32 ``steps = clip(round(x / scale), qmin - zp, qmax - zp)`` (NaN -> 0).
+
+    ``x``, ``scale`` and ``zero_point`` are in the (per-group) view; ``x`` in the
+    compute dtype.  The code is ``steps + zero_point`` and the value
+    ``steps * scale``.  +-inf saturate.
+    """
+    return _grid_steps(xp, x, scale, zero_point, spec, noise, prescale=True)
+
+
+def _grid_steps(xp, x, scale, zero_point, spec, noise, *, prescale):
+    r = _rounded(xp, x, scale, noise, prescale)
+    low, high = _step_bounds(xp, zero_point, spec)
+    if _is_jax(xp):
+        # XLA converts saturating and maps NaN to 0: clip in integers afterwards.
+        return xp.clip(xp.astype(r, xp.int32), low, high)
+    F = r.dtype
+    r = xp.clip(r, xp.astype(low, F), xp.astype(high, F))
+    return xp.astype(xp.where(xp.isnan(r), _const(xp, 0.0, F, r), r), xp.int32)
+
+
+def steps_to_values(xp, steps, scale):
+    """``steps * scale`` in the scale's dtype, clipped to its finite range: a grid
+    over a range near the dtype's maximum can place its outermost code beyond it
+    (e.g. 2-bit over [-max, max]), and the nearest float, +-max, keeps the round
+    trip within scale/2 where inf would not."""
+    F = scale.dtype
+    big = _const(xp, _finfo(xp, F).max, F, scale)
+    return xp.clip(xp.astype(steps, F) * scale, -big, big)
+
+
+# -- checks (one reduction each; eager callers turn them into errors) -------------------
+def all_finite(xp, x):
+    """Whether ``x`` has no NaN / +-inf: ``x * 0`` is 0 for finite values and NaN
+    otherwise, and a sum propagates NaN (min/max reductions may not, rule 5)."""
+    return xp.isfinite(xp.sum(x * _const(xp, 0.0, x.dtype, x)))
+
+
+def range_is_finite(xp, lo, hi):
+    """With ``observe_range(..., nonfinite='flag')`` the range is non-finite exactly
+    where the input was."""
+    return xp.all(xp.isfinite(lo) & xp.isfinite(hi))
+
+
+def valid_scale(xp, scale):
+    """Whether every scale is finite and positive."""
+    return xp.all(xp.isfinite(scale) & (scale > _const(xp, 0.0, scale.dtype, scale)))
+
+
+def _view_like(xp, noise, xv):
+    return None if noise is None else xp.reshape(noise, xv.shape)
+
+
+def quantize(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+    """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)``.
+
+    ``x``: any floating array; ``scale``/``zero_point``: state-shaped.  Returns codes
+    of ``spec.code_dtype`` and ``x``'s shape.  Non-finite input (reachable only
+    where the caller does not validate, e.g. under ``jit``): +-inf saturate to
+    ``qmax``/``qmin``, NaN maps to the zero point.
+    """
+    shape = x.shape
+    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
+    noise = _view_like(xp, noise, xv)
+
+    def codes(prescale):
+        steps = _grid_steps(xp, xv, sv, zv, spec, noise, prescale=prescale)
+        return xp.reshape(xp.astype(steps + zv, _code_dtype(xp, spec)), shape)
+
+    return _exact_or_cheap(xp, scale, codes)
+
+
+def dequantize(xp, q, scale, zero_point, spec: QuantSpec):
+    """``xhat = (q - zero_point) * scale`` in the scale's dtype, ``q``'s shape.
+
+    The product is clipped to the dtype's finite range (see ``steps_to_values``).
+    """
+    shape = q.shape
+    qv, sv, zv = _views(xp, q, scale, zero_point, spec)
+    return xp.reshape(steps_to_values(xp, xp.astype(qv, xp.int32) - zv, sv), shape)
+
+
+def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+    """``dequantize(quantize(x))`` without materialising the codes.
+
+    Returns ``x``'s shape and dtype; computed in the compute dtype, whose bits equal
+    ``dequantize(quantize(x))`` (then rounded to ``x.dtype`` for float16 / bfloat16).
+    NaN becomes 0.0.
+    """
+    shape, dtype = x.shape, x.dtype
+    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
+    noise = _view_like(xp, noise, xv)
+
+    def values(prescale):
+        steps = _grid_steps(xp, xv, sv, zv, spec, noise, prescale=prescale)
+        return xp.astype(xp.reshape(steps_to_values(xp, steps, sv), shape), dtype)
+
+    return _exact_or_cheap(xp, scale, values)
+
+
+def clip_mask(xp, x, scale, zero_point, spec: QuantSpec):
+    """``True`` where ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]``.
+
+    False for NaN.  This is the pass-through mask of the clipped straight-through
+    estimator.
+    """
+    shape = x.shape
+    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
+    r = _rounded(xp, xv, sv, None)
+    low, high = _step_bounds(xp, zv, spec)
+    inside = (r >= xp.astype(low, r.dtype)) & (r <= xp.astype(high, r.dtype))
+    return xp.reshape(inside, shape)
+
+
+# -- learned step size (LSQ, LSQ+) ---------------------------------------------------------
+def integer_zero_point(xp, zero_point, spec: QuantSpec):
+    """The int32 zero point the grid uses.
+
+    An integer zero point is returned as it is.  A floating one is a *learned* zero
+    point (LSQ+, kept in code units so that it can receive a gradient): the forward
+    pass uses ``clip(round(zero_point), qmin, qmax)`` (half-to-even; NaN -> 0) and the
+    gradient passes straight through the rounding.
+    """
+    if xp.isdtype(zero_point.dtype, "integral"):
+        return zero_point
+    F = zero_point.dtype
+    qmin, qmax = (xp.astype(b, F) for b in _bounds(xp, spec, zero_point))
+    z = xp.clip(xp.round(zero_point), qmin, qmax)
+    return xp.astype(xp.where(xp.isnan(z), _const(xp, 0.0, F, z), z), xp.int32)
+
+
+def lsq_init(xp, x, spec: QuantSpec):
+    """LSQ's initial step size and a float zero point, state-shaped.
+
+    ``scale = 2 * mean(|x|) / sqrt(Q_P)`` over the reduced axes (Esser et al., 2019,
+    section 2.1), with ``Q_P = qmax`` (``2^(b-1) - 1`` symmetric, ``2^b - 1``
+    asymmetric).  Symmetric grids get ``zero_point = 0``; asymmetric ones the zero
+    point that puts ``lo = min(min(x), 0)`` on the grid,
+    ``clip(qmin - round(lo / scale), qmin, qmax)`` (0 for non-negative data: the
+    paper's unsigned quantizer), as a float so that LSQ+ can learn it.  Non-finite
+    values are left out; an all-zero input gets ``scale = 1``.
+    """
+    F = compute_dtype(xp, x.dtype)
+    x = xp.astype(x, F)
+    view, axes, _ = layout(spec, x.shape)
+    state_shape = spec.scale_shape(x.shape)
+    xv = xp.reshape(x, view)
+    finite = xp.isfinite(xv)
+    zero = _const(xp, 0.0, F, x)
+    one = _const(xp, 1.0, F, x)
+    total = xp.sum(xp.where(finite, xp.abs(xv), zero), axis=axes, keepdims=True)
+    count = xp.sum(xp.astype(finite, F), axis=axes, keepdims=True)
+    mean_abs = total / xp.maximum(count, one)  # same-shape division: exact everywhere
+    qmin, qmax = (xp.astype(b, F) for b in _bounds(xp, spec, x))
+    scale = (mean_abs + mean_abs) * (one / xp.sqrt(qmax))
+    tiny = _const(xp, _finfo(xp, F).tiny, F, x)
+    scale = xp.reshape(xp.where(scale == zero, one, xp.maximum(scale, tiny)), state_shape)
+    if spec.symmetric:
+        return scale, xp.zeros(state_shape, dtype=F, **_device(xp, x))
+    lo, _ = observe_range(xp, x, spec)
+    return scale, xp.clip(qmin - xp.round(to_grid(xp, lo, scale)), qmin, qmax)
+
+
+def lsq_grads(xp, x, scale, zero_point, spec: QuantSpec, g):
+    """Cotangents ``(dx, dscale, dzero_point)`` of the learned-step-size quantizer.
+
+    With ``t = x / scale``, ``z = round(zero_point)`` and the step range
+    ``[lo_q, hi_q] = [qmin - z, qmax - z]`` (``[-Q_N, Q_P]`` for a symmetric grid),
+    Esser et al. (2019), eq. 3, and Bhalgat et al. (2020, LSQ+) give::
+
+        d xhat / d x     = 1                        if lo_q < t < hi_q, else 0
+        d xhat / d scale = round(t) - t             if lo_q < t < hi_q
+                           lo_q                     if t <= lo_q
+                           hi_q                     if t >= hi_q
+        d xhat / d zp    = 0 inside, -scale outside (LSQ+'s offset beta = -scale * zp;
+                           zero for symmetric grids, whose zero point is fixed)
+
+    The scale and zero-point gradients are summed over the elements that share them
+    and multiplied by the gradient scale ``1 / sqrt(N * Q_P)``, ``N`` = elements per
+    scale (``x.size / scale.size``: all weights of a channel, or every activation of
+    the batch), ``Q_P = qmax``.  ``g`` is the incoming cotangent (``x``'s shape);
+    ``scale``/``zero_point`` are state-shaped, ``zero_point`` integer or float.
+    NaN inputs get no gradient.  Returns ``dx`` in the compute dtype, ``dscale`` and
+    ``dzero_point`` in the scale's dtype and the state's shape.
+    """
+    shape = x.shape
+    F = scale.dtype
+    xv, sv, zv = _views(xp, xp.astype(x, F), scale, zero_point, spec)
+    gv = xp.reshape(xp.astype(g, F), xv.shape)
+    _, axes, _ = layout(spec, shape)
+    low, high = (xp.astype(b, F) for b in _step_bounds(xp, integer_zero_point(xp, zv, spec), spec))
+    t = to_grid(xp, _flush(xp, xv), sv)
+    zero = _const(xp, 0.0, F, t)
+    inside = (t > low) & (t < high)
+    below, above = t <= low, t >= high
+    ds = xp.where(inside, xp.round(t) - t, xp.where(below, low, xp.where(above, high, zero)))
+    n = 1
+    for d in axes:
+        n *= xv.shape[d]
+    qmax = xp.astype(_bounds(xp, spec, scale)[1], F)
+    gscale = _const(xp, 1.0, F, t) / xp.sqrt(_const(xp, float(n), F, t) * qmax)
+    dscale = xp.sum(gv * ds, axis=axes, keepdims=True) * gscale
+    if spec.symmetric:
+        dzp = xp.zeros(zero_point.shape, dtype=F, **_device(xp, t))
+    else:
+        outside = xp.where(below | above, -sv, zero)
+        dzp = xp.reshape(xp.sum(gv * outside, axis=axes, keepdims=True) * gscale, zero_point.shape)
+    dx = xp.reshape(xp.where(inside, gv, zero), shape)
+    return dx, xp.reshape(dscale, scale.shape), dzp

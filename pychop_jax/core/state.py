@@ -1,0 +1,47 @@
+"""``QuantState``: the data a calibrated quantizer carries, as a JAX pytree.
+
+Leaves: ``scale`` (float32, or float64 for float64 input) and ``zero_point`` (int32),
+both of the input's rank (``QuantSpec.scale_shape``).  Static metadata: the frozen
+``QuantSpec``.  A state therefore passes through ``jit``, ``vmap``, ``grad``,
+``lax.scan`` and ``shard_map`` like any pytree, and serializes with
+``flax.serialization`` (registered in ``pychop_jax.flax.serialization``) or orbax as
+a dict of its two arrays.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from .spec import QuantSpec
+
+__all__ = ["QuantState"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantState:
+    """Scale and zero point of a calibrated quantizer.
+
+    Attributes:
+      scale: step between codes, shape ``spec.scale_shape(x.shape)``.
+      zero_point: int32 code of 0.0, same shape (zeros when symmetric); or a float
+        zero point being learned (``lsq_init``, LSQ+), which quantizers round
+        half-to-even and clip to [qmin, qmax].
+      spec: the ``QuantSpec`` (static pytree metadata).
+    """
+
+    scale: Any
+    zero_point: Any
+    spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of ``scale`` and ``zero_point``."""
+        return tuple(self.scale.shape)
+
+    def replace(self, **changes) -> QuantState:
+        """A copy with some fields replaced (``dataclasses.replace``)."""
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,201 @@
+"""Layer-level quantization-aware training: the pure functions both Flax skins call.
+
+``pychop_jax.linen`` and ``pychop_jax.nnx`` only declare and store variables; every
+computation of their modules is one of the functions here, built on ``ops`` and
+``observers``.  They are plain JAX, so they also serve hand-written layers::
+
+    y, stats = qat.observed_fake_quant(x, stats, spec, observers.ema, train=True)
+    w_hat = qat.fake_quant_weight(w, qat.QuantOptions().weight_spec)
+
+Three ways a tensor is fake-quantized in a layer:
+
+* **weights, calibrated** (default): per output channel (the kernel's last axis),
+  symmetric; the range is the current kernel's min/max, recomputed every step
+  (``calibrate`` + ``fake_quant`` with the clipped straight-through gradient).
+* **activations, observed**: an observer (``pychop_jax.observers``) tracks the range
+  while training; at evaluation the range is frozen.  A layer that has observed
+  nothing yet (``count == 0``) quantizes with the observer's estimate of the batch at
+  hand instead of an empty range.
+* **learned** (``lsq=True``, weights and activations): step size, and for asymmetric
+  grids zero point, are trainable parameters (LSQ / LSQ+: ``fake_quant(...,
+  grad='lsq')``), initialised from data by ``init_lsq`` (Esser et al., 2019).
+
+Variables are stored in a *compact* shape that does not depend on the batch: ``()``
+per tensor, ``(C,)`` per channel.  The functions reshape them to the state's shape
+(``QuantSpec.scale_shape``) of the tensor at hand.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ..core import observers, ops
+from ..core.observers import RangeState
+from ..core.spec import QuantSpec
+from ..core.state import QuantState
+
+__all__ = [
+    "QuantOptions",
+    "compact_shape",
+    "init_stats",
+    "observed_fake_quant",
+    "init_lsq",
+    "lsq_placeholder",
+    "learned_state",
+    "learned_fake_quant",
+    "fake_quant_weight",
+]
+
+
+def _spec(option: str, bits, **fields) -> QuantSpec:
+    try:
+        return QuantSpec(bits=bits, **fields)
+    except ValueError as err:
+        raise ValueError(f"{option}={bits!r}: {err}") from None
+
+
+@dataclasses.dataclass(repr=False, eq=False)
+class QuantOptions:
+    """The quantization options of ``QuantDense`` / ``QuantConv`` (linen and nnx).
+
+    Attributes:
+      weight_bits: bits of the kernel's codes, per output channel; ``None`` keeps the
+        kernel in float.
+      weight_symmetric: symmetric (default) or affine grid for the kernel.
+      act_bits: bits of the layer's *input*; ``None`` (default) leaves the input alone.
+      act_symmetric: symmetric or affine (default) grid for the input.
+      observer: how the input range is tracked while training, any
+        ``pychop_jax.observers`` function (default ``observers.ema``, momentum 0.9;
+        ``functools.partial`` sets options).  Unused with ``lsq=True``.
+      lsq: learn the step sizes (and affine zero points) of kernel and input by LSQ.
+    """
+
+    weight_bits: int | None = 8
+    weight_symmetric: bool = True
+    act_bits: int | None = None
+    act_symmetric: bool = False
+    observer: Callable = observers.ema
+    lsq: bool = False
+
+    @property
+    def weight_spec(self) -> QuantSpec | None:
+        """Per output channel (axis -1), or ``None`` for float weights."""
+        if self.weight_bits is None:
+            return None
+        return _spec("weight_bits", self.weight_bits, symmetric=self.weight_symmetric, axis=-1)
+
+    @property
+    def act_spec(self) -> QuantSpec | None:
+        """Per tensor, or ``None`` when the input is not quantized."""
+        if self.act_bits is None:
+            return None
+        return _spec("act_bits", self.act_bits, symmetric=self.act_symmetric)
+
+
+def compact_shape(spec: QuantSpec, num_features: int | None = None) -> tuple[int, ...]:
+    """Shape of a layer's stored state: ``()`` per tensor, ``(num_features,)`` per channel.
+
+    Raises:
+      ValueError: a per-group spec (layers keep per-tensor or per-channel state), or a
+        per-channel spec without ``num_features``.
+    """
+    if spec.group_size is not None:
+        raise ValueError(
+            "quantization layers keep per-tensor or per-channel state; per-group specs "
+            "(group_size) are for pychop_jax.calibrate / fake_quant. Drop group_size."
+        )
+    if spec.axis is None:
+        return ()
+    if num_features is None:
+        raise ValueError(
+            f"a per-channel quantizer (axis={spec.axis}) needs the number of channels; "
+            "pass num_features=<length of that axis>."
+        )
+    return (int(num_features),)
+
+
+def _num_features(spec: QuantSpec, shape) -> int | None:
+    return None if spec.axis is None else shape[spec.resolve_axis(len(shape))]
+
+
+def _full(array, spec: QuantSpec, shape):
+    """A compact state array reshaped to ``spec.scale_shape(shape)``."""
+    return jnp.reshape(array, spec.scale_shape(shape))
+
+
+# -- observed activations ------------------------------------------------------------------
+def init_stats(spec: QuantSpec, num_features: int | None = None) -> RangeState:
+    """Empty observer statistics in the compact shape."""
+    return RangeState.empty(compact_shape(spec, num_features))
+
+
+def observed_fake_quant(x, stats: RangeState, spec: QuantSpec, observer: Callable, *,
+                        train: bool):
+    """Fake-quantize ``x`` with an observed range; returns ``(y, stats)``.
+
+    ``train=True``: ``stats = observer(stats, x, spec)`` first, then ``x`` is quantized
+    with the updated range (as torch's ``FakeQuantize``).  ``train=False``: ``stats``
+    is returned unchanged and used as it is, unless it has seen nothing
+    (``count == 0``), in which case this batch's ``observer`` estimate is used.
+    ``x`` gets the clipped straight-through gradient; no gradient reaches the range.
+    """
+    full = stats.reshape(spec.scale_shape(x.shape))
+    if train:
+        full = used = observer(full, x, spec)
+    else:
+        used = jax.lax.cond(full.count > 0, lambda: full, lambda: observer(full, x, spec))
+    y = ops.fake_quant(x, observers.quant_state(used, spec))
+    return y, full.reshape(jnp.shape(stats.lo))
+
+
+# -- learned step sizes --------------------------------------------------------------------
+def init_lsq(x, spec: QuantSpec):
+    """LSQ's initial ``(scale, zero_point)`` from ``x``, compact; ``zero_point`` is
+    ``None`` for symmetric grids (fixed at 0, not a parameter)."""
+    state = ops.lsq_init(x, spec)
+    shape = compact_shape(spec, _num_features(spec, x.shape))
+    zero_point = None if spec.symmetric else jnp.reshape(state.zero_point, shape)
+    return jnp.reshape(state.scale, shape), zero_point
+
+
+def lsq_placeholder(spec: QuantSpec, num_features: int | None = None):
+    """``(scale, zero_point)`` to hold the place of a step size that data will set:
+    NaN scale (so that a forgotten initialisation cannot pass unnoticed), zero point
+    0 (``None`` when symmetric)."""
+    shape = compact_shape(spec, num_features)
+    zero_point = None if spec.symmetric else jnp.zeros(shape, jnp.float32)
+    return jnp.full(shape, jnp.nan, jnp.float32), zero_point
+
+
+def learned_state(shape, spec: QuantSpec, scale, zero_point=None) -> QuantState:
+    """The ``QuantState`` of a compact learned ``scale`` (and float ``zero_point``;
+    ``None`` means 0) for an input of ``shape``."""
+    scale = _full(scale, spec, shape)
+    if zero_point is None:
+        zero_point = jnp.zeros(scale.shape, jnp.int32)
+    return QuantState(scale, _full(zero_point, spec, shape), spec)
+
+
+def learned_fake_quant(x, spec: QuantSpec, scale, zero_point=None):
+    """``fake_quant(x, state, grad='lsq')`` with a compact learned ``scale`` (and float
+    ``zero_point``; ``None`` means 0).  Gradients flow into both."""
+    return ops.fake_quant(x, learned_state(x.shape, spec, scale, zero_point), grad="lsq")
+
+
+# -- weights -----------------------------------------------------------------------------------
+def fake_quant_weight(w, spec: QuantSpec | None, scale=None, zero_point=None):
+    """The kernel as the layer uses it.
+
+    ``spec is None``: ``w`` unchanged.  ``scale is None``: calibrated on ``w`` itself
+    every call (``calibrate`` + clipped-STE ``fake_quant``).  Otherwise learned
+    (``learned_fake_quant``).
+    """
+    if spec is None:
+        return w
+    if scale is None:
+        return ops.fake_quant(w, ops.calibrate(w, spec))
+    return learned_fake_quant(w, spec, scale, zero_point)

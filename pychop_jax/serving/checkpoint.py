@@ -1,0 +1,134 @@
+"""Compact checkpoints of quantized parameter trees.
+
+``save_quantized(path, tree)`` writes a msgpack file (``flax.serialization``'s
+encoding) that holds, for every ``QuantizedArray`` leaf (also inside a served
+``IntKernel``), only its codes (packed or not), scale and (asymmetric only) zero
+point plus the few integers of its spec —
+no float copy of the weights — and float leaves as they are.
+``load_quantized(path)`` rebuilds the tree without needing a target structure.
+Trees are nested ``dict``s (string keys) and ``list``s / ``tuple``s of arrays, which
+is what Flax parameters are.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..core.qarray import QuantizedArray
+from ..core.spec import QuantSpec
+from ..core.state import QuantState
+from .int_matmul import IntKernel
+
+__all__ = ["save_quantized", "load_quantized", "to_bytes", "from_bytes"]
+
+_FORMAT = "pychop-jax/quantized-tree/1"
+_QA = "__quantized_array__"
+_KERNEL = "__int_kernel__"
+_SEQ = "__sequence__"
+
+
+def _encode_spec(spec: QuantSpec) -> list:
+    return [spec.bits, spec.symmetric, spec.narrow_range,
+            -1 if spec.axis is None else spec.axis, spec.axis is None,
+            0 if spec.group_size is None else spec.group_size]
+
+
+def _decode_spec(fields) -> QuantSpec:
+    bits, symmetric, narrow, axis, per_tensor, group = fields
+    return QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
+                     axis=None if per_tensor else int(axis), group_size=int(group) or None)
+
+
+def _encode_state(state: QuantState) -> dict:
+    """Scale, spec fields and (asymmetric only: a symmetric one is 0) the zero point."""
+    stored = {"scale": np.asarray(state.scale), "spec": _encode_spec(state.spec)}
+    if not state.spec.symmetric:
+        stored["zero_point"] = np.asarray(state.zero_point)
+    return stored
+
+
+def _decode_state(d: dict) -> QuantState:
+    spec = _decode_spec(d["spec"])
+    scale = jnp.asarray(d["scale"])
+    zero_point = (jnp.zeros(scale.shape, jnp.int32) if spec.symmetric
+                  else jnp.asarray(d["zero_point"]))
+    return QuantState(scale, zero_point, spec)
+
+
+def _encode(node, path="root"):
+    if isinstance(node, QuantizedArray):
+        return {_QA: {**_encode_state(node.state), "codes": np.asarray(node.codes),
+                      "shape": list(node.shape), "packed": node.packed}}
+    if isinstance(node, IntKernel):
+        stored = {"weights": _encode(node.weights, f"{path}/weights")}
+        if node.input_state is not None:
+            stored["input_state"] = _encode_state(node.input_state)
+        if node.input_spec is not None:
+            stored["input_spec"] = _encode_spec(node.input_spec)
+        return {_KERNEL: stored}
+    if isinstance(node, dict):
+        for k in node:
+            if not isinstance(k, str):
+                raise TypeError(f"{path}: checkpoint keys must be strings; got {k!r}")
+        return {k: _encode(v, f"{path}/{k}") for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return {_SEQ: {str(i): _encode(v, f"{path}/{i}") for i, v in enumerate(node)}}
+    if isinstance(node, (jax.Array, np.ndarray, np.generic, int, float, bool)):
+        return np.asarray(node)
+    raise TypeError(
+        f"{path}: cannot store a {type(node).__name__} in a quantized checkpoint; "
+        "trees of dicts, lists and arrays are supported."
+    )
+
+
+def _decode(node):
+    if isinstance(node, dict) and _QA in node:
+        d = node[_QA]
+        return QuantizedArray(codes=jnp.asarray(d["codes"]), state=_decode_state(d),
+                              shape=tuple(int(n) for n in d["shape"]), packed=bool(d["packed"]))
+    if isinstance(node, dict) and _KERNEL in node:
+        d = node[_KERNEL]
+        state = _decode_state(d["input_state"]) if "input_state" in d else None
+        spec = _decode_spec(d["input_spec"]) if "input_spec" in d else None
+        return IntKernel(_decode(d["weights"]), state, spec)
+    if isinstance(node, dict) and _SEQ in node:
+        items = node[_SEQ]
+        return [_decode(items[str(i)]) for i in range(len(items))]
+    if isinstance(node, dict):
+        return {k: _decode(v) for k, v in node.items()}
+    return jnp.asarray(node)
+
+
+def to_bytes(tree) -> bytes:
+    """Serialize a tree with ``QuantizedArray`` leaves (codes and scales only)."""
+    from flax import serialization
+
+    return serialization.msgpack_serialize({"format": _FORMAT, "tree": _encode(tree)})
+
+
+def from_bytes(data: bytes):
+    """Inverse of ``to_bytes`` (sequences come back as lists)."""
+    from flax import serialization
+
+    payload = serialization.msgpack_restore(data)
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise ValueError(f"not a pychop-jax quantized checkpoint (expected format {_FORMAT!r})")
+    return _decode(payload["tree"])
+
+
+def save_quantized(path: str | os.PathLike, tree) -> int:
+    """Write ``tree`` to ``path``; returns the number of bytes written."""
+    data = to_bytes(tree)
+    with open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def load_quantized(path: str | os.PathLike):
+    """Read a tree written by ``save_quantized``."""
+    with open(path, "rb") as f:
+        return from_bytes(f.read())

@@ -1,0 +1,73 @@
+"""The package's shape as users meet it: imports without torch, star imports that stay
+light, the public modules, and the names kept from the flat layout."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _run(code: str) -> str:
+    """Run ``code`` in a fresh interpreter (imports are process-wide state)."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_both_packages_import_and_star_import_with_torch_blocked():
+    out = _run("""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        import pychop_jax, pychop
+        from pychop import *
+        from pychop_jax import *
+        import numpy as np
+        pychop.backend("numpy")
+        q = pychop.Chopi(num_bits=8).quantize(np.linspace(-1, 1, 9, dtype=np.float32))
+        try:
+            pychop.TorchChopi
+        except ImportError:
+            print("torch names raise ImportError")
+        print(sorted(n for n in ("TorchChopi", "Chopi") if n in globals()), q.dtype)
+    """)
+    assert "torch names raise ImportError" in out
+    assert "['Chopi'] uint8" in out
+
+
+def test_star_import_loads_neither_flax_nnx_nor_torch():
+    out = _run("""
+        import sys
+        from pychop_jax import *
+        print("flax.nnx" in sys.modules, "torch" in sys.modules)
+    """)
+    assert out.split() == ["False", "False"]
+
+
+def test_public_modules_and_the_flat_layout_names():
+    import pychop_jax as pj
+    import pychop_jax.linen as qnn
+    import pychop_jax.nnx as qnnx
+    from pychop_jax.flax import linen, nnx
+
+    assert qnn.QuantDense is linen.QuantDense and qnnx.QuantDense is nnx.QuantDense
+    assert pj.serving.to_served is pj.serving.serve.to_served
+    # modules of the flat layout resolve to their new homes
+    from pychop_jax.core import numerics, ops
+    from pychop_jax.interop import engine
+    from pychop_jax.interop import numpy as np_ops
+    assert pj.numerics is numerics and pj.ops is ops
+    assert pj.adapter is engine and pj.numpy_backend is np_ops
+    with pytest.raises(AttributeError):
+        pj.no_such_module  # noqa: B018
+
+
+def test_one_framework_concept_behind_every_quantizer():
+    import pychop
+    from pychop_jax.interop import Framework, framework_named
+
+    assert isinstance(pychop.JaxChopi.backend, Framework)
+    assert pychop.NumpyChopi.backend is framework_named("numpy")
+    with pytest.raises(ValueError, match="unknown framework"):
+        framework_named("tensorflow")
