@@ -1,0 +1,1 @@
+"""Backend-neutral numerical kernels (formulas written against an array namespace ``xp``)."""
