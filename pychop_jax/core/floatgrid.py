@@ -513,7 +513,7 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
             elif rounding == "odd":
                 inc = (rem != 0) & (lsb == 0)
             elif rounding == "stochastic_equal":
-                inc = (rem != 0) & (r < 2 ** 31)
+                inc = (rem != 0) & ((r >> 31) == 0)
             else:
                 inc = _noise_up(xp, r, rem, s, M, width)
             out = xp.where(inc, trunc + step, trunc)
@@ -532,7 +532,7 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
         elif rounding == "odd":
             up_t = a != 0
         elif rounding == "stochastic_equal":
-            up_t = (a != 0) & (r < 2 ** 31)
+            up_t = (a != 0) & ((r >> 31) == 0)
         else:
             if E is None:
                 E = a >> M
