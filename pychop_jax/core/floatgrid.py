@@ -327,7 +327,7 @@ class _Plan:
     mag: int
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _plan(fmt: FloatFormat, width: int) -> _Plan:
     M, B = _F_PARAMS[width][:2]
     W = width
