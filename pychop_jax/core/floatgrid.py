@@ -31,17 +31,17 @@ value of the format (min_subnormal, or min_normal without subnormals).
 2. Shift.  ``s`` is the number of low bits of ``a`` that lie below the format's quantum at
    ``|x|`` (``log2`` of format ulp / ``F`` ulp)::
 
-       s = (M - m) + clip(T - max(E, 1), 0, z)                          (T >= 1)
-       s = M - m            for E >= 1;  for E == 0 (an F subnormal, possible only
-                            when the format's exponent range reaches below F's, T <= 0):
-       s = fe - m           if fe - M + 1 >= T   else   M + T - z - 1,  clipped to [0, M]
+       T >= 1:  s = (M - m) + clip(T - max(E, 1), 0, z)
+       T <= 0:  s = M - m                                        for E >= 1 (F normals)
+                s = fe - m  if fe - M + 1 >= T  else  M + T - z - 1,  clipped to [0, M]
+                                                                 for E == 0 (F subnormals)
 
    where ``fe = floor(log2(a))`` is read from ``bitcast(float(a))`` (exact: ``a < 2**M``).
    Rounding ``a`` to a multiple of ``2**s`` (``s <= M``) is rounding ``|x|`` to the
    format's grid: the exponent field sits above the fraction, so a carry out of the kept
    bits is the step to the next binade (and from a subnormal to min_normal).
-3. Tiny values ``|x| < Q`` (the ones that would need ``s > M``) have the neighbours 0
-   and ``Q``; they are decided on their own (step 5) and give ``0`` or ``bitcast(Q)``.
+3. Tiny values ``|x| < Q`` that would need ``s > M`` have the neighbours 0 and ``Q``;
+   they are decided on their own (step 5) and give ``0`` or ``bitcast(Q)``.
 4. With ``step = 1 << s``, ``trunc = a & -step``, ``rem = a - trunc`` (``0 <= rem < step``)
    and ``lsb`` the last bit of the *format's* encoding of ``trunc`` (bit ``s`` of ``a``,
    with a constant correction where bit ``s`` is an exponent bit: ``m == 0``, or the
@@ -56,7 +56,7 @@ value of the format (min_subnormal, or min_normal without subnormals).
        stochastic_equal  out = trunc + step  iff  rem != 0 and r < 2**31
 
    ``r`` is the caller's ``noise``: uint32 random bits, one per element.  The stochastic
-   test is exact integer arithmetic: ``(r >> (32 - s)) < rem`` when ``s <= 32``, and
+   test is exact integer arithmetic: ``r < (rem << (32 - s))`` when ``s <= 32``, and
    ``r < ceil(rem / 2**(s - 32))`` when ``s > 32``; so the probability of rounding up is
    ``ceil(2**32 * rem / step) / 2**32`` (exactly ``rem / step`` whenever ``s <= 32``).
 5. Tiny values: nearest rounds up iff ``|x| > Q/2`` (a tie goes to 0, the even multiple
@@ -64,10 +64,11 @@ value of the format (min_subnormal, or min_normal without subnormals).
    ``rem / step = sig / 2**(T - z + M - max(E, 1))`` (``sig`` the significand of ``a``
    with its implicit bit), i.e. ``|x| / Q``, through the same exact test.
    Without subnormals this rounds onto the grid ``{0, min_normal}``: every mode keeps its
-   rule (up never goes below x, stochastic stays unbiased).  pychop's
-   ``subnormal=False`` differs: it rounds on the subnormal grid and flushes results below
-   min_normal (nearest sends ``|x| >= min_normal/2`` up, ties included; stochastic is
-   then biased).
+   rule (up never goes below x, stochastic stays unbiased, odd gives min_normal).
+   pychop's ``subnormal=False`` differs: it rounds on the subnormal grid first and then
+   sends results in ``(0, min_normal)`` to 0 or min_normal (nearest: ``>= min_normal/2``
+   goes up, so the tie and values that first rounded up to ``min_normal/2`` do; stochastic
+   and toward-zero: 0, so its stochastic rounding is biased there).
 6. Overflow: ``out > bitcast(max_finite)`` (the grid continued above max_finite with the
    top binade's step, so nearest overflows iff ``|x| >= max_finite + ulp/2`` with ties to
    even, as IEEE 754).  ``overflow='saturate'`` gives ``max_finite`` (also for infinite
@@ -392,25 +393,23 @@ def _noise_bits(xp, kind, noise, x, width):
     return noise
 
 
-def _noise_up(xp, r, num, sh, max_sh: int, width: int):
-    """``r / 2**32 < num / 2**sh`` exactly, for ``0 <= num < 2**sh``, ``sh >= 0``.
+def _noise_up(xp, r, num, sh, sh_over_32: bool):
+    """``r / 2**32 < num / 2**sh``, exactly, for ``0 <= num < 2**sh``.
 
-    ``r`` is the noise array (see ``_noise_bits``); ``num``, ``sh`` integer arrays of the
-    compute's signed type (``sh`` may be a Python int).  ``max_sh`` bounds ``sh``."""
+    ``r`` is the noise array (``_noise_bits``); ``num`` and ``sh`` are arrays of the
+    compute's signed integer type (``sh`` may be a Python int); ``sh_over_32`` says whether
+    ``sh`` can exceed 32.  For ``sh <= 32`` the test is ``r < num << (32 - sh)``; above,
+    ``r < ceil(num / 2**(sh - 32))``.  Shift counts are clipped to the type's width, which
+    changes no result (``num == 0`` is never up; ``num >> 31`` is 0 for float32's ``num``)."""
     nd = r.dtype
     numu = xp.astype(num, nd)
     lim = 31 if _dtype_name(r) == "uint32" else 63
     if isinstance(sh, int):
-        if sh <= 32:
-            c = numu << (32 - sh)
-        else:
-            c = ((numu - 1) >> min(sh - 32, lim)) + 1
+        c = numu << min(32 - sh, 31) if sh <= 32 else ((numu - 1) >> min(sh - 32, lim)) + 1
         return (num != 0) & (r < c)
-    k1 = xp.astype(xp.clip(32 - sh, 0, 31), nd)
-    c = numu << k1
-    if max_sh > 32:
-        k2 = xp.astype(xp.clip(sh - 32, 0, lim), nd)
-        c2 = ((numu - 1) >> k2) + 1
+    c = numu << xp.astype(xp.clip(32 - sh, 0, 31), nd)
+    if sh_over_32:
+        c2 = ((numu - 1) >> xp.astype(xp.clip(sh - 32, 0, lim), nd)) + 1
         c = xp.where(sh <= 32, c, c2)
     return (num != 0) & (r < c)
 
@@ -515,7 +514,7 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
             elif rounding == "stochastic_equal":
                 inc = (rem != 0) & ((r >> 31) == 0)
             else:
-                inc = _noise_up(xp, r, rem, s, M, width)
+                inc = _noise_up(xp, r, rem, s, M > 32)
             out = xp.where(inc, trunc + step, trunc)
 
     # -- steps 3 and 5: |x| < Q -------------------------------------------------------------
@@ -538,7 +537,7 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
                 E = a >> M
             sig = xp.where(E != 0, (a & ((1 << M) - 1)) | (1 << M), a)
             s_true = (p.T - p.z + M) - xp.maximum(E, 1)
-            up_t = _noise_up(xp, r, sig, s_true, 4 * M, width)
+            up_t = _noise_up(xp, r, sig, s_true, True)
         if up_t is None:
             out = xp.where(tiny, 0, out)
         else:
