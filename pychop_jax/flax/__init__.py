@@ -1,0 +1,1 @@
+"""Quantize stock Flax models by rules over module paths (``quantize_model``)."""
