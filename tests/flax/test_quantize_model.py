@@ -6,6 +6,7 @@ to a kernel and an input fake-quantized by hand with ``pj.calibrate`` +
 is what ``calibrate`` computes).
 """
 
+import functools
 import warnings
 
 import flax.linen as nn
@@ -148,23 +149,28 @@ LM_RULES = [QuantRule(".*attn/out"),  # leave the attention output projection fl
             QuantRule("decoder/.*", weight=4)]  # matches nothing
 
 
-def lm_variables():
+@functools.cache
+def linen_lm():
+    """The quantized TinyLM, its variables, and jitted evaluate / observe calls."""
     qmodel = quantize_model(TinyLM(), LM_RULES)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return qmodel, qmodel.init(KEY, IDS)
+        v = jax.jit(qmodel.init)(KEY, IDS)
+    evaluate = jax.jit(lambda v, ids: qmodel.apply(v, ids))
+    observe = jax.jit(lambda v, ids: qmodel.apply(v, ids, mutable=[STATS]))
+    return qmodel, v, evaluate, observe
 
 
 def test_linen_params_tree_and_values_unchanged_and_float_checkpoint_loads():
     float_vars = TinyLM().init(KEY, IDS)
-    qmodel, v = lm_variables()
+    _, v, evaluate, _ = linen_lm()
     assert set(v) == {"params", STATS}
     chex_equal = jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)),
                               v["params"], float_vars["params"])
     assert all(jax.tree.leaves(chex_equal))
     assert jax.tree.structure(v["params"]) == jax.tree.structure(float_vars["params"])
     # a float checkpoint with fresh stats: evaluation uses each batch's own range
-    y = qmodel.apply({"params": float_vars["params"], STATS: v[STATS]}, IDS)
+    y = evaluate({"params": float_vars["params"], STATS: v[STATS]}, IDS)
     ref = TinyLM().apply(float_vars, IDS)
     assert y.shape == ref.shape
     np.testing.assert_allclose(y, ref, atol=0.1 * float(jnp.abs(ref).max()))
@@ -185,20 +191,20 @@ def test_linen_report_lists_layers_and_unmatched_rules_and_init_warns():
 
 
 def test_linen_stats_live_where_the_layers_are():
-    _, v = lm_variables()
+    _, v, _, _ = linen_lm()
     stats = v[STATS]
     assert set(stats["blocks_0"]["attn"]) == {"query", "key", "value"}  # out is excluded
     assert int(stats["blocks_0"]["mlp_in"]["input_range"].count) == 0  # init observes nothing
 
 
 def test_linen_gradients_reach_every_kernel():
-    qmodel, v = lm_variables()
+    _, v, evaluate, _ = linen_lm()
 
     def loss(params):
-        logits = qmodel.apply({**v, "params": params}, IDS)
+        logits = evaluate({**v, "params": params}, IDS)
         return optax.softmax_cross_entropy_with_integer_labels(logits, IDS).mean()
 
-    grads = jax.grad(loss)(v["params"])
+    grads = jax.jit(jax.grad(loss))(v["params"])
     flat = jax.tree_util.tree_flatten_with_path(grads)[0]
     kernels = [(jax.tree_util.keystr(p), g) for p, g in flat
                if jax.tree_util.keystr(p).endswith(("['kernel']", "['embedding']"))]
@@ -208,18 +214,18 @@ def test_linen_gradients_reach_every_kernel():
 
 
 def test_linen_observers_update_only_when_stats_are_mutable():
-    qmodel, v = lm_variables()
-    frozen, upd = qmodel.apply(v, IDS, mutable=[STATS])
+    _, v, evaluate, observe = linen_lm()
+    frozen, upd = observe(v, IDS)
     assert int(upd[STATS]["blocks_0"]["mlp_in"]["input_range"].count) == 1
     # before any observation, evaluation quantizes with the batch's own range:
     # the first training call (which observes that batch) gives the same output
-    np.testing.assert_allclose(qmodel.apply(v, IDS), frozen, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(evaluate(v, IDS), frozen, rtol=1e-5, atol=1e-5)
     v2 = {**v, **upd}
-    _, upd2 = qmodel.apply(v2, 3 * IDS % 32, mutable=[STATS])
+    _, upd2 = observe(v2, 3 * IDS % 32)
     assert int(upd2[STATS]["blocks_0"]["mlp_in"]["input_range"].count) == 2
     # evaluation reads the frozen ranges: it differs from observing the same batch
-    y_eval = qmodel.apply(v2, 5 * IDS % 32)
-    y_train, _ = qmodel.apply(v2, 5 * IDS % 32, mutable=[STATS])
+    y_eval = evaluate(v2, 5 * IDS % 32)
+    y_train, _ = observe(v2, 5 * IDS % 32)
     assert not np.allclose(y_eval, y_train, atol=1e-4)
 
 
@@ -265,7 +271,7 @@ def test_linen_lsq_step_sizes_from_data_and_learned():
 
 
 def test_linen_end_to_end_qat_training_with_kwargs_passthrough():
-    qmodel, v = lm_variables()
+    qmodel, v, _, _ = linen_lm()
     opt = optax.adam(3e-3)
     opt_state = opt.init(v["params"])
     targets = jnp.roll(IDS, -1, axis=1)
