@@ -42,9 +42,9 @@ and its params are untouched.
   ``quant_params`` too to learn them).  Observers update when ``quant_stats`` is
   mutable (not during ``init``); otherwise the ranges are frozen, and a range that
   has seen nothing uses the batch's own estimate (``qat.observed_fake_quant``).
-* nnx: ``quantize_model`` clones the model (``nnx.clone``) and sets each matched
-  layer's ``promote_dtype`` to an ``OperandQuant`` module that holds the layer's
-  ``QuantStats`` and LSQ ``nnx.Param`` s.  ``qmodel.train()`` / ``eval()`` set its
+* nnx (``nnx_model``): ``quantize_model`` clones the model (``nnx.clone``) and sets
+  each matched layer's ``promote_dtype`` to an ``OperandQuant`` module that holds the
+  layer's ``QuantStats`` and LSQ ``nnx.Param`` s.  ``qmodel.train()`` / ``eval()`` set its
   ``use_running_average`` as for ``BatchNorm`` (new copies observe).
 
 **Errors.**  A module whose path matches a quantizing rule but that is not a covered
@@ -67,9 +67,15 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 
-from .operands import (LayerPlan, init_input_range, init_input_step, init_weight_step,
-                       quantize_operands, roles)
-from .rules import QuantReport, QuantRule, first_match
+from .operands import (
+    LayerPlan,
+    init_input_range,
+    init_input_step,
+    init_weight_step,
+    quantize_operands,
+    roles,
+)
+from .rules import QuantReport, QuantRule, first_match, uncoverable_error
 
 __all__ = ["quantize_model", "quantization_report", "QuantizedModel", "STATS", "LSQ_PARAMS"]
 
@@ -85,15 +91,6 @@ def _rules(rules) -> tuple[QuantRule, ...]:
         if not isinstance(r, QuantRule):
             raise TypeError(f"quantize_model: rules must be QuantRule s; got {r!r}.")
     return rules
-
-
-def _uncoverable(path: str, layer: object, index: int) -> ValueError:
-    return ValueError(
-        f"quantize_model: rule #{index} matches {path!r}, a {type(layer).__module__}."
-        f"{type(layer).__qualname__} with parameters of its own, which quantize_model "
-        "cannot quantize (covered: Dense/Linear, DenseGeneral/LinearGeneral, Einsum, "
-        "Conv, Embed, and modules built from them). Exclude it with an earlier "
-        f"QuantRule({path!r}) without weight/act, or narrow the rule's module_path.")
 
 
 # ==== linen ===================================================================================
@@ -192,7 +189,7 @@ class _LinenInterceptor:
                     self.entries.append((path, type(module).__name__, index, None))
             elif _holds_params(module.variables.get("params", {})):
                 if quantizing:
-                    raise _uncoverable(path, module, index)
+                    raise uncoverable_error(path, module, index)
                 self.entries.append((path, type(module).__name__, index, "excluded"))
         return y
 
@@ -256,12 +253,14 @@ def _recording():
 
 
 # ==== both =====================================================================================
-def quantize_model(model, rules: QuantRule | Sequence[QuantRule]):
+def quantize_model(model, rules: QuantRule | Sequence[QuantRule], *args, **kwargs):
     """A quantization-aware version of ``model`` whose layers follow ``rules``.
 
     Args:
       model: a ``flax.linen.Module`` (not bound) or a ``flax.nnx.Module``.
       rules: ``QuantRule`` s; the first one matching a layer's path decides for it.
+      *args, **kwargs: nnx only, optional: a sample call, run once to set the LSQ
+        step sizes of inputs from data (linen's ``init`` does that).
 
     Returns:
       linen: a ``QuantizedModel`` (a linen Module) to ``init`` / ``apply`` with the
@@ -274,10 +273,13 @@ def quantize_model(model, rules: QuantRule | Sequence[QuantRule]):
     """
     rules = _rules(rules)
     if isinstance(model, nn.Module):
+        if args or kwargs:
+            raise TypeError("quantize_model: a linen model takes no sample call; "
+                            "qmodel.init(key, *args) initialises from data.")
         return QuantizedModel(_Held(model), rules)
     from . import nnx_model
 
-    return nnx_model.quantize_nnx(model, rules)
+    return nnx_model.quantize_nnx(model, rules, *args, **kwargs)
 
 
 def quantization_report(model, rules, *args, **kwargs) -> QuantReport:

@@ -43,7 +43,8 @@ from collections.abc import Callable, Sequence
 
 from pychop_jax import QuantSpec, observers
 
-__all__ = ["QuantRule", "LayerMatch", "QuantReport", "OBSERVERS", "first_match", "output_axis"]
+__all__ = ["QuantRule", "LayerMatch", "QuantReport", "OBSERVERS", "first_match", "output_axis",
+           "uncoverable_error"]
 
 #: observer names a rule accepts
 OBSERVERS: dict[str, Callable] = {
@@ -129,6 +130,17 @@ class QuantRule:
 
     def observer_fn(self) -> Callable:
         return OBSERVERS[self.observer] if isinstance(self.observer, str) else self.observer
+
+
+def uncoverable_error(path: str, layer: object, index: int) -> ValueError:
+    """The error for a layer that rule ``index`` matches but that quantize_model
+    cannot quantize."""
+    return ValueError(
+        f"quantize_model: rule #{index} matches {path!r}, a {type(layer).__module__}."
+        f"{type(layer).__qualname__} with parameters of its own, which quantize_model "
+        "cannot quantize (covered: Dense/Linear, DenseGeneral/LinearGeneral, Einsum, "
+        "Conv, Embed, and modules built from them). Exclude it with an earlier "
+        f"QuantRule({path!r}) without weight/act, or narrow the rule's module_path.")
 
 
 def first_match(rules: Sequence[QuantRule], path: str) -> int | None:

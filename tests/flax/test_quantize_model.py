@@ -17,8 +17,7 @@ import optax
 import pytest
 
 import pychop_jax as pj
-from pychop_jax.flax.quantize_model import (LSQ_PARAMS, STATS, quantization_report,
-                                            quantize_model)
+from pychop_jax.flax.quantize_model import LSQ_PARAMS, STATS, quantization_report, quantize_model
 from pychop_jax.flax.rules import QuantRule
 
 KEY = jax.random.key(0)
@@ -325,3 +324,248 @@ def test_linen_matched_uncoverable_layer_raises_and_can_be_excluded(model, name)
         quantize_model(model, QuantRule(".*", weight=8)).init(KEY, x)
     v = quantize_model(model, [QuantRule("up|custom"), QuantRule(".*", weight=8)]).init(KEY, x)
     assert "fc" in v["params"]
+
+
+# ==== nnx ======================================================================================
+from flax import nnx  # noqa: E402
+
+from pychop_jax.flax.nnx_model import OperandQuant  # noqa: E402
+from pychop_jax.nnx import QuantStats  # noqa: E402
+
+
+class NnxSingle(nnx.Module):
+    """The layer under test at path ``layer``."""
+
+    def __init__(self, layer, method="__call__"):
+        self.layer = layer
+        self.method = method
+
+    def __call__(self, x):
+        return getattr(self.layer, self.method)(x)
+
+
+def nnx_layers():
+    rngs = nnx.Rngs(0)
+    return {
+        "dense": (nnx.Linear(5, 6, rngs=rngs), (3, 5)),
+        "dense_general": (nnx.LinearGeneral(5, (2, 3), rngs=rngs), (2, 4, 5)),
+        "einsum": (nnx.Einsum("btd,dnh->btnh", (5, 2, 3), (2, 3), rngs=rngs), (2, 4, 5)),
+        "conv": (nnx.Conv(3, 4, (3, 3), padding="SAME", rngs=rngs), (2, 6, 6, 3)),
+    }
+
+
+def nnx_reference(layer, x, w_spec, a_spec, calib=None):
+    """A copy of the float layer on the hand-quantized kernel and input."""
+    ref = nnx.clone(layer)
+    ref.kernel[...] = fq(ref.kernel[...], w_spec)
+    xq = x if a_spec is None else fq_with(x, x if calib is None else calib, a_spec)
+    return ref(xq)
+
+
+@pytest.mark.parametrize("kind", ["conv", "dense", "dense_general", "einsum"])
+def test_nnx_layer_equals_hand_fake_quant_train_and_eval(kind):
+    layer, shape = nnx_layers()[kind]
+    x1, x2 = normal(1, shape), normal(2, shape, 2.0)
+    model = NnxSingle(layer)
+    qmodel = quantize_model(model, QuantRule("layer", weight=W8, act=A8, observer="minmax"))
+    assert isinstance(qmodel.layer.promote_dtype, OperandQuant)
+    assert not isinstance(model.layer.promote_dtype, OperandQuant)  # the model is untouched
+    np.testing.assert_allclose(qmodel(x1), nnx_reference(layer, x1, W8, A8), rtol=1e-5, atol=1e-5)
+    qmodel.eval()
+    np.testing.assert_allclose(qmodel(x2), nnx_reference(layer, x2, W8, A8, calib=x1),
+                               rtol=1e-5, atol=1e-5)
+    assert int(qmodel.layer.promote_dtype.input_range.get_value().count) == 1
+
+
+def test_nnx_embed_lookup_and_attend():
+    embed = nnx.Embed(11, 6, rngs=nnx.Rngs(0))
+    ids = jnp.array([[0, 3, 10], [5, 5, 1]])
+    query = normal(3, (2, 3, 6))
+    rule = QuantRule("layer", weight=4, act=A8, observer="minmax")
+    rows = pj.QuantSpec(bits=4, symmetric=True, axis=0)
+    table = fq(embed.embedding[...], rows)
+    look = quantize_model(NnxSingle(embed), rule)
+    np.testing.assert_allclose(look(ids), jnp.take(table, ids, axis=0), rtol=1e-6)
+    attend = quantize_model(NnxSingle(embed, "attend"), rule)
+    np.testing.assert_allclose(attend(query), fq(query, A8) @ table.T, rtol=1e-5, atol=1e-5)
+
+
+class NnxBlock(nnx.Module):
+    def __init__(self, dim, rngs):
+        self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(2, dim, dropout_rate=0.1, decode=False, rngs=rngs)
+        self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
+        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
+        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
+
+    def __call__(self, x):
+        mask = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln2(x))))
+
+
+class NnxTinyLM(nnx.Module):
+    def __init__(self, rngs, vocab=32, dim=16):
+        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
+        self.blocks = nnx.List([NnxBlock(dim, rngs) for _ in range(2)])
+        self.ln_f = nnx.LayerNorm(dim, rngs=rngs)
+
+    def __call__(self, ids):
+        x = self.embed(ids)
+        for block in self.blocks:
+            x = block(x)
+        return self.embed.attend(self.ln_f(x))
+
+
+NNX_RULES = [QuantRule(".*attn/out"), QuantRule(".*", weight=8, act=8),
+             QuantRule("decoder/.*", weight=4)]
+
+
+def nnx_lm():
+    model = NnxTinyLM(nnx.Rngs(0))
+    model.eval()  # no dropout
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return model, quantize_model(model, NNX_RULES)
+
+
+@nnx.jit
+def nnx_forward(model, ids):
+    return model(ids)
+
+
+def test_nnx_model_unchanged_and_params_kept():
+    model, _ = nnx_lm()
+    before = nnx.state(model)
+    y = nnx_forward(model, IDS)
+    model2, qmodel = nnx_lm()
+    np.testing.assert_array_equal(nnx_forward(model2, IDS), y)  # building changes nothing
+    assert jax.tree.structure(nnx.state(model2)) == jax.tree.structure(before)
+    # the copy's params: the model's, plus nothing but the quantizers' (no LSQ here)
+    params = nnx.state(qmodel, nnx.Param)
+    assert jax.tree.structure(params) == jax.tree.structure(nnx.state(model2, nnx.Param))
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(nnx.state(model2, nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    stats = nnx.state(qmodel, QuantStats)
+    assert "query" in stats["blocks"][0]["attn"] and "out" not in stats["blocks"][0]["attn"]
+
+
+def test_nnx_report_and_unmatched_warning():
+    model = NnxTinyLM(nnx.Rngs(0))
+    report = quantization_report(model, NNX_RULES)
+    by_path = report.by_path()
+    assert by_path["blocks/1/attn/out"].rule == 0 and not by_path["blocks/1/attn/out"].quantized
+    assert by_path["blocks/0/attn/value"].layer == "LinearGeneral"
+    assert by_path["blocks/0/attn/value"].rule == 1
+    assert len(report.layers) == 1 + 2 * 6 and report.unmatched == (2,)
+    assert ("ln_f", "LayerNorm") in report.skipped
+    with pytest.warns(UserWarning, match="#2 'decoder/.*' matched no layer"):
+        quantize_model(model, NNX_RULES)
+
+
+def test_nnx_gradients_reach_every_kernel():
+    _, qmodel = nnx_lm()
+
+    @nnx.jit
+    def grads(model):
+        def loss(model):
+            return optax.softmax_cross_entropy_with_integer_labels(model(IDS), IDS).mean()
+        return nnx.grad(loss)(model)
+
+    g = grads(qmodel)
+    flat = jax.tree_util.tree_flatten_with_path(nnx.state(g, nnx.Param))[0]
+    kernels = [(jax.tree_util.keystr(p), v) for p, v in flat
+               if "kernel" in jax.tree_util.keystr(p) or "embedding" in jax.tree_util.keystr(p)]
+    assert len(kernels) == 1 + 2 * 6
+    for name, v in kernels:
+        assert bool(jnp.any(v != 0)), name
+
+
+def test_nnx_train_observes_and_eval_freezes():
+    _, qmodel = nnx_lm()
+    slot = qmodel.blocks[0].mlp_in.promote_dtype
+    assert int(slot.input_range.get_value().count) == 0
+    qmodel.eval()
+    y_first = nnx_forward(qmodel, IDS)  # nothing observed: the batch's own range
+    assert int(slot.input_range.get_value().count) == 0
+    qmodel.train()
+    qmodel.set_attributes(deterministic=True)  # observe, without dropout
+    np.testing.assert_allclose(nnx_forward(qmodel, IDS), y_first, rtol=1e-5, atol=1e-5)
+    assert int(slot.input_range.get_value().count) == 1
+    qmodel.eval()
+    other = 5 * IDS % 32
+    y_eval = nnx_forward(qmodel, other)
+    assert int(slot.input_range.get_value().count) == 1
+    qmodel.train()
+    qmodel.set_attributes(deterministic=True)
+    assert not np.allclose(nnx_forward(qmodel, other), y_eval, atol=1e-4)
+
+
+def test_nnx_lsq_step_sizes_from_the_kernel_and_the_sample_call():
+    layer, shape = nnx_layers()["dense"]
+    x = normal(1, shape)
+    rule = QuantRule("layer", weight=W8, act=A8, lsq=True)
+    unset = quantize_model(NnxSingle(layer), rule)
+    with pytest.raises(ValueError, match="not initialised"):
+        unset(x)
+    qmodel = quantize_model(NnxSingle(layer), rule, x)
+    slot = qmodel.layer.promote_dtype
+    np.testing.assert_allclose(slot.weight_scale[...],
+                               pj.lsq_init(layer.kernel[...], W8).scale.reshape(-1))
+    np.testing.assert_allclose(slot.input_scale[...], pj.lsq_init(x, A8).scale.reshape(()))
+    g = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(qmodel)
+    for leaf in jax.tree.leaves(nnx.state(g.layer.promote_dtype, nnx.Param)):
+        assert bool(jnp.all(jnp.isfinite(leaf))) and bool(jnp.any(leaf != 0))
+
+
+class NnxRaw(nnx.Module):
+    def __init__(self):
+        self.w = nnx.Param(jnp.ones((3, 2)))
+
+    def __call__(self, x):
+        return x @ self.w[...]
+
+
+class NnxWithUncoverable(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(3, 3, rngs=rngs)
+        self.up = nnx.ConvTranspose(3, 2, (3, 3), rngs=rngs)
+        self.custom = NnxRaw()
+
+
+@pytest.mark.parametrize("path, name", [("up", "ConvTranspose"), ("custom", "NnxRaw")])
+def test_nnx_matched_uncoverable_layer_raises_and_can_be_excluded(path, name):
+    model = NnxWithUncoverable(nnx.Rngs(0))
+    other = "custom" if path == "up" else "up"
+    with pytest.raises(ValueError, match=f"rule #1 matches '{path}'.*{name}"):
+        quantize_model(model, [QuantRule(other), QuantRule(".*", weight=8)])
+    qmodel = quantize_model(model, [QuantRule("up|custom"), QuantRule(".*", weight=8)])
+    assert isinstance(qmodel.fc.promote_dtype, OperandQuant)
+    report = quantization_report(model, [QuantRule("up|custom"), QuantRule(".*", weight=8)])
+    assert report.by_path()[path].rule == 0 and report.unmatched == ()
+
+
+def test_nnx_end_to_end_qat_training():
+    _, qmodel = nnx_lm()
+    qmodel.train()
+    optimizer = nnx.Optimizer(qmodel, optax.adam(3e-3), wrt=nnx.Param)
+    targets = jnp.roll(IDS, -1, axis=1)
+
+    @nnx.jit
+    def step(model, optimizer):
+        def loss(model):
+            logits = model(IDS)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+        value, grads = nnx.value_and_grad(loss)(model)
+        optimizer.update(model, grads)
+        return value
+
+    qmodel.set_attributes(deterministic=True)  # dropout needs rngs; keep it off
+    losses = [float(step(qmodel, optimizer)) for _ in range(8)]
+    assert losses[-1] < losses[0]
+    slot = qmodel.blocks[1].attn.query.promote_dtype
+    assert int(slot.input_range.get_value().count) == 8
+    qmodel.eval()
+    assert bool(jnp.all(jnp.isfinite(nnx_forward(qmodel, IDS))))
