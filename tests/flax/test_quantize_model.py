@@ -569,3 +569,71 @@ def test_nnx_end_to_end_qat_training():
     assert int(slot.input_range.get_value().count) == 8
     qmodel.eval()
     assert bool(jnp.all(jnp.isfinite(nnx_forward(qmodel, IDS))))
+
+
+# ==== serving ==================================================================================
+from pychop_jax.flax.serve_model import serve_model  # noqa: E402
+
+SERVE_RULES = [
+    QuantRule(".*mlp_out", weight=pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)),
+    QuantRule(".*attn/out", weight=8),        # weight-only int8 per channel
+    QuantRule(".*", weight=8, act=8),         # integer path (Einsum/Embed.attend: float)
+]
+IS_Q = (pj.IntKernel, pj.QuantizedArray)
+
+
+def test_linen_served_equals_frozen_qat_and_round_trips(tmp_path):
+    qmodel = quantize_model(TinyLM(), SERVE_RULES)
+    v = jax.jit(qmodel.init)(KEY, IDS)
+    _, upd = jax.jit(lambda v: qmodel.apply(v, IDS, mutable=[STATS]))(v)
+    v = {**v, **upd}
+    other = 7 * IDS % 32
+    expected = jax.jit(lambda v: qmodel.apply(v, other))(v)
+    served_fn, served = serve_model(qmodel, v, IDS)
+    block = served["params"]["blocks_0"]
+    assert isinstance(block["mlp_in"]["kernel"], pj.IntKernel)
+    assert block["mlp_in"]["kernel"].input_state is not None  # the observed range
+    assert isinstance(block["attn"]["out"]["kernel"], pj.QuantizedArray)
+    assert block["mlp_out"]["kernel"].packed  # int4 codes stored packed
+    assert isinstance(served["params"]["embed"]["embedding"], pj.IntKernel)
+    assert STATS not in served
+    logits = jax.jit(served_fn)(served, other)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(logits.argmax(-1) == expected.argmax(-1)))
+    path = tmp_path / "served.msgpack"
+    pj.save_quantized(path, served)
+    loaded = pj.load_quantized(path)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(served), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.jit(served_fn)(loaded, other), logits)
+
+
+def test_nnx_served_equals_frozen_qat():
+    model = NnxTinyLM(nnx.Rngs(0))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = quantize_model(model, SERVE_RULES)
+    qmodel.train()
+    qmodel.set_attributes(deterministic=True)
+    nnx_forward(qmodel, IDS)  # observe one batch
+    qmodel.eval()
+    other = 7 * IDS % 32
+    expected = nnx_forward(qmodel, other)
+    served = serve_model(qmodel)
+    assert isinstance(served.blocks[0].mlp_in.kernel[...], pj.IntKernel)
+    assert served.blocks[0].mlp_in.dot_general is pj.int_dot_general
+    assert served.blocks[0].mlp_out.kernel[...].packed
+    assert isinstance(qmodel.blocks[0].mlp_in.promote_dtype, OperandQuant)  # untouched
+    logits = nnx_forward(served, other)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(logits.argmax(-1) == expected.argmax(-1)))
+
+
+def test_serving_an_input_only_rule_raises():
+    layer, shape = LINEN_LAYERS["dense"]
+    x = normal(1, shape)
+    qmodel = quantize_model(Single(layer), QuantRule("layer", act=8))
+    v = qmodel.init(KEY, x)
+    with pytest.raises(ValueError, match="'layer' quantizes only its input"):
+        serve_model(qmodel, v, x)
