@@ -1,0 +1,115 @@
+"""The per-layer math of ``quantize_model``: a layer's operands, fake-quantized.
+
+Every layer ``quantize_model`` covers (linen and nnx ``Dense`` / ``Linear``,
+``DenseGeneral`` / ``LinearGeneral``, ``Einsum``, ``Conv``, ``Embed``) passes the
+operands of its op through its ``promote_dtype`` field right before the op::
+
+    inputs, kernel, bias = self.promote_dtype(inputs, kernel, bias, dtype=...)  # linen
+    inputs, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=...)  # nnx
+    (table,) = self.promote_dtype(table, ...);  query, table = ...(query, table)  # Embed
+
+so the quantized layer keeps its op and its params and gets, in that slot, the
+layer's own ``promote_dtype`` followed by ``quantize_operands``:
+
+* **roles**: one operand is the kernel (the ``Embed`` table); of two or more, the
+  first is the input and the second the kernel (a bias stays float).
+* **kernel**: ``qat.fake_quant_weight``: calibrated on the kernel every call
+  (clipped straight-through gradient), or with a learned step size (``lsq``).
+* **input**: ``qat.observed_fake_quant`` with the layer's ``RangeState`` (the
+  observer updates it when ``train``; otherwise the frozen range, or this batch's
+  estimate while the state has seen nothing), or ``qat.learned_fake_quant``.
+
+The functions are pure; ``quantize_model``'s linen and nnx halves only store the
+state they take and return.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from pychop_jax import QuantSpec, qat
+
+from .rules import QuantRule
+
+__all__ = ["LayerPlan", "roles", "quantize_operands", "init_input_range", "init_weight_step",
+           "init_input_step"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """What a rule means for one layer: resolved specs, observer and mode.
+
+    Attributes:
+      kind: ``"dense"``, ``"dense_general"``, ``"einsum"``, ``"conv"`` or ``"embed"``.
+      weight: the kernel's spec (``None``: float kernel).
+      act: the input's spec (``None``: float input).
+      observer: the input observer (unused with ``lsq``).
+      lsq: learned step sizes for kernel and input.
+    """
+
+    kind: str
+    weight: QuantSpec | None
+    act: QuantSpec | None
+    observer: Callable
+    lsq: bool
+
+    @classmethod
+    def from_rule(cls, rule: QuantRule, kind: str) -> LayerPlan:
+        return cls(kind, rule.weight_spec(kind), rule.act_spec(), rule.observer_fn(), rule.lsq)
+
+    @property
+    def observes(self) -> bool:
+        """The input has an observed range (a ``RangeState`` to keep)."""
+        return self.act is not None and not self.lsq
+
+    @property
+    def learns_weight(self) -> bool:
+        return self.lsq and self.weight is not None
+
+    @property
+    def learns_input(self) -> bool:
+        return self.lsq and self.act is not None
+
+
+def roles(operands) -> tuple[int | None, int]:
+    """``(input index or None, kernel index)`` of a ``promote_dtype`` call's operands."""
+    return (None, 0) if len(operands) == 1 else (0, 1)
+
+
+def init_input_range(plan: LayerPlan):
+    """The empty ``RangeState`` of an observed input (``None`` if not observed)."""
+    return qat.init_stats(plan.act) if plan.observes else None
+
+
+def init_weight_step(plan: LayerPlan, kernel):
+    """LSQ's ``(scale, zero_point)`` from the kernel (``None`` unless learned)."""
+    return qat.init_lsq(kernel, plan.weight) if plan.learns_weight else None
+
+
+def init_input_step(plan: LayerPlan, x):
+    """LSQ's ``(scale, zero_point)`` from an input batch (``None`` unless learned)."""
+    return qat.init_lsq(x, plan.act) if plan.learns_input else None
+
+
+def quantize_operands(plan: LayerPlan, operands, *, input_range=None, weight_step=None,
+                      input_step=None, train: bool = False):
+    """The operands with kernel and input fake-quantized; returns ``(operands,
+    input_range)``, the range updated by the observer when ``train``.
+
+    ``weight_step`` / ``input_step``: the learned ``(scale, zero_point)`` of an ``lsq``
+    plan (compact shapes, ``qat.init_lsq``); ``input_range``: the ``RangeState`` of an
+    observed input.
+    """
+    operands = list(operands)
+    i, w = roles(operands)
+    if plan.weight is not None:
+        learned = weight_step if plan.learns_weight else (None, None)
+        operands[w] = qat.fake_quant_weight(operands[w], plan.weight, *learned)
+    if plan.act is not None and i is not None:
+        if plan.lsq:
+            operands[i] = qat.learned_fake_quant(operands[i], plan.act, *input_step)
+        else:
+            operands[i], input_range = qat.observed_fake_quant(
+                operands[i], input_range, plan.act, plan.observer, train=train)
+    return tuple(operands), input_range

@@ -1,0 +1,218 @@
+"""Quantization rules over module paths, and the report of which rule took which layer.
+
+A ``QuantRule`` says how the layers whose path it matches are quantized::
+
+    rules = [
+        QuantRule("head"),                                   # leave the head in float
+        QuantRule(".*attn/(query|key|value|out)", weight=8, act=8),
+        QuantRule(".*", weight=QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)),
+    ]
+
+* ``module_path`` is a regular expression matched with ``re.fullmatch`` against the
+  layer's path: the names of the modules from the quantized model down to the layer,
+  joined with ``"/"`` (linen: ``"blocks_0/attn/query"``, the scope path; nnx: the
+  attribute path, list indices included, ``"blocks/0/attn/query"``).  Full match, as
+  Qwix does: ``"dense"`` matches the layer ``dense`` only, ``".*dense"`` any path
+  ending in it.
+* The **first** rule that matches a layer decides for it; later rules are not
+  consulted.  A rule with ``weight=None`` and ``act=None`` therefore excludes the
+  layers it matches from every later rule (they stay float).
+* ``weight``: the kernel's quantizer, a ``QuantSpec`` or an int ``b`` (shorthand for
+  ``b``-bit symmetric per output channel, see ``output_axis``); ``None`` keeps the
+  kernel float.  The spec's ``axis`` (and ``group_size``) index the kernel **as Flax
+  stores it**: ``Dense`` / ``nnx.Linear`` ``(in, out)``; ``DenseGeneral`` /
+  ``LinearGeneral`` ``(batch.., in.., out..)``; ``Einsum`` the kernel shape of the
+  layer; ``Conv`` ``(spatial.., in / groups, out)``; ``Embed`` the table ``(vocab,
+  features)``.
+* ``act``: the quantizer of the layer's *input* (per tensor: ``axis=None``), a
+  ``QuantSpec`` or an int ``b`` (``b``-bit affine); ``None`` keeps it float.  An
+  ``Embed`` lookup has integer ids as input, so ``act`` applies to the query of
+  ``Embed.attend`` only.
+* ``observer``: how the input range is tracked, one of ``"minmax"``, ``"ema"``,
+  ``"percentile"``, ``"mse"`` (the ``pychop_jax.observers`` of that name, default
+  options) or any observer callable ``observer(stats, x, spec) -> stats``.
+* ``lsq``: learn the step sizes (and affine zero points) of kernel and input (LSQ /
+  LSQ+) instead of calibrating / observing them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+
+from pychop_jax import QuantSpec, observers
+
+__all__ = ["QuantRule", "LayerMatch", "QuantReport", "OBSERVERS", "first_match", "output_axis",
+           "uncoverable_error"]
+
+#: observer names a rule accepts
+OBSERVERS: dict[str, Callable] = {
+    "minmax": observers.minmax,
+    "ema": observers.ema,
+    "percentile": observers.percentile,
+    "mse": observers.mse,
+}
+
+#: the kernel axis of one output channel per layer kind (``int`` weight shorthand):
+#: the last output axis of Dense / DenseGeneral / Einsum / Conv kernels, the rows
+#: (tokens) of an Embed table, which are ``attend``'s output channels
+_OUTPUT_AXIS = {"dense": -1, "dense_general": -1, "einsum": -1, "conv": -1, "embed": 0}
+
+
+def output_axis(kind: str) -> int:
+    """The kernel axis an ``int`` weight shorthand quantizes per channel for a layer
+    of ``kind`` (``"dense"``, ``"dense_general"``, ``"einsum"``, ``"conv"``,
+    ``"embed"``)."""
+    return _OUTPUT_AXIS[kind]
+
+
+def _spec(value, field: str, shorthand: Callable[[int], QuantSpec]):
+    if value is None or isinstance(value, QuantSpec):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        shorthand(value)  # validates the bit width now
+        return value
+    raise TypeError(f"QuantRule.{field} must be a QuantSpec, an int (bits) or None; "
+                    f"got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRule:
+    """How the layers whose path matches ``module_path`` are quantized (see the module
+    docstring).
+
+    Raises:
+      re.error: ``module_path`` is not a regular expression.
+      TypeError / ValueError: a bad ``weight`` / ``act`` / ``observer``.
+    """
+
+    module_path: str
+    weight: QuantSpec | int | None = None
+    act: QuantSpec | int | None = None
+    observer: str | Callable = "ema"
+    lsq: bool = False
+
+    def __post_init__(self):
+        re.compile(self.module_path)
+        _spec(self.weight, "weight", lambda b: QuantSpec(bits=b, symmetric=True))
+        _spec(self.act, "act", lambda b: QuantSpec(bits=b))
+        if isinstance(self.act, QuantSpec) and self.act.axis is not None:
+            raise ValueError(
+                f"QuantRule({self.module_path!r}).act has axis={self.act.axis}: inputs are "
+                "quantized per tensor (one observed range); use axis=None.")
+        if isinstance(self.observer, str):
+            if self.observer not in OBSERVERS:
+                raise ValueError(f"QuantRule.observer={self.observer!r}: choose one of "
+                                 f"{sorted(OBSERVERS)} or pass an observer function.")
+        elif not callable(self.observer):
+            raise TypeError(f"QuantRule.observer must be a name or a callable; "
+                            f"got {self.observer!r}.")
+
+    @property
+    def quantizes(self) -> bool:
+        """False for an exclusion rule (both ``weight`` and ``act`` are ``None``)."""
+        return self.weight is not None or self.act is not None
+
+    def matches(self, path: str) -> bool:
+        return re.fullmatch(self.module_path, path) is not None
+
+    def weight_spec(self, kind: str) -> QuantSpec | None:
+        """The kernel's spec for a layer of ``kind`` (an int becomes symmetric per
+        output channel, ``output_axis(kind)``)."""
+        if isinstance(self.weight, int):
+            return QuantSpec(bits=self.weight, symmetric=True, axis=output_axis(kind))
+        return self.weight
+
+    def act_spec(self) -> QuantSpec | None:
+        """The input's spec (an int becomes an affine per-tensor spec)."""
+        return QuantSpec(bits=self.act) if isinstance(self.act, int) else self.act
+
+    def observer_fn(self) -> Callable:
+        return OBSERVERS[self.observer] if isinstance(self.observer, str) else self.observer
+
+
+def uncoverable_error(path: str, layer: object, index: int) -> ValueError:
+    """The error for a layer that rule ``index`` matches but that quantize_model
+    cannot quantize."""
+    return ValueError(
+        f"quantize_model: rule #{index} matches {path!r}, a {type(layer).__module__}."
+        f"{type(layer).__qualname__} with parameters of its own, which quantize_model "
+        "cannot quantize (covered: Dense/Linear, DenseGeneral/LinearGeneral, Einsum, "
+        "Conv, Embed, and modules built from them). Exclude it with an earlier "
+        f"QuantRule({path!r}) without weight/act, or narrow the rule's module_path.")
+
+
+def first_match(rules: Sequence[QuantRule], path: str) -> int | None:
+    """Index of the first rule matching ``path``, or ``None``."""
+    for i, rule in enumerate(rules):
+        if rule.matches(path):
+            return i
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerMatch:
+    """One coverable layer of the model.
+
+    Attributes:
+      path: the layer's path (as the rules see it).
+      layer: the layer's class name (``"Dense"``, ``"LinearGeneral"``, ...).
+      rule: index of the rule that took it, ``None`` if no rule matched.
+      quantized: whether that rule quantizes anything (not an exclusion rule).
+    """
+
+    path: str
+    layer: str
+    rule: int | None
+    quantized: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantReport:
+    """Which rule took which layer.
+
+    Attributes:
+      rules: the rules, in order.
+      layers: every coverable layer (each path once, in call / graph order), and
+        the uncoverable ones that an exclusion rule took.
+      skipped: ``(path, class name)`` of normalization layers a quantizing rule
+        matched; they stay float (their params are scales, not matmul weights).
+      unmatched: indices of the rules that took no layer.
+    """
+
+    rules: tuple[QuantRule, ...]
+    layers: tuple[LayerMatch, ...]
+    skipped: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def unmatched(self) -> tuple[int, ...]:
+        used = {m.rule for m in self.layers}
+        return tuple(i for i in range(len(self.rules)) if i not in used)
+
+    def by_path(self) -> dict[str, LayerMatch]:
+        return {m.path: m for m in self.layers}
+
+    def warning(self) -> str | None:
+        """A message naming the rules that took no layer, or ``None``."""
+        if not self.unmatched:
+            return None
+        names = ", ".join(f"#{i} {self.rules[i].module_path!r}" for i in self.unmatched)
+        return f"quantize_model: rule(s) {names} matched no layer."
+
+    @classmethod
+    def collect(cls, rules, entries) -> QuantReport:
+        """A report from ``(path, class name, rule index, kind)`` entries
+        (``kind is None``: a skipped normalization layer; ``"excluded"``: a layer
+        quantize_model cannot cover, taken by an exclusion rule); repeated paths once."""
+        layers, skipped, seen = [], [], set()
+        for path, name, index, kind in entries:
+            if path in seen:
+                continue
+            seen.add(path)
+            if kind is None:
+                skipped.append((path, name))
+            else:  # a covered layer, or an uncoverable one that a rule excludes
+                quantized = index is not None and rules[index].quantizes
+                layers.append(LayerMatch(path, name, index, quantized))
+        return cls(tuple(rules), tuple(layers), tuple(skipped))

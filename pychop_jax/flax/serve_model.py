@@ -1,0 +1,230 @@
+"""``serve_model``: from a ``quantize_model`` model to codes + scales.
+
+::
+
+    served_fn, served_vars = serve_model(qmodel, variables, x)   # linen (x: sample call)
+    logits = jax.jit(served_fn)(served_vars, x)
+    pj.save_quantized(path, served_vars); served_vars = pj.load_quantized(path)
+
+    served = serve_model(qmodel)                                # nnx: a served copy
+    logits = served(x)
+
+Every quantized layer's kernel becomes (``served_kernel``)
+
+* an ``IntKernel`` (a rule with ``weight`` and ``act``): the kernel's codes and
+  scales, quantized exactly as the QAT layer fake-quantizes it (calibrated, or its
+  learned LSQ step size), plus the static quantizer of its input (the observer's
+  frozen range, or the learned step size; ``None`` -- calibrate per call -- while the
+  observer has seen nothing, which is what the QAT evaluation does for ``minmax`` /
+  ``ema``);
+* a ``QuantizedArray`` (a weight-only rule: int8 per channel, int4 per group, ...).
+
+Codes of 4 bits or fewer are stored packed and unpacked inside the computation
+(``served_fn`` unpacks the variables first: linen checks a kernel's shape against
+the layer's).
+
+How the served layers compute:
+
+* ``Dense`` / ``DenseGeneral`` / ``Conv`` (linen and nnx) with an ``IntKernel``:
+  the integer path, their op slot set to ``pj.int_dot_general`` /
+  ``pj.int_conv_general_dilated`` and ``promote_dtype`` to ``pj.promote_dtype``.
+* everything else -- weight-only layers, ``Einsum`` and ``Embed.attend`` with an
+  ``IntKernel`` (linen's ``Einsum`` has no op slot) -- keeps its float op with
+  ``promote_dtype`` = ``served_operands``: the input fake-quantized with the stored
+  quantizer (if any), the weights dequantized, inside the jitted computation.
+
+Either way the served output equals the QAT model's frozen evaluation up to float
+summation order.  A rule that quantizes only the input cannot be served (an integer
+product needs integer weights): ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+
+import pychop_jax as pj
+from pychop_jax import observers, qat
+
+from .operands import LayerPlan, roles
+from .quantize_model import LSQ_PARAMS, STATS, QuantizedModel, _LinenOperands
+
+__all__ = ["serve_model", "served_kernel", "served_operands"]
+
+_INT_OPS = {"dense": ("dot_general", pj.int_dot_general),
+            "dense_general": ("dot_general", pj.int_dot_general),
+            "conv": ("conv_general_dilated", pj.int_conv_general_dilated)}
+_KERNEL = {"embed": "embedding"}
+
+
+def served_kernel(path: str, plan: LayerPlan, kernel, *, input_range=None, weight_step=None,
+                  input_step=None):
+    """The served form of one layer's kernel (``IntKernel`` or ``QuantizedArray``,
+    packed when <= 4 bits).  ``input_range`` / ``weight_step`` / ``input_step``: the
+    layer's observed ``RangeState`` / learned ``(scale, zero_point)`` s."""
+    if plan.weight is None:
+        raise ValueError(f"serve_model: {path!r} quantizes only its input; serving needs "
+                         "quantized weights (give its rule a weight spec).")
+    if weight_step is None:
+        w_state = pj.calibrate(kernel, plan.weight)
+    else:
+        w_state = qat.learned_state(kernel.shape, plan.weight, *weight_step)
+    weights = pj.QuantizedArray.quantize(kernel, plan.weight, state=w_state, pack="auto")
+    if plan.act is None:
+        return weights
+    state = None
+    if input_step is not None:
+        state = qat.learned_state((1,), plan.act, *input_step)
+    elif input_range is not None and int(input_range.count) > 0:
+        state = observers.quant_state(input_range, plan.act)
+    return pj.IntKernel(weights, state, plan.act)
+
+
+def served_operands(*args, **kwargs):
+    """A served layer's ``promote_dtype`` (linen and nnx calling conventions): the
+    input fake-quantized with an ``IntKernel``'s stored quantizer (calibrated on the
+    input when it has none), the weights dequantized, then ``pj.promote_dtype``."""
+    as_tuple = len(args) == 1 and isinstance(args[0], tuple)
+    operands = list(args[0] if as_tuple else args)
+    i, w = roles(operands)
+    kernel = operands[w]
+    if isinstance(kernel, pj.IntKernel):
+        if i is not None:
+            x = operands[i]
+            state = kernel.input_state or pj.calibrate(x, kernel.input_spec)
+            operands[i] = pj.fake_quant(x, state)
+        kernel = kernel.weights
+    if isinstance(kernel, pj.QuantizedArray):
+        operands[w] = kernel.dequantize()
+    promoted = pj.promote_dtype(tuple(operands), **kwargs)
+    return promoted if as_tuple else list(promoted)
+
+
+def _slots(kind: str, kernel) -> dict:
+    """The field values that make a stock layer serve ``kernel``."""
+    if isinstance(kernel, pj.IntKernel) and kind in _INT_OPS:
+        op_name, op = _INT_OPS[kind]
+        return {op_name: op, "promote_dtype": pj.promote_dtype}
+    return {"promote_dtype": served_operands}
+
+
+def _unpacked(tree):
+    is_q = lambda a: isinstance(a, (pj.QuantizedArray, pj.IntKernel))  # noqa: E731
+    return jax.tree.map(lambda a: a.unpack() if is_q(a) else a, tree, is_leaf=is_q)
+
+
+# ==== linen ===================================================================================
+def _subtree(tree, path: str):
+    for key in filter(None, path.split("/")):
+        tree = tree.get(key, {}) if hasattr(tree, "get") else {}
+    return tree
+
+
+def _linen_plans(qmodel: QuantizedModel, variables, args, kwargs) -> dict[str, LayerPlan]:
+    """Path -> plan of every quantized layer one evaluation call reaches."""
+    plans = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        slot = getattr(context.module, "promote_dtype", None)
+        if isinstance(slot, _LinenOperands):  # the quantizing clone of a layer
+            plans["/".join(context.module.path)] = slot.plan
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: qmodel.apply(v, *args, **kwargs), variables)
+    return plans
+
+
+def _serve_interceptor(next_fun, args, kwargs, context):
+    module = context.module
+    kind = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Einsum: "einsum",
+            nn.Conv: "conv", nn.Embed: "embed"}.get(type(module))
+    if kind is None or context.method_name not in ("__call__", "attend") \
+            or module.promote_dtype in (pj.promote_dtype, served_operands):
+        return next_fun(*args, **kwargs)
+    kernel = module.scope.get_variable("params", _KERNEL.get(kind, "kernel"))
+    if not isinstance(kernel, (pj.IntKernel, pj.QuantizedArray)):
+        return next_fun(*args, **kwargs)
+    clone = module.clone(parent=module.scope.rewound(), **_slots(kind, kernel))
+    return getattr(clone, context.method_name)(*args, **kwargs)
+
+
+def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
+    plans = _linen_plans(qmodel, variables, args, kwargs)
+    params = _as_dicts(variables["params"])  # a copy to edit
+    stats, lsq = variables.get(STATS, {}), variables.get(LSQ_PARAMS, {})
+    for path, plan in plans.items():
+        node = _subtree(params, path)
+        name = _KERNEL.get(plan.kind, "kernel")
+        learned = _subtree(lsq, path)
+        node[name] = served_kernel(
+            path, plan, node[name], input_range=_subtree(stats, path).get("input_range"),
+            weight_step=_step(learned, "weight") if plan.learns_weight else None,
+            input_step=_step(learned, "input") if plan.learns_input else None)
+    model = qmodel.float_model
+
+    def served_fn(served_vars, *call_args, **call_kwargs):
+        with nn.intercept_methods(_serve_interceptor):
+            return model.apply(_unpacked(served_vars), *call_args, **call_kwargs)
+
+    return served_fn, {"params": params}
+
+
+def _step(learned, prefix: str):
+    return learned[f"{prefix}_scale"], learned.get(f"{prefix}_zero_point")
+
+
+def _as_dicts(tree):
+    if hasattr(tree, "items"):
+        return {k: _as_dicts(v) for k, v in tree.items()}
+    return tree
+
+
+# ==== nnx ======================================================================================
+def _serve_nnx(qmodel):
+    from flax import nnx
+
+    from .nnx_model import _KERNEL as NNX_KERNEL
+    from .nnx_model import OperandQuant
+
+    served = nnx.clone(qmodel)
+    layers = [(p, m) for p, m in nnx.iter_modules(served)
+              if isinstance(getattr(m, "promote_dtype", None), OperandQuant)]
+    for path, layer in layers:
+        slot = layer.promote_dtype
+        plan = slot.plan
+        name = NNX_KERNEL.get(plan.kind, "kernel")
+        step = lambda s, z: None if s is None else (s[...], None if z is None else z[...])  # noqa: E731
+        kernel = served_kernel(
+            "/".join(map(str, path)), plan, getattr(layer, name)[...],
+            input_range=None if slot.input_range is None else slot.input_range.get_value(),
+            weight_step=step(slot.weight_scale, slot.weight_zero_point),
+            input_step=step(slot.input_scale, slot.input_zero_point))
+        setattr(layer, name, nnx.Param(kernel))
+        delattr(layer, "promote_dtype")  # a data node (the OperandQuant) becomes static
+        for field, value in _slots(plan.kind, kernel).items():
+            if field != "promote_dtype":
+                delattr(layer, field)
+            setattr(layer, field, value)
+    return served
+
+
+def serve_model(qmodel, variables=None, *args, **kwargs):
+    """The served form of a ``quantize_model`` model (see the module docstring).
+
+    linen: ``serve_model(qmodel, variables, *args, **kwargs)`` -> ``(served_fn,
+    served_vars)``; ``args`` / ``kwargs`` are a sample call (abstractly evaluated to
+    find the quantized layers), ``served_vars`` is ``{"params": ...}`` with
+    ``IntKernel`` / ``QuantizedArray`` kernels (packed <= 4-bit codes) and
+    ``served_fn(served_vars, *args, **kwargs)`` runs the model.
+    nnx: ``serve_model(qmodel)`` -> a served copy (``qmodel`` is not modified).
+    """
+    if isinstance(qmodel, QuantizedModel):
+        if variables is None:
+            raise TypeError("serve_model(qmodel, variables, *sample_args): linen needs the "
+                            "trained variables and a sample call.")
+        return _serve_linen(qmodel, variables, *args, **kwargs)
+    if variables is not None or args or kwargs:
+        raise TypeError("serve_model(qmodel): an nnx model carries its own state.")
+    return _serve_nnx(qmodel)
+
