@@ -26,6 +26,8 @@ from .core.spec import QuantSpec
 from .core.state import QuantState
 from .flax import qat
 from .flax import serialization as _serialization  # noqa: F401  (registers the pytrees)
+from .flax.quantize_model import quantization_report, quantize_model
+from .flax.rules import QuantReport, QuantRule
 from .serving.checkpoint import load_quantized, save_quantized
 from .serving.int_matmul import (
     IntKernel,
@@ -35,6 +37,7 @@ from .serving.int_matmul import (
     promote_dtype,
 )
 from .serving.ptq import PTQReport, dequantize_params, quantize_params
+from .serving.serve_model import serve_model
 
 __version__ = "0.1.0"
 
@@ -58,6 +61,11 @@ __all__ = [
     "promote_dtype",
     "save_quantized",
     "load_quantized",
+    "QuantRule",
+    "QuantReport",
+    "quantize_model",
+    "quantization_report",
+    "serve_model",
     "observers",
     "qat",
     "serving",

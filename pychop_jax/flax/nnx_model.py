@@ -27,14 +27,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pychop_jax import qat
-from pychop_jax.nnx import QuantStats
-
+from . import qat
+from .nnx import QuantStats
 from .operands import (
     LayerPlan,
     init_input_range,
     init_input_step,
     init_weight_step,
+    kernel_name,
     quantize_operands,
     roles,
 )
@@ -45,9 +45,6 @@ __all__ = ["OperandQuant", "quantize_nnx", "report_nnx"]
 _KINDS = {nnx.Linear: "dense", nnx.LinearGeneral: "dense_general", nnx.Einsum: "einsum",
           nnx.Conv: "conv", nnx.Embed: "embed"}
 _NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm)
-_KERNEL = {"embed": "embedding"}
-
-
 def _params(step):
     """``(scale, zero_point)`` as ``nnx.Param`` s (``None`` stays ``None``)."""
     scale, zero_point = step
@@ -164,7 +161,7 @@ def quantize_nnx(model, rules, *args, **kwargs):
         if isinstance(layer.promote_dtype, OperandQuant):
             raise ValueError(f"quantize_model: {path!r} is quantized already.")
         plan = LayerPlan.from_rule(rules[index], kind)
-        kernel = getattr(layer, _KERNEL.get(kind, "kernel"))[...]
+        kernel = getattr(layer, kernel_name(kind))[...]
         slot = OperandQuant(layer.promote_dtype, plan, kernel)
         delattr(layer, "promote_dtype")  # a static function becomes a data node
         layer.promote_dtype = nnx.data(slot)

@@ -28,12 +28,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from pychop_jax import QuantSpec, qat
-
+from ..core.spec import QuantSpec
+from . import qat
 from .rules import QuantRule
 
 __all__ = ["LayerPlan", "roles", "quantize_operands", "init_input_range", "init_weight_step",
-           "init_input_step"]
+           "init_input_step", "kernel_name"]
+
+
+def kernel_name(kind: str) -> str:
+    """The parameter that holds a covered layer's weight (``Embed``: its table)."""
+    return "embedding" if kind == "embed" else "kernel"
 
 
 @dataclasses.dataclass(frozen=True)

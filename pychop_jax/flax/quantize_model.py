@@ -77,7 +77,8 @@ from .operands import (
 )
 from .rules import QuantReport, QuantRule, first_match, uncoverable_error
 
-__all__ = ["quantize_model", "quantization_report", "QuantizedModel", "STATS", "LSQ_PARAMS"]
+__all__ = ["quantize_model", "quantization_report", "QuantizedModel", "LinenOperands", "STATS",
+           "LSQ_PARAMS"]
 
 #: linen collection of the observers' ranges
 STATS = "quant_stats"
@@ -100,7 +101,7 @@ _LINEN_METHODS = ("__call__", "attend")
 _LINEN_NORMS = (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm, nn.GroupNorm)
 
 
-class _LinenOperands:
+class LinenOperands:
     """A linen layer's ``promote_dtype`` slot: its own ``promote_dtype``, then
     ``quantize_operands`` with the variables of the layer's ``scope``."""
 
@@ -166,7 +167,7 @@ class _LinenInterceptor:
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
         kind = _LINEN_KINDS.get(type(module))
-        if kind is not None and isinstance(module.promote_dtype, _LinenOperands):
+        if kind is not None and isinstance(module.promote_dtype, LinenOperands):
             return next_fun(*args, **kwargs)  # the quantized clone itself
         path = self._path(module)
         if path is None or (kind is None and method != "__call__"):
@@ -178,7 +179,7 @@ class _LinenInterceptor:
             if not quantizing:
                 return next_fun(*args, **kwargs)
             scope = module.scope.rewound()
-            slot = _LinenOperands(module.promote_dtype,
+            slot = LinenOperands(module.promote_dtype,
                                   LayerPlan.from_rule(self.rules[index], kind), scope)
             clone = module.clone(parent=scope, promote_dtype=slot)
             return getattr(clone, method)(*args, **kwargs)

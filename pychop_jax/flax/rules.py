@@ -41,7 +41,8 @@ import dataclasses
 import re
 from collections.abc import Callable, Sequence
 
-from pychop_jax import QuantSpec, observers
+from ..core import observers
+from ..core.spec import QuantSpec
 
 __all__ = ["QuantRule", "LayerMatch", "QuantReport", "OBSERVERS", "first_match", "output_axis",
            "uncoverable_error"]

@@ -572,7 +572,7 @@ def test_nnx_end_to_end_qat_training():
 
 
 # ==== serving ==================================================================================
-from pychop_jax.flax.serve_model import serve_model  # noqa: E402
+from pychop_jax.serving.serve_model import serve_model  # noqa: E402
 
 SERVE_RULES = [
     QuantRule(".*mlp_out", weight=pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)),

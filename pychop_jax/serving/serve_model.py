@@ -4,7 +4,7 @@
 
     served_fn, served_vars = serve_model(qmodel, variables, x)   # linen (x: sample call)
     logits = jax.jit(served_fn)(served_vars, x)
-    pj.save_quantized(path, served_vars); served_vars = pj.load_quantized(path)
+    save_quantized(path, served_vars); served_vars = load_quantized(path)
 
     served = serve_model(qmodel)                                # nnx: a served copy
     logits = served(x)
@@ -26,8 +26,8 @@ the layer's).
 How the served layers compute:
 
 * ``Dense`` / ``DenseGeneral`` / ``Conv`` (linen and nnx) with an ``IntKernel``:
-  the integer path, their op slot set to ``pj.int_dot_general`` /
-  ``pj.int_conv_general_dilated`` and ``promote_dtype`` to ``pj.promote_dtype``.
+  the integer path, their op slot set to ``int_dot_general`` /
+  ``int_conv_general_dilated`` and ``promote_dtype`` to ``promote_dtype``.
 * everything else -- weight-only layers, ``Einsum`` and ``Embed.attend`` with an
   ``IntKernel`` (linen's ``Einsum`` has no op slot) -- keeps its float op with
   ``promote_dtype`` = ``served_operands``: the input fake-quantized with the stored
@@ -43,18 +43,19 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-import pychop_jax as pj
-from pychop_jax import observers, qat
-
-from .operands import LayerPlan, roles
-from .quantize_model import LSQ_PARAMS, STATS, QuantizedModel, _LinenOperands
+from ..core import observers
+from ..core.ops import calibrate, fake_quant
+from ..core.qarray import QuantizedArray
+from ..flax import qat
+from ..flax.operands import LayerPlan, kernel_name, roles
+from ..flax.quantize_model import LSQ_PARAMS, STATS, LinenOperands, QuantizedModel
+from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
 
 __all__ = ["serve_model", "served_kernel", "served_operands"]
 
-_INT_OPS = {"dense": ("dot_general", pj.int_dot_general),
-            "dense_general": ("dot_general", pj.int_dot_general),
-            "conv": ("conv_general_dilated", pj.int_conv_general_dilated)}
-_KERNEL = {"embed": "embedding"}
+_INT_OPS = {"dense": ("dot_general", int_dot_general),
+            "dense_general": ("dot_general", int_dot_general),
+            "conv": ("conv_general_dilated", int_conv_general_dilated)}
 
 
 def served_kernel(path: str, plan: LayerPlan, kernel, *, input_range=None, weight_step=None,
@@ -66,10 +67,10 @@ def served_kernel(path: str, plan: LayerPlan, kernel, *, input_range=None, weigh
         raise ValueError(f"serve_model: {path!r} quantizes only its input; serving needs "
                          "quantized weights (give its rule a weight spec).")
     if weight_step is None:
-        w_state = pj.calibrate(kernel, plan.weight)
+        w_state = calibrate(kernel, plan.weight)
     else:
         w_state = qat.learned_state(kernel.shape, plan.weight, *weight_step)
-    weights = pj.QuantizedArray.quantize(kernel, plan.weight, state=w_state, pack="auto")
+    weights = QuantizedArray.quantize(kernel, plan.weight, state=w_state, pack="auto")
     if plan.act is None:
         return weights
     state = None
@@ -77,39 +78,39 @@ def served_kernel(path: str, plan: LayerPlan, kernel, *, input_range=None, weigh
         state = qat.learned_state((1,), plan.act, *input_step)
     elif input_range is not None and int(input_range.count) > 0:
         state = observers.quant_state(input_range, plan.act)
-    return pj.IntKernel(weights, state, plan.act)
+    return IntKernel(weights, state, plan.act)
 
 
 def served_operands(*args, **kwargs):
     """A served layer's ``promote_dtype`` (linen and nnx calling conventions): the
     input fake-quantized with an ``IntKernel``'s stored quantizer (calibrated on the
-    input when it has none), the weights dequantized, then ``pj.promote_dtype``."""
+    input when it has none), the weights dequantized, then ``promote_dtype``."""
     as_tuple = len(args) == 1 and isinstance(args[0], tuple)
     operands = list(args[0] if as_tuple else args)
     i, w = roles(operands)
     kernel = operands[w]
-    if isinstance(kernel, pj.IntKernel):
+    if isinstance(kernel, IntKernel):
         if i is not None:
             x = operands[i]
-            state = kernel.input_state or pj.calibrate(x, kernel.input_spec)
-            operands[i] = pj.fake_quant(x, state)
+            state = kernel.input_state or calibrate(x, kernel.input_spec)
+            operands[i] = fake_quant(x, state)
         kernel = kernel.weights
-    if isinstance(kernel, pj.QuantizedArray):
+    if isinstance(kernel, QuantizedArray):
         operands[w] = kernel.dequantize()
-    promoted = pj.promote_dtype(tuple(operands), **kwargs)
+    promoted = promote_dtype(tuple(operands), **kwargs)
     return promoted if as_tuple else list(promoted)
 
 
 def _slots(kind: str, kernel) -> dict:
     """The field values that make a stock layer serve ``kernel``."""
-    if isinstance(kernel, pj.IntKernel) and kind in _INT_OPS:
+    if isinstance(kernel, IntKernel) and kind in _INT_OPS:
         op_name, op = _INT_OPS[kind]
-        return {op_name: op, "promote_dtype": pj.promote_dtype}
+        return {op_name: op, "promote_dtype": promote_dtype}
     return {"promote_dtype": served_operands}
 
 
 def _unpacked(tree):
-    is_q = lambda a: isinstance(a, (pj.QuantizedArray, pj.IntKernel))  # noqa: E731
+    is_q = lambda a: isinstance(a, (QuantizedArray, IntKernel))  # noqa: E731
     return jax.tree.map(lambda a: a.unpack() if is_q(a) else a, tree, is_leaf=is_q)
 
 
@@ -126,7 +127,7 @@ def _linen_plans(qmodel: QuantizedModel, variables, args, kwargs) -> dict[str, L
 
     def record(next_fun, call_args, call_kwargs, context):
         slot = getattr(context.module, "promote_dtype", None)
-        if isinstance(slot, _LinenOperands):  # the quantizing clone of a layer
+        if isinstance(slot, LinenOperands):  # the quantizing clone of a layer
             plans["/".join(context.module.path)] = slot.plan
         return next_fun(*call_args, **call_kwargs)
 
@@ -140,10 +141,10 @@ def _serve_interceptor(next_fun, args, kwargs, context):
     kind = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Einsum: "einsum",
             nn.Conv: "conv", nn.Embed: "embed"}.get(type(module))
     if kind is None or context.method_name not in ("__call__", "attend") \
-            or module.promote_dtype in (pj.promote_dtype, served_operands):
+            or module.promote_dtype in (promote_dtype, served_operands):
         return next_fun(*args, **kwargs)
-    kernel = module.scope.get_variable("params", _KERNEL.get(kind, "kernel"))
-    if not isinstance(kernel, (pj.IntKernel, pj.QuantizedArray)):
+    kernel = module.scope.get_variable("params", kernel_name(kind))
+    if not isinstance(kernel, (IntKernel, QuantizedArray)):
         return next_fun(*args, **kwargs)
     clone = module.clone(parent=module.scope.rewound(), **_slots(kind, kernel))
     return getattr(clone, context.method_name)(*args, **kwargs)
@@ -155,7 +156,7 @@ def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
     stats, lsq = variables.get(STATS, {}), variables.get(LSQ_PARAMS, {})
     for path, plan in plans.items():
         node = _subtree(params, path)
-        name = _KERNEL.get(plan.kind, "kernel")
+        name = kernel_name(plan.kind)
         learned = _subtree(lsq, path)
         node[name] = served_kernel(
             path, plan, node[name], input_range=_subtree(stats, path).get("input_range"),
@@ -184,8 +185,7 @@ def _as_dicts(tree):
 def _serve_nnx(qmodel):
     from flax import nnx
 
-    from .nnx_model import _KERNEL as NNX_KERNEL
-    from .nnx_model import OperandQuant
+    from ..flax.nnx_model import OperandQuant
 
     served = nnx.clone(qmodel)
     layers = [(p, m) for p, m in nnx.iter_modules(served)
@@ -193,7 +193,7 @@ def _serve_nnx(qmodel):
     for path, layer in layers:
         slot = layer.promote_dtype
         plan = slot.plan
-        name = NNX_KERNEL.get(plan.kind, "kernel")
+        name = kernel_name(plan.kind)
         step = lambda s, z: None if s is None else (s[...], None if z is None else z[...])  # noqa: E731
         kernel = served_kernel(
             "/".join(map(str, path)), plan, getattr(layer, name)[...],
