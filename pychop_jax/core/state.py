@@ -42,6 +42,18 @@ class QuantState:
         """Shape of ``scale`` and ``zero_point``."""
         return tuple(self.scale.shape)
 
+    def learnable(self) -> QuantState:
+        """This state with a float zero point (code units), for ``jax.grad``.
+
+        ``jax.grad`` refuses integer leaves, such as the int32 zero point of
+        ``calibrate``; ``jax.grad(loss)(state.learnable())`` differentiates both
+        leaves of ``fake_quant(x, state, grad='lsq')``.  Quantizers round a float zero
+        point half-to-even, so the codes are unchanged.  ``lsq_init`` returns such a
+        state initialised with LSQ's step size.
+        """
+        return self.replace(zero_point=jax.numpy.asarray(self.zero_point,
+                                                         dtype=self.scale.dtype))
+
     def replace(self, **changes) -> QuantState:
         """A copy with some fields replaced (``dataclasses.replace``)."""
         return dataclasses.replace(self, **changes)

@@ -370,17 +370,23 @@ def _neighbours(fmt, v):
     return vals[i], vals[min(i + 1, len(vals) - 1)]
 
 
+def _rounded_many(fmt, v, rounding, seed, n=4096):
+    """``v`` (clipped to the format's range, float32) and ``n`` stochastic roundings
+    of it with the noise of ``seed``, as float64."""
+    v = np.float32(np.clip(np.float32(v), -fmt.max_finite, fmt.max_finite))
+    noise = np.random.default_rng(seed).integers(0, 2 ** 32, n, dtype=np.uint64).astype(
+        np.uint32)
+    got = round_to_format(xnp, np.full(n, v, np.float32), fmt, rounding=rounding,
+                          noise=noise)
+    return v, got.astype(np.float64)
+
+
 @settings(max_examples=40)
 @given(st.sampled_from(STOCH_FORMATS[:4]), st.floats(-1.0, 1.0, width=32),
        st.integers(-12, 4), st.integers(0, 2 ** 32 - 1))
 def test_stochastic_is_unbiased(fmt, mant, exp2, seed):
-    v = np.float32(np.ldexp(mant, exp2))
-    v = np.float32(np.clip(v, -fmt.max_finite, fmt.max_finite))
-    n = 4096
-    noise = np.random.default_rng(seed).integers(0, 2 ** 32, n, dtype=np.uint64).astype(
-        np.uint32)
-    got = round_to_format(xnp, np.full(n, v, np.float32), fmt, rounding="stochastic",
-                          noise=noise).astype(np.float64)
+    v, got = _rounded_many(fmt, np.ldexp(mant, exp2), "stochastic", seed)
+    n = got.size
     lo, hi = _neighbours(fmt, float(v))
     assert set(np.abs(got)) <= {lo, hi}
     p = (abs(float(v)) - lo) / (hi - lo) if hi > lo else 0.0
@@ -392,12 +398,8 @@ def test_stochastic_is_unbiased(fmt, mant, exp2, seed):
 @given(st.sampled_from(STOCH_FORMATS[:4]), st.floats(-400.0, 400.0, width=32),
        st.integers(0, 2 ** 32 - 1))
 def test_stochastic_equal_picks_each_neighbour_half_the_time(fmt, v, seed):
-    v = np.float32(np.clip(v, -fmt.max_finite, fmt.max_finite))
-    n = 4096
-    noise = np.random.default_rng(seed).integers(0, 2 ** 32, n, dtype=np.uint64).astype(
-        np.uint32)
-    got = round_to_format(xnp, np.full(n, v, np.float32), fmt, rounding="stochastic_equal",
-                          noise=noise).astype(np.float64)
+    v, got = _rounded_many(fmt, v, "stochastic_equal", seed)
+    n = got.size
     lo, hi = _neighbours(fmt, float(v))
     if lo == abs(float(v)):
         assert np.all(got == float(v))

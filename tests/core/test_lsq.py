@@ -163,3 +163,17 @@ def test_closed_over_input_inside_jit_is_treated_as_traced():
     np.testing.assert_array_equal(y, pj.fake_quant(x, state))
     cal = jax.jit(lambda: pj.calibrate(x, SYM3).scale)()
     np.testing.assert_array_equal(cal, pj.calibrate(x, SYM3).scale)
+
+
+def test_a_calibrated_state_made_learnable_differentiates_both_leaves():
+    x = jax.random.normal(jax.random.key(3), (64, 8)) * 2 + 0.5
+    spec = pj.QuantSpec(bits=4)
+    state = pj.calibrate(x, spec)
+    loss = lambda s: jnp.sum(pj.fake_quant(x, s, grad="lsq") ** 2)  # noqa: E731
+    with pytest.raises(TypeError, match="int32"):  # jax.grad's own check of the leaves
+        jax.grad(loss)(state)
+    learnable = state.learnable()
+    assert learnable.zero_point.dtype == jnp.float32
+    np.testing.assert_array_equal(pj.quantize(x, learnable), pj.quantize(x, state))
+    grads = jax.grad(loss)(learnable)
+    assert float(jnp.abs(grads.scale).sum()) > 0 and float(jnp.abs(grads.zero_point).sum()) > 0
