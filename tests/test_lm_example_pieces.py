@@ -1,0 +1,188 @@
+"""The fp32 pieces of the byte-level language-model example (examples/transformer_lm*.py):
+the standard-library corpus and its split, the batch sampler, the linen and nnx models
+(same paths, same logits, causal), and a few training steps of the script's --quick mode."""
+
+import dataclasses
+import importlib.util
+import math
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def _load(name):
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+lm = _load("transformer_lm_model")
+TINY = lm.Config(d_model=16, num_heads=2, num_layers=2, mlp_ratio=2, max_len=12)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return lm.load_corpus()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(linen model, params, nnx model from the params, jitted linen fn, jitted nnx fn)."""
+    model, params = lm.init_linen(TINY, seed=1)
+    nmodel = lm.nnx_from_linen(params, TINY)
+    nnx_fn = nnx.jit(lambda m, x: m(x))
+    return (model, params, nmodel, jax.jit(lambda x: model.apply({"params": params}, x)),
+            lambda x: nnx_fn(nmodel, x))
+
+
+def test_corpus_is_the_stdlib_sources(corpus):
+    train, heldout, info = corpus
+    files = lm.corpus_files()
+    assert info["files"] == len(files) > 100
+    assert files == sorted(files) and "os.py" in files and "json/decoder.py" in files
+    for rel in files:
+        parts = rel.split("/")
+        assert rel.endswith(".py") and not parts[-1].startswith("_sysconfigdata_")
+        assert not lm.EXCLUDED_DIRS & set(parts[:-1]), rel
+    assert train.dtype == heldout.dtype == np.uint8
+    assert train.size > 1_000_000 and heldout.size > 100_000
+    sizes = {rel: os.path.getsize(os.path.join(info["root"], rel)) for rel in files}
+    assert train.size + heldout.size == sum(sizes.values())
+    assert heldout.size == sum(sizes[rel] for rel in info["heldout_files"])
+    # the first held-out file starts the held-out stream
+    first = info["heldout_files"][0]
+    with open(os.path.join(info["root"], first), "rb") as f:
+        assert heldout[:sizes[first]].tobytes() == f.read()
+
+
+def test_split_is_fixed_and_disjoint(corpus):
+    _, heldout, info = corpus
+    files = lm.corpus_files()
+    held = [rel for rel in files if lm.is_heldout(rel)]
+    assert held == info["heldout_files"]
+    assert 0.02 < len(held) / len(files) < 0.10
+    # a function of the path alone
+    assert lm.is_heldout("os.py") == lm.is_heldout("os.py")
+    assert [lm.is_heldout(p) for p in held] == [True] * len(held)
+    train2, heldout2, _ = lm.load_corpus(max_bytes=5000)
+    assert np.array_equal(heldout2, heldout[:5000]) and train2.size == 5000
+
+
+def test_batches_are_deterministic_shifted_windows(corpus):
+    train = corpus[0]
+    a, b, c = (lm.batches(train, 4, 16, seed) for seed in (3, 3, 4))
+    for _ in range(3):
+        (xa, ya), (xb, yb), (xc, _) = next(a), next(b), next(c)
+        assert xa.shape == ya.shape == (4, 16) and xa.dtype == np.int32
+        assert np.array_equal(xa, xb) and np.array_equal(ya, yb)
+        assert not np.array_equal(xa, xc)
+        assert np.array_equal(xa[:, 1:], ya[:, :-1])
+
+
+def test_eval_windows_are_fixed_and_disjoint():
+    data = np.arange(1000, dtype=np.int64) % 256
+    w = lm.eval_windows(data.astype(np.uint8), 9)
+    assert w.shape == (111, 10) and w[0, 0] == 0 and w[1, 0] == 9  # share one byte only
+    some = lm.eval_windows(data.astype(np.uint8), 9, 5)
+    assert np.array_equal(some, w[[0, 28, 55, 82, 110]])
+
+
+def test_linen_param_paths_are_as_documented(tiny):
+    params = tiny[1]
+    paths = lm.param_paths(params)
+    d, h, f = TINY.d_model, TINY.num_heads, TINY.mlp_ratio * TINY.d_model
+    want = {"tok_embed/embedding": (256, d), "pos_embed/embedding": (TINY.max_len, d),
+            "ln_f/scale": (d,), "ln_f/bias": (d,), "head/kernel": (d, 256), "head/bias": (256,)}
+    for i in range(TINY.num_layers):
+        b = f"blocks_{i}/"
+        for n in ("query", "key", "value"):
+            want[b + f"attn/{n}/kernel"] = (d, h, d // h)
+            want[b + f"attn/{n}/bias"] = (h, d // h)
+        want[b + "attn/out/kernel"], want[b + "attn/out/bias"] = (h, d // h, d), (d,)
+        for n in ("ln_1", "ln_2"):
+            want[b + f"{n}/scale"] = want[b + f"{n}/bias"] = (d,)
+        want[b + "mlp_in/kernel"], want[b + "mlp_in/bias"] = (d, f), (f,)
+        want[b + "mlp_out/kernel"], want[b + "mlp_out/bias"] = (f, d), (d,)
+    assert paths == want
+    assert lm.count_params(params) == sum(math.prod(s) for s in want.values())
+
+
+def test_nnx_from_linen_has_the_same_paths_and_logits(tiny):
+    _, params, _, linen_fn, nnx_fn = tiny
+    nmodel = lm.nnx_from_linen(params, TINY)
+    assert isinstance(nmodel.blocks_1.attn.query, nnx.LinearGeneral)
+    assert isinstance(nmodel.head, nnx.Linear) and isinstance(nmodel.tok_embed, nnx.Embed)
+    assert lm.param_paths(nnx.state(nmodel, nnx.Param)) == lm.param_paths(params)
+    assert len(jax.tree_util.tree_leaves(nnx.state(nmodel))) == len(
+        jax.tree_util.tree_leaves(params))  # parameters only: no rng or cache state
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (2, 12)), jnp.int32)
+    want, got = linen_fn(tokens), nnx_fn(tokens)
+    assert want.shape == (2, 12, 256)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # a copy: changing the nnx model leaves the linen params alone
+    nmodel.head.bias[...] = nmodel.head.bias[...] + 1.0
+    assert float(jnp.abs(params["head"]["bias"]).max()) == 0.0
+    with pytest.raises(ValueError, match="do not fit"):
+        lm.nnx_from_linen(params, lm.Config(d_model=16, num_heads=2, num_layers=3,
+                                            mlp_ratio=2, max_len=12))
+
+
+def test_attention_is_causal(tiny):
+    linen_fn, nnx_fn = tiny[3:]
+    rng = np.random.default_rng(1)
+    a = rng.integers(0, 256, (2, 12))
+    b = a.copy()
+    t = 5
+    b[:, t + 1:] = rng.integers(0, 256, (2, 12 - t - 1))  # change only the future
+    for apply in (linen_fn, nnx_fn):
+        la, lb = apply(jnp.asarray(a, jnp.int32)), apply(jnp.asarray(b, jnp.int32))
+        np.testing.assert_allclose(la[:, :t + 1], lb[:, :t + 1], rtol=1e-6, atol=1e-6)
+        assert float(jnp.abs(la[:, t + 1:] - lb[:, t + 1:]).max()) > 1e-4
+
+
+def test_nnx_model_trains():
+    model = lm.NNXTransformerLM(dataclasses.replace(TINY, num_layers=1), rngs=nnx.Rngs(0))
+    x, y = next(lm.batches(np.frombuffer(b"abcabcabd" * 20, np.uint8), 4, 12, 0))
+
+    def loss_fn(m):
+        logits = m(jnp.asarray(x))
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), y[..., None], -1).mean()
+
+    @nnx.jit
+    def sgd_step(m):
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        params = nnx.state(m, nnx.Param)
+        nnx.update(m, jax.tree_util.tree_map(lambda p, g: p - 0.05 * g, params, grads))
+        return loss
+
+    losses = [float(sgd_step(model)) for _ in range(3)]
+    assert losses[-1] < losses[0]
+
+
+def test_quick_script_run_lowers_the_loss(tmp_path):
+    ex = _load("transformer_lm")
+    out = tmp_path / "lm.png"
+    ctx, results = ex.run(argv=["--quick", "--out", str(out)])
+    [fp32] = results
+    losses = ctx.fp32.losses
+    assert len(losses) == ctx.args.steps and losses[-5:].mean() < losses[:5].mean() - 0.5
+    assert fp32.name == "fp32" and fp32.bpb < 8.0  # below the uniform 8 bits/byte
+    assert fp32.params == lm.count_params(ctx.params) and fp32.param_bytes == 4 * fp32.params
+    assert fp32.forward_ms > 0 and out.stat().st_size > 1000
+    # the row machinery: the same numbers for the same apply_fn and variables
+    name, apply_fn, variables = ex.fp32_row(ctx)
+    bpb = ex.evaluate_bpb(apply_fn, variables, ctx.heldout, seq_len=ctx.args.seq_len,
+                          n_windows=ctx.args.eval_windows)
+    assert bpb == pytest.approx(fp32.bpb, rel=1e-6)
+    assert "fp32" in ex.table(results)
