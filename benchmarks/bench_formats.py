@@ -52,7 +52,7 @@ fns = {
 }
 for f in fns.values():
     f()
-print(json.dumps({"ready": pychop.__version__}), flush=True)
+print(json.dumps({"ready": pychop.__version__, "file": pychop.__file__}), flush=True)
 for line in sys.stdin:
     name = line.strip()
     t0 = time.perf_counter(); fns[name](); dt = time.perf_counter() - t0
@@ -95,10 +95,13 @@ def main() -> None:
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); jax {jax.__version__}, "
           f"torch {torch.__version__}, numpy {np.__version__}; n = {n} float32")
 
-    worker = subprocess.Popen([args.pychop_python, "-c", WORKER, str(n)], text=True,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    # outside this checkout and without PYTHONPATH, so that its `import pychop` is 0.6.2
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    worker = subprocess.Popen([args.pychop_python, "-c", WORKER, str(n)], text=True, env=env,
+                              cwd=os.path.expanduser("~"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE)
     ready = json.loads(worker.stdout.readline())
-    print(f"pychop {ready['ready']} worker: {args.pychop_python}")
+    print(f"pychop {ready['ready']} worker: {args.pychop_python} ({ready['file']})")
 
     x = np.random.default_rng(0).standard_normal(n).astype(np.float32)
     xj, xt = jnp.asarray(x), torch.from_numpy(x.copy())

@@ -127,22 +127,16 @@ def shared_exponent_codes(xp, blocks, emax_elem: int, *, scale_bits: int = 8):
       blocks: float32 / float64, the last axis is the block.
       emax_elem: ``floor(log2(max_finite))`` of the element format (>= 0 in MX).
 
-    ``amax`` is a float reduction of ``|x|`` (NaN counted as inf) where every subnormal
-    ``amax`` gets the smallest scale anyway (``bias <= B``, the float type's bias: E8M0 on
-    float32 and float64; XLA:CPU may read a subnormal as 0 there, with the same code), and
-    an exact integer reduction of the magnitude bits otherwise.
+    ``amax`` is an integer reduction of the magnitude bits: exact (NaN's bits lie above
+    inf's, subnormals are read as they are) on every backend.
     """
     W, M, B, F, Ity = _params(xp, blocks)
     bias = (1 << (scale_bits - 1)) - 1
     inf = ((1 << (W - 1 - M)) - 1) << M
-    if bias <= B and emax_elem >= 0:
-        amax = xp.max(xp.where(xp.isnan(blocks), xp.inf, xp.abs(blocks)), axis=-1,
-                      keepdims=True)
-        abits = _bitcast(xp, amax, Ity)
+    abits = xp.max(_bitcast(xp, blocks, Ity) & ((1 << (W - 1)) - 1), axis=-1, keepdims=True)
+    if bias <= B and emax_elem >= 0:  # a subnormal amax gets the smallest scale anyway
         exp = (abits >> M) - B - emax_elem
     else:
-        abits = xp.max(_bitcast(xp, blocks, Ity) & ((1 << (W - 1)) - 1), axis=-1,
-                       keepdims=True)  # exact: an integer reduction
         exp = floor_log2(xp, abits, M, B, F, Ity) - emax_elem
     code = xp.clip(exp, -bias, bias) + bias
     code = xp.where((abits >= inf) | (exp > bias), 2 * bias + 1, code)
