@@ -1,4 +1,6 @@
-"""pychop compatibility surface (integer quantization), built on ``pychop_jax``.
+"""pychop compatibility surface, built on ``pychop_jax``: integer quantization (``Chopi``)
+and pychop 0.6.2's float / fixed-point / MX emulators (``Chop``, ``Chopf``,
+``mx_quantize``; ``pychop.floats``).
 
     import pychop
     pychop.backend('numpy')                  # or 'torch', 'jax', 'auto' (the default)
@@ -19,6 +21,7 @@ pychop 0.6 names: ``bits=`` / ``axis=`` keywords, ``ChopiSTE``,
 import importlib.util
 import sys
 
+from .floats import MX_FORMATS, Chop, Chopf, MXSpec, create_mx_spec, mx_quantize
 from .quantizer import AutoChopi, JaxChopi, NumpyChopi
 
 _TORCH_NAMES = ("TorchChopi", "IntQuantizedLayer", "ChopiSTE", "IQuantizedLinear",
@@ -33,6 +36,7 @@ def _torch_installed() -> bool:
 
 # ``from pychop import *`` must work without torch: list its names only where it is
 __all__ = ["backend", "get_backend", "Chopi", "NumpyChopi", "JaxChopi", "AutoChopi",
+           "Chop", "Chopf", "mx_quantize", "MX_FORMATS", "MXSpec", "create_mx_spec",
            *(_TORCH_NAMES if _torch_installed() else ())]
 
 _BACKENDS = ("numpy", "torch", "jax", "auto")

@@ -49,6 +49,9 @@ value of the format (min_subnormal, or min_normal without subnormals).
 
        nearest_even      out = (a + (step/2 - 1) + lsb) & -step     (= trunc + step iff
                                                                       rem + lsb > step/2)
+       nearest_toward_zero  out = trunc + step  iff  2 rem > step   (ties to the smaller
+                                                                   magnitude)
+       nearest_away      out = trunc + step  iff  2 rem >= step  (ties away from zero)
        toward_zero       out = trunc
        up / down         out = trunc + step  iff rem != 0 and x > 0 / x < 0
        odd               out = trunc + step  iff rem != 0 and lsb == 0   (round to odd)
@@ -60,15 +63,17 @@ value of the format (min_subnormal, or min_normal without subnormals).
    ``r < ceil(rem / 2**(s - 32))`` when ``s > 32``; so the probability of rounding up is
    ``ceil(2**32 * rem / step) / 2**32`` (exactly ``rem / step`` whenever ``s <= 32``).
 5. Tiny values: nearest rounds up iff ``|x| > Q/2`` (a tie goes to 0, the even multiple
-   of ``Q``); up/down/odd/stochastic_equal as above with ``rem = a``; stochastic with
+   of ``Q``; ``nearest_away``: iff ``|x| >= Q/2``); up/down/odd/stochastic_equal as above
+   with ``rem = a``; stochastic with
    ``rem / step = sig / 2**(T - z + M - max(E, 1))`` (``sig`` the significand of ``a``
    with its implicit bit), i.e. ``|x| / Q``, through the same exact test.
    Without subnormals this rounds onto the grid ``{0, min_normal}``: every mode keeps its
    rule (up never goes below x, stochastic stays unbiased, odd gives min_normal).
-   pychop's ``subnormal=False`` differs: it rounds on the subnormal grid first and then
+   pychop's ``Chop_(subnormal=False)`` differs: it rounds on the subnormal grid first and then
    sends results in ``(0, min_normal)`` to 0 or min_normal (nearest: ``>= min_normal/2``
    goes up, so the tie and values that first rounded up to ``min_normal/2`` do; stochastic
-   and toward-zero: 0, so its stochastic rounding is biased there).
+   and toward-zero: 0, so its stochastic rounding is biased there); pychop 0.6.2's
+   ``Chop(subnormal=False)`` flushes every ``|x| < min_normal`` to 0 before rounding.
 6. Overflow: ``out > bitcast(max_finite)`` (the grid continued above max_finite with the
    top binade's step, so nearest overflows iff ``|x| >= max_finite + ulp/2`` with ties to
    even, as IEEE 754).  ``overflow='saturate'`` gives ``max_finite`` (also for infinite
@@ -106,12 +111,17 @@ __all__ = [
     "round_to_format",
 ]
 
-ROUNDINGS = ("nearest_even", "up", "down", "toward_zero", "stochastic", "stochastic_equal", "odd")
+ROUNDINGS = ("nearest_even", "up", "down", "toward_zero", "stochastic", "stochastic_equal", "odd",
+             "nearest_toward_zero", "nearest_away")
 OVERFLOWS = ("saturate", "ieee")
 SPECIALS = ("ieee", "fn", "fnuz", "finite")
-#: pychop's ``rmode`` numbers (1..6) as rounding names.
+#: pychop's ``rmode`` numbers as rounding names (as pychop 0.6.2's ``Chop`` documents them).
+#: 10, CADNA's random directed rounding (toward +inf or -inf with probability 1/2 each),
+#: is ``stochastic_equal`` in distribution: an inexact value goes to either neighbour with
+#: probability 1/2, an exact one stays.
 PYCHOP_RMODES = {1: "nearest_even", 2: "up", 3: "down", 4: "toward_zero", 5: "stochastic",
-                 6: "stochastic_equal"}
+                 6: "stochastic_equal", 7: "nearest_toward_zero", 8: "nearest_away", 9: "odd",
+                 10: "stochastic_equal"}
 
 
 def _is_int(v) -> bool:
@@ -428,7 +438,8 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
         proportional to the distance from the lower neighbour; pychop rmode 5),
         ``'stochastic_equal'`` (either neighbour with probability 1/2 when x is not on
         the grid; pychop rmode 6), ``'odd'`` (round to odd: if inexact, the neighbour
-        whose encoding is odd).
+        whose encoding is odd), ``'nearest_toward_zero'`` / ``'nearest_away'`` (nearest,
+        ties to the smaller / larger magnitude; pychop rmodes 7 and 8).
       overflow: ``'saturate'`` (beyond max_finite, inf included, gives +-max_finite) or
         ``'ieee'`` (what the format says, see the module docstring).
       noise: for the stochastic roundings, uint32 random bits of ``x``'s shape
@@ -511,6 +522,10 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
                 inc = (rem != 0) & neg
             elif rounding == "odd":
                 inc = (rem != 0) & (lsb == 0)
+            elif rounding == "nearest_toward_zero":
+                inc = 2 * rem > step
+            elif rounding == "nearest_away":
+                inc = 2 * rem >= step
             elif rounding == "stochastic_equal":
                 inc = (rem != 0) & ((r >> 31) == 0)
             else:
@@ -520,8 +535,10 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
     # -- steps 3 and 5: |x| < Q -------------------------------------------------------------
     if p.tiny:
         tiny = a < p.p_q
-        if rounding == "nearest_even":
+        if rounding in ("nearest_even", "nearest_toward_zero"):
             up_t = a > p.p_halfq
+        elif rounding == "nearest_away":
+            up_t = a >= p.p_halfq
         elif rounding == "toward_zero":
             up_t = None
         elif rounding == "up":
@@ -549,7 +566,8 @@ def round_to_format(xp, x, fmt, *, rounding: str = "nearest_even", overflow: str
         out = xp.where(ovf, p.p_max, out)
     else:
         special = p.inf if fmt.specials == "ieee" else p.qnan
-        if rounding in ("nearest_even", "stochastic", "stochastic_equal"):
+        if rounding in ("nearest_even", "nearest_toward_zero", "nearest_away", "stochastic",
+                        "stochastic_equal"):
             out = xp.where(ovf, special, out)
         else:
             if rounding == "up":

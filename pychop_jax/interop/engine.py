@@ -196,7 +196,9 @@ def fake_quant_pipeline(xp, x, scale, zero_point, spec, *, check, mask):
 # -- engines ----------------------------------------------------------------------------------
 def _pipeline_kernel(arrays, bounds, pipeline, structure, options):
     # bounds as data: one compilation per spec *structure* serves every bit width
-    return pipeline(jnp, *arrays, join_bounds(structure, bounds), **dict(options))
+    # (a spec that is not a QuantSpec, e.g. a FloatFormat, is static as a whole)
+    spec = structure if bounds is None else join_bounds(structure, bounds)
+    return pipeline(jnp, *arrays, spec, **dict(options))
 
 
 #: the compiled pipeline kernel for some arrays: one XLA task below
@@ -218,9 +220,12 @@ _OPS_KERNELS = {
 }
 
 
-def prepare(fw: Framework, pipeline, arrays, spec: QuantSpec, *, to_host=(), **options):
+def prepare(fw: Framework, pipeline, arrays, spec, *, to_host=(), **options):
     """``run`` for arrays like ``arrays`` (the same engine, shapes and dtypes), with all
     that depends only on those worked out once: a callable ``(*arrays) -> results``.
+
+    ``spec`` is a ``QuantSpec`` (its bounds go to the kernel as data) or any other
+    hashable description of the pipeline's grid (a ``FloatFormat``), static in the kernel.
 
     For callers that run the same pipeline many times (``TorchChopi``'s training step
     keeps one per input signature): inside a training step, where the caches are full
@@ -235,7 +240,10 @@ def prepare(fw: Framework, pipeline, arrays, spec: QuantSpec, *, to_host=(), **o
                 return pipeline(fw.xp, *arrays, spec, **options)
         return call_xp
 
-    bounds, structure = split_bounds(spec)
+    if isinstance(spec, QuantSpec):
+        bounds, structure = split_bounds(spec)
+    else:  # any other hashable description (a float format) is a static argument
+        bounds, structure = None, spec
     if pipeline in _OPS_KERNELS:
         ops_kernel = _OPS_KERNELS[pipeline]
 
@@ -260,7 +268,7 @@ def prepare(fw: Framework, pipeline, arrays, spec: QuantSpec, *, to_host=(), **o
     return call_xla
 
 
-def run(fw: Framework, pipeline, arrays, spec: QuantSpec, *, to_host=(), **options):
+def run(fw: Framework, pipeline, arrays, spec, *, to_host=(), **options):
     """``pipeline(xp, *arrays, spec, **options)`` on the engine that can read ``arrays``.
 
     ``pipeline`` returns a tuple of arrays (or ``None``s); they come back as ``fw``'s

@@ -32,7 +32,8 @@ ML_DTYPES = {
     "float6_e3m2fn": ml_dtypes.float6_e3m2fn, "float4_e2m1fn": ml_dtypes.float4_e2m1fn,
     "float16": np.float16, "bfloat16": ml_dtypes.bfloat16,
 }
-DETERMINISTIC = ("nearest_even", "up", "down", "toward_zero", "odd")
+DETERMINISTIC = ("nearest_even", "up", "down", "toward_zero", "odd", "nearest_toward_zero",
+                 "nearest_away")
 
 
 def _u(x):
@@ -99,6 +100,9 @@ def reference(fmt, x, rounding, overflow, noise=None):
     if rounding == "nearest_even":
         d_lo, d_hi = axf - lo, hi - axf
         up = (d_hi < d_lo) | ((d_hi == d_lo) & ~hi_odd)  # a tie goes to the even code
+    elif rounding in ("nearest_toward_zero", "nearest_away"):
+        d_lo, d_hi = axf - lo, hi - axf
+        up = (d_hi < d_lo) if rounding == "nearest_toward_zero" else (d_hi <= d_lo)
     elif rounding == "toward_zero":
         up = np.zeros(x.shape, bool)
     elif rounding == "up":
@@ -125,7 +129,8 @@ def reference(fmt, x, rounding, overflow, noise=None):
         special = np.nan
     if overflow == "saturate":
         to_special = np.zeros(x.shape, bool)
-    elif rounding in ("nearest_even", "stochastic", "stochastic_equal"):
+    elif rounding in ("nearest_even", "nearest_toward_zero", "nearest_away", "stochastic",
+                      "stochastic_equal"):
         to_special = np.ones(x.shape, bool)
     elif rounding == "up":
         to_special = ~neg
