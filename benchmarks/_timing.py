@@ -16,6 +16,8 @@ ms per call (30-50 %), and torch timed right after JAX lost 10-20 %, for a whole
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 
@@ -60,3 +62,25 @@ HEADER = (
     f"| {'workload':<58} | {'ms (med)':>8} | {'Gelem/s':>8} | {'vs base':>8} | {'target':<10} |\n"
     f"|{'-' * 60}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 12}|"
 )
+
+
+#: /proc/cpuinfo flags of the CPU's int8 matrix / dot-product instructions
+_INT8_FLAGS = {"amx_int8": "AMX-INT8", "avx512_vnni": "AVX512-VNNI", "avx_vnni": "AVX-VNNI"}
+
+
+def cpu_info() -> str:
+    """The CPU model, core count and int8 instructions (AMX, VNNI): integer-matmul
+    speed-ups depend on them, so every benchmark prints this line first."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    int8 = ", ".join(name for flag, name in _INT8_FLAGS.items() if flag in flags) or "none"
+    return f"CPU: {model} ({os.cpu_count()} logical cores; int8 instructions: {int8})"

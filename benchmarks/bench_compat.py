@@ -25,7 +25,7 @@ from array_api_compat import numpy as xnp
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import HEADER, interleaved_medians, row  # noqa: E402
+from _timing import HEADER, cpu_info, interleaved_medians, row  # noqa: E402
 
 import pychop  # noqa: E402
 from pychop_jax import QuantSpec  # noqa: E402
@@ -136,6 +136,7 @@ def main():
     parser.add_argument("--n", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--repeats", type=int, default=40)
     args = parser.parse_args()
+    print(cpu_info())
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"numpy {np.__version__}, {torch.get_num_threads()} torch threads, "
           f"n = {args.n} float32")

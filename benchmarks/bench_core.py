@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import HEADER, interleaved_medians, row  # noqa: E402
+from _timing import HEADER, cpu_info, interleaved_medians, row  # noqa: E402
 
 import pychop_jax as pj  # noqa: E402
 
@@ -127,6 +127,7 @@ def main():
     parser.add_argument("--n", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--repeats", type=int, default=80)
     args = parser.parse_args()
+    print(cpu_info())
     print(f"jax {jax.__version__} ({jax.default_backend()}), torch {torch.__version__}, "
           f"{torch.get_num_threads()} torch threads, n = {args.n} float32")
     print(HEADER)

@@ -31,7 +31,7 @@ from jax import lax
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from _timing import HEADER, interleaved_medians, row  # noqa: E402
+from _timing import HEADER, cpu_info, interleaved_medians, row  # noqa: E402
 from qat_digits import CNN, load_data, quantized  # noqa: E402
 
 
@@ -107,6 +107,7 @@ def main():
     t = interleaved_medians(fns, repeats=args.repeats, block=11, sync=jax.block_until_ready)
 
     n_params = sum(np.size(p) for p in jax.tree.leaves(fp32["params"]))
+    print(cpu_info())
     print(f"jax {jax.__version__} ({jax.default_backend()}), batch {args.batch}, "
           f"{n_params} params")
     print(HEADER)

@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import statistics
 import sys
-import time
 
 import array_api_compat.numpy as xnp
 import jax
@@ -29,49 +26,11 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+from _timing import HEADER, cpu_info, interleaved_medians, row  # noqa: E402
+
 from pychop_jax.core.floatgrid import FORMATS, FloatFormat, round_to_format  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def interleaved_medians(fns: dict, *, repeats: int, block: int = 5, settle: float = 0.02,
-                        settle_runs: int = 2, sync=lambda r: r) -> dict:
-    """Median wall time (s) of each ``fn()``, timed in rotating blocks of ``block`` runs,
-    each block preceded by ``settle_runs`` (and at least ``settle`` s of) untimed runs."""
-    for fn in fns.values():  # compile / warm caches
-        sync(fn())
-    times = {name: [] for name in fns}
-    for _ in range(max(1, -(-repeats // block))):
-        for name, fn in fns.items():
-            until = time.perf_counter() + settle
-            for _ in range(settle_runs):
-                sync(fn())
-            while time.perf_counter() < until:
-                sync(fn())
-            for _ in range(block):
-                t0 = time.perf_counter()
-                sync(fn())
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
-def row(name, sec, n, base=None, target=""):
-    ratio = f"{base / sec:6.2f}x" if base else " " * 7
-    return f"| {name:<52} | {sec * 1e3:8.3f} | {n / sec / 1e9:7.3f} | {ratio} | {target:<7} |"
-
-
-HEADER = (f"| {'workload':<52} | {'ms (med)':>8} | {'Gelem/s':>7} | {'vs base':>7} | "
-          f"{'target':<7} |\n|{'-' * 54}|{'-' * 10}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
 
 
 def main() -> None:
@@ -81,7 +40,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=0.02)
     args = ap.parse_args()
     n = args.n
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); jax {jax.__version__} "
+    print(cpu_info())
+    print(f"jax {jax.__version__} "
           f"({jax.default_backend()}), numpy {np.__version__}; n = {n} float32")
 
     rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import jax
 from flax import serialization
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _timing import interleaved_medians  # noqa: E402
+from _timing import cpu_info, interleaved_medians  # noqa: E402
 
 import pychop_jax as pj  # noqa: E402
 
@@ -48,6 +48,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=12)
     args = parser.parse_args()
     sync = jax.block_until_ready
+    print(cpu_info())
     print(f"jax {jax.__version__} ({jax.default_backend()})")
 
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
