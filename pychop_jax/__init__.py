@@ -12,14 +12,14 @@ The public API, re-exported from the subpackages that define it::
 Subpackages (arrows point down): ``core`` (spec, numerics, state, ops, observers,
 QuantizedArray), ``flax`` (QAT functions and the linen / nnx skins), ``serving``
 (integer matmuls, PTQ, checkpoints, QAT -> served models) and ``interop`` (the same
-numerics on NumPy and Torch arrays).  Public modules: ``observers``, ``qat``,
-``linen``, ``nnx`` and ``serving``; the last three are imported on first access, so
-that ``import pychop_jax`` does not load ``flax.nnx``.
+numerics on NumPy and Torch arrays).  Public modules: ``observers``, ``formats``
+(MX / NVFP4 / NF4 presets), ``qat``, ``linen``, ``nnx`` and ``serving``; the last three
+are imported on first access, so that ``import pychop_jax`` does not load ``flax.nnx``.
 """
 
 import importlib
 
-from .core import observers
+from .core import formats, observers
 from .core.ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .core.qarray import QuantizedArray
 from .core.spec import QuantSpec
@@ -67,6 +67,7 @@ __all__ = [
     "quantization_report",
     "serve_model",
     "observers",
+    "formats",
     "qat",
     "serving",
 ]

@@ -121,6 +121,8 @@ __all__ = [
     "tensor_scale_from_range",
     "effective_scale",
     "code_dtype",
+    "encode_float_bits",
+    "decode_float_bits",
 ]
 
 #: scales above this use the power-of-two pre-scale of rule 4
@@ -676,18 +678,78 @@ def _no_stochastic_nf4(noise):
 
 
 def _element_codes(xp, xv, sv, spec, noise, prescale):
-    """Codes of ``x / scale``: the element format's dtype, or NF4's uint8 indices."""
+    """Codes of ``x / scale``: the element format's dtype, NF4's uint8 indices, or for
+    fp6 (no XLA type) the format's bit patterns as uint8."""
     if spec.dtype == "nf4":
         _no_stochastic_nf4(noise)
         return xp.astype(_nf4_codes(xp, _grid_units(xp, xv, sv, prescale)), xp.uint8)
-    return xp.astype(_element_grid(xp, xv, sv, spec, noise, prescale), code_dtype(xp, spec))
+    v = _element_grid(xp, xv, sv, spec, noise, prescale)
+    if spec.code_dtype == np.uint8:
+        return encode_float_bits(xp, v, spec.element_format)
+    return xp.astype(v, code_dtype(xp, spec))
 
 
 def _code_values(xp, q, spec, F):
-    """The float value of each code (exact conversion; NF4: the table)."""
+    """The float value of each code (exact conversion; NF4: the table; fp6: decoded
+    from its bit patterns)."""
     if spec.dtype == "nf4":
         return _nf4_table(xp, xp.astype(q, xp.int32), F, q)
+    if spec.code_dtype == np.uint8:
+        return decode_float_bits(xp, q, spec.element_format, F)
     return xp.astype(q, F)
+
+
+def _int_bits(xp, v):
+    ity = xp.int64 if v.dtype == xp.float64 else xp.int32
+    if _is_jax(xp):
+        from jax import lax
+
+        return lax.bitcast_convert_type(v, ity)
+    return v.view(ity)
+
+
+def encode_float_bits(xp, v, fmt):
+    """uint8 encodings (ml_dtypes' bit layout, ``fmt``'s sign / exponent / fraction in
+    the low ``1 + e + m`` bits) of values ``v`` that lie on ``fmt``'s grid (finite,
+    float32 / float64; e.g. ``floatgrid.round_to_format``'s output).  For formats of
+    at most 8 bits; exact integer arithmetic on the bits of ``v``.
+
+    A normal value ``2^E * 1.f`` is ``((E + bias) << m) | f``; a subnormal one is
+    ``v / min_subnormal``; the sign goes to bit ``e + m``."""
+    fmt = floatgrid.get_format(fmt)
+    wide = v.dtype == xp.float64
+    M, B = (52, 1023) if wide else (23, 127)
+    e_bits, m = fmt.exp_bits, fmt.man_bits
+    b = _int_bits(xp, v)
+    a = b & ((1 << (63 if wide else 31)) - 1)
+    sign = xp.astype(b < 0, xp.int32)
+    E = xp.astype(a >> M, xp.int32) - B  # unbiased exponent (-B for zero)
+    frac = xp.astype((a >> (M - m)) & ((1 << m) - 1), xp.int32)
+    normal = ((E + fmt.bias) << m) | frac
+    sig = (a & ((1 << M) - 1)) | (1 << M)  # significand with the implicit bit
+    shift = xp.clip(M + fmt.emin - m - E, 0, M + 1)
+    sub = xp.astype(sig >> xp.astype(shift, sig.dtype), xp.int32)
+    mag = xp.where(E >= fmt.emin, normal, xp.where(a == 0, xp.zeros_like(sub), sub))
+    return xp.astype(mag | (sign << (e_bits + m)), xp.uint8)
+
+
+def decode_float_bits(xp, codes, fmt, F):
+    """Values (dtype ``F``) of uint8 encodings of ``fmt`` (inverse of
+    ``encode_float_bits``; formats without inf / NaN codes)."""
+    fmt = floatgrid.get_format(fmt)
+    e_bits, m = fmt.exp_bits, fmt.man_bits
+    c = xp.astype(codes, xp.int32)
+    Ef = (c >> m) & ((1 << e_bits) - 1)
+    f = xp.astype(c & ((1 << m) - 1), F)
+    like = f
+    one = _const(xp, 1.0, F, like)
+    # 2^(Ef - bias) * (1 + f / 2^m) for Ef > 0, f * 2^(emin - m) for Ef == 0: products
+    # of small integers and powers of two, exact
+    step = xp.where(Ef > 0, blockscale.pow2(xp, Ef - fmt.bias - m, like),
+                    _const(xp, 2.0 ** (fmt.emin - m), F, like))
+    lead = xp.where(Ef > 0, _const(xp, float(1 << m), F, like), _const(xp, 0.0, F, like))
+    mag = (lead + f) * step
+    return xp.where(((c >> (e_bits + m)) & 1) == 1, -one, one) * mag
 
 
 def _element_values(xp, v, sv):

@@ -305,8 +305,10 @@ class QuantSpec:
     @property
     def code_dtype(self) -> np.dtype:
         """NumPy dtype of the codes: (u)int8 for b <= 8, (u)int16 above; the ml_dtypes
-        dtype of a float element format; uint8 for NF4."""
-        if self.dtype == "nf4":
+        dtype of a float element format; uint8 for NF4 (table indices) and for fp6
+        (XLA has no fp6 type: the ml_dtypes bit pattern, ``codes.view(ml_dtypes.<name>)``
+        in NumPy reads it)."""
+        if self.dtype == "nf4" or (self.dtype or "").startswith("float6"):
             return np.dtype(np.uint8)
         if self.dtype is not None:
             return np.dtype(_ml_dtype(self.dtype))
