@@ -188,9 +188,8 @@ def code_dtype(xp, spec: QuantSpec):
         import torch
 
         if not hasattr(torch, name):
-            raise TypeError(f"torch has no {name} dtype: quantize {name} codes from NumPy or "
-                            "JAX arrays (the adapters' XLA engine returns them as uint8 bit "
-                            "patterns for CPU tensors).")
+            raise TypeError(f"torch has no {name} dtype to hold {name} codes: quantize from "
+                            "NumPy or JAX arrays, or use fake_quant (which Torch supports).")
         return getattr(torch, name)
     return spec.code_dtype
 
