@@ -27,7 +27,7 @@ from . import ops, packing
 from .spec import QuantSpec
 from .state import QuantState
 
-__all__ = ["QuantizedArray"]
+__all__ = ["QuantizedArray", "storage_state"]
 
 
 @jax.tree_util.register_dataclass
@@ -79,7 +79,7 @@ class QuantizedArray:
         shape = tuple(int(n) for n in jnp.shape(x))
         state = ops.calibrate(x, spec) if state is None else ops.fit_state(state, shape)
         codes = ops.quantize(x, state, key=key)
-        out = cls(codes=codes, state=_stored_state(state), shape=shape)
+        out = cls(codes=codes, state=storage_state(state), shape=shape)
         want = packing.field_bits(state.spec) is not None if pack == "auto" else bool(pack)
         return out.pack() if want else out
 
@@ -164,8 +164,10 @@ def _compact(spec: QuantSpec) -> bool:
     return spec.is_float or spec.scale_dtype is not None
 
 
-def _stored_state(state: QuantState) -> QuantState:
-    """The state as a ``QuantizedArray`` stores it (see the module docstring)."""
+def storage_state(state: QuantState) -> QuantState:
+    """The state as a ``QuantizedArray`` stores it (see the module docstring): for
+    float element grids and block-scale formats the scales in ``spec.scale_dtype`` and
+    one zero point; other states unchanged."""
     spec = state.spec
     if not _compact(spec):
         return state
