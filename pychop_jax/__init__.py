@@ -29,6 +29,7 @@ from .flax import serialization as _serialization  # noqa: F401  (registers the 
 from .flax.quantize_model import quantization_report, quantize_model
 from .flax.rules import QuantReport, QuantRule
 from .serving.checkpoint import load_quantized, save_quantized
+from .serving.float_matmul import float_dot_general
 from .serving.int_matmul import (
     IntKernel,
     int_conv_general_dilated,
@@ -56,6 +57,7 @@ __all__ = [
     "PTQReport",
     "int_dot_general",
     "int_conv_general_dilated",
+    "float_dot_general",
     "IntKernel",
     "make_int_dot_general",
     "promote_dtype",
@@ -83,6 +85,7 @@ _MOVED = {
     "packing": ".core.packing", "qarray": ".core.qarray",
     "int_matmul": ".serving.int_matmul", "ptq": ".serving.ptq",
     "checkpoint": ".serving.checkpoint", "adapter": ".interop.engine",
+    "float_matmul": ".serving.float_matmul",
     "numpy_backend": ".interop.numpy", "torch_backend": ".interop.torch",
 }
 

@@ -184,13 +184,11 @@ def code_dtype(xp, spec: QuantSpec):
     name = spec.code_dtype.name
     if _is_jax(xp) or not spec.element_format:
         return getattr(xp, name)
-    if "torch" in xp.__name__:
-        import torch
-
-        if not hasattr(torch, name):
+    if "torch" in xp.__name__:  # array_api_compat.torch re-exports torch's dtypes
+        if not hasattr(xp, name):
             raise TypeError(f"torch has no {name} dtype to hold {name} codes: quantize from "
                             "NumPy or JAX arrays, or use fake_quant (which Torch supports).")
-        return getattr(torch, name)
+        return getattr(xp, name)
     return spec.code_dtype
 
 

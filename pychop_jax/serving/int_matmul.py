@@ -119,6 +119,11 @@ def _as_quantized(x, spec: QuantSpec, state: QuantState | None) -> QuantizedArra
 def _int8_codes(qa: QuantizedArray, name: str, op: str = "int_dot_general"):
     """(int8 codes, int32 zero point, was_symmetric) of a <= 8-bit operand."""
     spec = qa.spec
+    if spec.is_float or spec.scale_dtype is not None:
+        raise ValueError(
+            f"{op}: the {name} is a {spec.dtype or spec.scale_dtype} format; the integer path "
+            "takes integer codes with float32 scales. Use pychop_jax.float_dot_general "
+            "(fp8 codes, MX blocks) or dequantize it.")
     if spec.bits > 8:
         raise ValueError(
             f"{op}: the {name} has {spec.bits}-bit codes; the integer path "
