@@ -27,7 +27,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _timing import HEADER, interleaved_medians, row  # noqa: E402
@@ -102,8 +101,8 @@ def main():
                             repeats=args.repeats, sync=sync)
     rows += [row("NF4: naive argmin over the table (baseline)", t["base"], args.n),
              row("NF4: jit(calibrate + quantize)", t["ours"], args.n, t["base"])]
-    print(HEADER + "\n".join(rows))
-    np.asarray(0)
+    print(HEADER)
+    print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -681,9 +681,23 @@ def _element_codes(xp, xv, sv, spec, noise, prescale):
         _no_stochastic_nf4(noise)
         return xp.astype(_nf4_codes(xp, _grid_units(xp, xv, sv, prescale)), xp.uint8)
     v = _element_grid(xp, xv, sv, spec, noise, prescale)
-    if spec.code_dtype == np.uint8:
-        return encode_float_bits(xp, v, spec.element_format)
-    return xp.astype(v, code_dtype(xp, spec))
+    if spec.element_format.bits > 8:  # float16 / bfloat16 codes
+        return xp.astype(v, code_dtype(xp, spec))
+    u = encode_float_bits(xp, v, spec.element_format)
+    return u if spec.code_dtype == np.uint8 else _view_codes(xp, u, spec)
+
+
+def _view_codes(xp, u, spec):
+    """uint8 encodings as the codes' dtype, a reinterpretation (XLA:CPU's float ->
+    float8 convert costs several times the integer encoding)."""
+    dtype = code_dtype(xp, spec)
+    if _is_jax(xp):
+        from jax import lax
+
+        if spec.bits == 4:  # bitcasts need equal widths
+            u = xp.astype(u, xp.uint4)
+        return lax.bitcast_convert_type(u, dtype)
+    return u.view(dtype)
 
 
 def _code_values(xp, q, spec, F):
