@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
-from _timing import HEADER, cpu_info, row  # noqa: E402
+from _timing import HEADER, row  # noqa: E402
 
 import pychop  # noqa: E402
 
@@ -59,6 +60,17 @@ for line in sys.stdin:
 """
 
 
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def time_block(fn, runs: int, settle: float = 0.02) -> list:
     until = time.perf_counter() + settle
     fn()
@@ -80,8 +92,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="our timed calls per round")
     args = ap.parse_args()
     n = args.n
-    print(cpu_info())
-    print(f"jax {jax.__version__}, "
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); jax {jax.__version__}, "
           f"torch {torch.__version__}, numpy {np.__version__}; n = {n} float32")
 
     # outside this checkout and without PYTHONPATH, so that its `import pychop` is 0.6.2

@@ -12,14 +12,14 @@ The public API, re-exported from the subpackages that define it::
 Subpackages (arrows point down): ``core`` (spec, numerics, state, ops, observers,
 QuantizedArray), ``flax`` (QAT functions and the linen / nnx skins), ``serving``
 (integer matmuls, PTQ, checkpoints, QAT -> served models) and ``interop`` (the same
-numerics on NumPy and Torch arrays).  Public modules: ``observers``, ``qat``,
-``linen``, ``nnx`` and ``serving``; the last three are imported on first access, so
-that ``import pychop_jax`` does not load ``flax.nnx``.
+numerics on NumPy and Torch arrays).  Public modules: ``observers``, ``formats``
+(MX / NVFP4 / NF4 presets), ``qat``, ``linen``, ``nnx`` and ``serving``; the last three
+are imported on first access, so that ``import pychop_jax`` does not load ``flax.nnx``.
 """
 
 import importlib
 
-from .core import observers
+from .core import formats, observers
 from .core.ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .core.qarray import QuantizedArray
 from .core.spec import QuantSpec
@@ -29,6 +29,7 @@ from .flax import serialization as _serialization  # noqa: F401  (registers the 
 from .flax.quantize_model import quantization_report, quantize_model
 from .flax.rules import QuantReport, QuantRule
 from .serving.checkpoint import load_quantized, save_quantized
+from .serving.float_matmul import float_dot_general
 from .serving.int_matmul import (
     IntKernel,
     int_conv_general_dilated,
@@ -56,6 +57,7 @@ __all__ = [
     "PTQReport",
     "int_dot_general",
     "int_conv_general_dilated",
+    "float_dot_general",
     "IntKernel",
     "make_int_dot_general",
     "promote_dtype",
@@ -67,6 +69,7 @@ __all__ = [
     "quantization_report",
     "serve_model",
     "observers",
+    "formats",
     "qat",
     "serving",
 ]
@@ -82,6 +85,7 @@ _MOVED = {
     "packing": ".core.packing", "qarray": ".core.qarray",
     "int_matmul": ".serving.int_matmul", "ptq": ".serving.ptq",
     "checkpoint": ".serving.checkpoint", "adapter": ".interop.engine",
+    "float_matmul": ".serving.float_matmul",
     "numpy_backend": ".interop.numpy", "torch_backend": ".interop.torch",
 }
 

@@ -1,223 +1,195 @@
-"""Block scaling with a shared power-of-two scale (OCP Microscaling, MX v1.0), written once
-against an array namespace ``xp``.
+"""Block scales of the microscaling formats, written once against an array namespace ``xp``.
 
-The rule (OCP Microscaling Formats (MX) Specification v1.0, section 6.3), for one block
-``V`` of ``block_size`` (32) values and an element format with largest finite value
-``max_elem`` (``emax_elem = floor(log2(max_elem))``)::
+The scale of a block (per tensor, channel or group: any ``amax`` array) for the element grid
+of a ``QuantSpec`` (``max_value`` = the element format's largest finite value, 1 for NF4,
+``qmax`` for an integer grid):
 
-    shared_exp = floor(log2(max_i |V_i|)) - emax_elem
-    X          = 2**shared_exp                     (stored as E8M0: biased code
-                                                    shared_exp + 127, 0..254)
-    P_i        = round_to_element(V_i / X)         (nearest, ties to even; saturating
-                                                    to +-max_elem)
-    value_i    = P_i * X
+* **E8M0** (``scale_dtype="float8_e8m0fnu"``; OCP Microscaling Formats (MX) v1.0, section
+  6.3, the conversion that computes the shared exponent)::
 
-So the largest magnitude of the block lands in the element format's top binade
-(``[2**emax_elem, 2**(emax_elem+1))``); values above ``max_elem * X`` (possible when that
-binade is only partly finite, e.g. FP4's 6.0) saturate.  Choices made where the rule is
-silent, as the OCP authors' reference implementation (``microsoft/microxcaling``):
+      e     = floor(log2(amax))                        (exact: amax's exponent field)
+      k     = e - emax_elem                            (emax_elem = floor(log2(max_value)))
+      'ceil': k + 1  where amax > max_value * 2^k      (so amax / 2^k <= max_value: no clip)
+      scale = 2^clip(k, kmin, 127)
 
-* an all-zero block (``amax == 0``) and exponents below the scale's range get the
-  smallest scale ``2**-127``;
-* a block holding NaN or +-inf, or whose exponent exceeds ``127``, gets the NaN scale
-  (code 255): every value of the block is NaN.
+  ``kmin = -127`` (E8M0's smallest, 2^-127) for float64 compute and ``-126`` for float32,
+  where 2^-127 is subnormal and XLA:CPU would flush it to 0.  An all-zero block (and any
+  ``amax`` below the compute dtype's smallest normal, which is flushed to 0) gets
+  ``2^kmin``.  Under ``'floor'`` (the OCP rule) ``amax / scale`` lies in
+  ``[2^emax_elem, 2^(emax_elem+1))``, which can exceed ``max_value``: those elements clip
+  to ``+-max_value`` (MXFP4: a block whose ``amax`` is 7 gets scale 1 and 7 clips to 6).
+  ``'ceil'`` is the smallest power of two that avoids the clip (it costs up to one
+  binade of resolution).  Everything is integer arithmetic on the exponent bits, so all
+  backends agree.
 
-Exactness.  Division and multiplication by ``X`` are done on the bit pattern
-(``ldexp``): XLA:CPU flushes float32 subnormals, so ``V_i * 2**-k`` in floats would
-lose subnormal inputs (a block of values near ``2**-130`` has ``X = 2**-127`` and
-representable elements) and subnormal results of ``P_i * X``.  Integer exponent
-arithmetic gives the same bits on every backend.
+* **Two-level** (``scale_dtype`` a float8 format ``S``; NVFP4 with ``S = e4m3``, group
+  16; NVIDIA's recipe)::
 
-``scale_bits`` generalises E8M0 to E<scale_bits>M0 (bias ``2**(scale_bits-1) - 1``,
-exponents ``-bias .. bias``, code ``2**scale_bits - 1`` = NaN), as pychop's
-``scale_exp_bits``.
+      tensor_scale = amax_tensor * fl(1 / (max(S) * max_value))     (float32, > 0)
+      u            = amax_block * fl(1 / max_value)
+      block_scale  = max(round_S(u / tensor_scale), min_positive(S))  (on S's grid)
+      scale used   = max(block_scale * tensor_scale, tiny)
+
+  ``round_S`` is ``floatgrid.round_to_format`` (nearest, saturating), and ``u /
+  tensor_scale`` is ``numerics.to_grid``'s ``u * (1 / tensor_scale)``.  A block scale
+  that would round to 0 (a block far below the tensor's maximum, or all zeros) is S's
+  smallest positive value instead, so every scale is positive.
+  ``amax_tensor = 0`` gives ``tensor_scale = 1`` (as ``numerics.qparams_from_range``).
+
+``amax`` arrays come from ``numerics.calibration_range`` (non-finite values left out,
+subnormals flushed), in the compute dtype (float32, or float64).
 """
 
 from __future__ import annotations
 
-from . import fixedpoint, floatgrid, xla_cpu
+import numpy as np
+
+from . import floatgrid
 
 __all__ = [
-    "E8M0_BIAS",
-    "E8M0_NAN",
-    "ldexp",
     "floor_log2",
-    "shared_exponent_codes",
-    "quantize_blocks",
-    "dequantize_blocks",
-    "fake_quantize_blocks",
+    "pow2",
+    "mx_shared_exponent",
+    "e8m0_scale",
+    "e8m0_encode",
+    "e8m0_decode",
+    "tensor_scale",
+    "two_level_scales",
+    "min_scale_exponent",
 ]
 
-E8M0_BIAS = 127
-E8M0_NAN = 255
-
-# float type -> (width, fraction bits M, bias B)
-_PARAMS = {"float32": (32, 23, 127), "float64": (64, 52, 1023)}
+# (fraction bits, bias, int type name) of the compute dtypes
+_F = {"float32": (23, 127, "int32"), "float64": (52, 1023, "int64")}
 
 
-def _params(xp, x):
-    name = str(x.dtype).removeprefix("torch.")
-    if name not in _PARAMS:
-        raise TypeError(f"blockscale works on float32 / float64 arrays; got {name}. "
-                        f"Widen float16 / bfloat16 input to float32 first.")
-    W, M, B = _PARAMS[name]
-    F, Ity = (xp.float32, xp.int32) if W == 32 else (xp.float64, xp.int64)
-    return W, M, B, F, Ity
+def _name(x) -> str:
+    return str(x.dtype).removeprefix("torch.")
 
 
-def _bitcast(xp, x, dtype):
-    if getattr(xp, "__name__", "").startswith("jax"):
+def _bits(xp, x, int_name):
+    if xp.__name__.startswith("jax"):
         from jax import lax
-        return lax.bitcast_convert_type(x, dtype)
-    return x.view(dtype)
+
+        return lax.bitcast_convert_type(x, getattr(xp, int_name))
+    return x.view(getattr(xp, int_name))
 
 
-def _normalised(xp, a, M, B, F, Ity):
-    """``(e, frac)`` with ``|x| = 2**(e - B) * (1 + frac / 2**M)`` for nonzero magnitude
-    bits ``a`` of finite ``x``: ``e`` is the biased exponent field for normal numbers and
-    ``floor(log2 a) + 1 - B - M + B`` (<= 0) for subnormals, read exactly from
-    ``float(a)`` (``a < 2**M``)."""
-    E = a >> M
-    fa = _bitcast(xp, xp.astype(a, F), Ity)
-    sub = E == 0
-    e = xp.where(sub, (fa >> M) + (1 - B - M), E)
-    frac = xp.where(sub, fa, a) & ((1 << M) - 1)
-    return e, frac
+def _from_bits(xp, b, float_name):
+    if xp.__name__.startswith("jax"):
+        from jax import lax
+
+        return lax.bitcast_convert_type(b, getattr(xp, float_name))
+    return b.view(getattr(xp, float_name))
 
 
-def ldexp(xp, x, k):
-    """``x * 2**k`` on the bit pattern, for float32 / float64 ``x`` and an integer array
-    (or int) ``k`` broadcastable to it.
-
-    Exact whenever the result is a normal number, zero, or a subnormal whose bits fit;
-    a subnormal result with more bits than the subnormal grid holds is truncated toward
-    zero; beyond the largest finite value it is ``+-inf``.  Subnormal ``x`` is read
-    exactly.  ``+-0``, ``+-inf`` and NaN are returned unchanged.  The same bits on every
-    backend (no float arithmetic touches a subnormal).
-    """
-    W, M, B, F, Ity = _params(xp, x)
-    bits = _bitcast(xp, x, Ity)
-    a = bits & ((1 << (W - 1)) - 1)
-    inf = ((1 << (W - 1 - M)) - 1) << M
-    e, frac = _normalised(xp, a, M, B, F, Ity)
-    e2 = e + xp.astype(xp.asarray(k), Ity) if not isinstance(k, int) else e + k
-    normal = (e2 << M) | frac
-    shift = xp.clip(1 - e2, 0, M + 1)
-    subnormal = (frac | (1 << M)) >> shift
-    out = xp.where(e2 >= 1, normal, subnormal)
-    out = xp.where(e2 >= 2 * B + 1, inf, out)
-    out = xp.where((a == 0) | (a >= inf), a, out)
-    return _bitcast(xp, out | (bits & -(1 << (W - 1))), F)
+def min_scale_exponent(dtype_name: str) -> int:
+    """The smallest E8M0 exponent used in a compute dtype: -127 for float64, -126 for
+    float32 (2^-127 is a float32 subnormal)."""
+    return -127 if dtype_name == "float64" else -126
 
 
-def floor_log2(xp, a, M, B, F, Ity):
-    """``floor(log2(v))`` (int) of the values whose magnitude bits are ``a`` (finite, > 0),
-    exact for subnormals too; a very negative number for ``a == 0``."""
-    e, _ = _normalised(xp, a, M, B, F, Ity)
-    return e - B
+def floor_log2(xp, a):
+    """``floor(log2(a))`` of positive normal floats ``a`` (float32 / float64), exactly,
+    as int32: the unbiased exponent field.  (Zero and subnormals give ``-bias``.)"""
+    M, B, ity = _F[_name(a)]
+    e = (_bits(xp, a, ity) >> M) & ((1 << (63 - M if ity == "int64" else 31 - M)) - 1)
+    return xp.astype(e - B, xp.int32)
 
 
-def shared_exponent_codes(xp, blocks, emax_elem: int, *, scale_bits: int = 8):
-    """The E<scale_bits>M0 code of each block's shared scale (OCP MX v1.0, see the module
-    docstring): ``clip(floor(log2(amax)) - emax_elem, -bias, ...) + bias`` as int32 of shape
-    ``blocks.shape[:-1] + (1,)``; ``2**scale_bits - 1`` (NaN) for blocks with NaN / +-inf or
-    an exponent above ``bias``.
+def pow2(xp, k, like):
+    """``2^k`` in ``like``'s float dtype, exactly, for int32 ``k`` in the dtype's normal
+    exponent range (built from the exponent bits)."""
+    M, B, ity = _F[_name(like)]
+    e = xp.astype(k, getattr(xp, ity)) + B
+    return _from_bits(xp, e << M, _name(like))
+
+
+def mx_shared_exponent(xp, amax, emax_elem: int, *, rounding: str = "floor",
+                       max_value: float | None = None):
+    """The MX shared exponent ``k`` (int32, ``amax``'s shape), see the module docstring.
 
     Args:
-      blocks: float32 / float64, the last axis is the block.
-      emax_elem: ``floor(log2(max_finite))`` of the element format (>= 0 in MX).
-
-    ``amax`` is an integer reduction of the magnitude bits: exact (NaN's bits lie above
-    inf's, subnormals are read as they are) on every backend.
-    """
-    W, M, B, F, Ity = _params(xp, blocks)
-    bias = (1 << (scale_bits - 1)) - 1
-    inf = ((1 << (W - 1 - M)) - 1) << M
-    abits = xp.max(_bitcast(xp, blocks, Ity) & ((1 << (W - 1)) - 1), axis=-1, keepdims=True)
-    if bias <= B and emax_elem >= 0:  # a subnormal amax gets the smallest scale anyway
-        exp = (abits >> M) - B - emax_elem
-    else:
-        exp = floor_log2(xp, abits, M, B, F, Ity) - emax_elem
-    code = xp.clip(exp, -bias, bias) + bias
-    code = xp.where((abits >= inf) | (exp > bias), 2 * bias + 1, code)
-    return xp.astype(code, xp.int32)
-
-
-def _round_elements(xp, v, element):
-    if isinstance(element, fixedpoint.FixedFormat):
-        return fixedpoint.round_to_fixed(xp, v, element)
-    return floatgrid.round_to_format(xp, v, element, overflow="saturate")
-
-
-def _element(element):
-    if isinstance(element, fixedpoint.FixedFormat):
-        return element, -element.fbits
-    element = floatgrid.get_format(element)
-    return element, element.emin - (element.man_bits if element.subnormals else 0)
-
-
-def quantize_blocks(xp, blocks, element, *, scale_bits: int = 8):
-    """``(P, codes)``: the elements of each block on ``element``'s grid and the blocks'
-    scale codes (``shared_exponent_codes``).
-
-    Args:
-      blocks: float32 / float64, the last axis is the block.
-      element: a ``floatgrid.FloatFormat`` (or a name ``get_format`` knows) or a
-        ``fixedpoint.FixedFormat`` (MXINT8: ``FixedFormat(2, 6)``, emax 0).
+      amax: block maxima ``max|x| >= 0`` (float32 / float64; 0 and subnormals count as 0).
+      emax_elem: ``floor(log2(max_value))`` of the element grid (``QuantSpec.emax_elem``).
+      rounding: ``'floor'`` (OCP MX v1.0) or ``'ceil'`` (no element clips).
+      max_value: the element grid's largest value; needed by ``'ceil'``.
 
     Returns:
-      ``P`` (``blocks``' shape and dtype; NaN in NaN-scaled blocks), int32 ``codes`` of
-      shape ``blocks.shape[:-1] + (1,)``.
+      ``clip(k, kmin, 127)`` (``kmin`` = ``min_scale_exponent``); zero blocks get ``kmin``.
     """
-    element, _ = _element(element)
-    _, _, _, F, Ity = _params(xp, blocks)
-    bias = (1 << (scale_bits - 1)) - 1
-    codes = shared_exponent_codes(xp, blocks, element.emax, scale_bits=scale_bits)
-    scaled = ldexp(xp, blocks, bias - xp.astype(codes, Ity))
-    p = _round_elements(xp, scaled, element)
-    return xp.where(codes == 2 * bias + 1, xp.nan, p), codes
+    if rounding not in ("floor", "ceil"):
+        raise ValueError("mx_shared_exponent: rounding must be 'floor' or 'ceil'; "
+                         f"got {rounding!r}.")
+    name = _name(amax)
+    M, B, ity = _F[name]
+    bits = _bits(xp, amax, ity)
+    e = xp.astype((bits >> M) - B, xp.int32)
+    k = e - emax_elem
+    if rounding == "ceil":
+        if max_value is None:
+            raise ValueError("mx_shared_exponent(rounding='ceil') needs max_value.")
+        # amax and max_value * 2^k share the binade: compare the fraction fields
+        frac_max = int(np.array(max_value, name).view(ity)) & ((1 << M) - 1)
+        k = k + xp.astype((bits & ((1 << M) - 1)) > frac_max, xp.int32)
+    kmin = min_scale_exponent(name)
+    zero = (bits >> M) == 0  # 0 (and subnormals, flushed by the callers)
+    k = xp.where(zero, xp.asarray(kmin, dtype=xp.int32, **_device(xp, amax)), k)
+    return xp.clip(k, kmin, 127)
 
 
-def dequantize_blocks(xp, elements, codes, *, scale_bits: int = 8):
-    """``P * 2**(code - bias)`` (exact, ``ldexp``), NaN where the code is NaN."""
-    _, _, _, F, Ity = _params(xp, elements)
-    bias = (1 << (scale_bits - 1)) - 1
-    out = ldexp(xp, elements, xp.astype(codes, Ity) - bias)
-    return xp.where(codes == 2 * bias + 1, xp.nan, out)
+def _device(xp, like) -> dict:
+    return {} if xp.__name__.startswith("jax") else {"device": like.device}
 
 
-def fake_quantize_blocks(xp, blocks, element, *, scale_bits: int = 8):
-    """``dequantize_blocks(*quantize_blocks(blocks, element))`` in one pass: the MX value
-    of every element (``blocks``' shape and dtype).
+def e8m0_scale(xp, amax, emax_elem: int, *, rounding: str = "floor",
+               max_value: float | None = None):
+    """``2^mx_shared_exponent(amax, ...)`` in ``amax``'s dtype: the power-of-two scale of
+    each block (OCP MX v1.0 with ``rounding='floor'``)."""
+    return pow2(xp, mx_shared_exponent(xp, amax, emax_elem, rounding=rounding,
+                                       max_value=max_value), amax)
 
-    On XLA:CPU a cheaper form runs when no block needs the exact ``ldexp`` (a
-    ``lax.cond`` on the smallest shared exponent; the same bits): with ``q`` the
-    exponent of the element format's smallest positive value, every block whose shared
-    exponent ``k >= 2 - B - q`` has its scaled elements either normal (``bits - (k << M)``
-    is exact) or below ``Q/2`` (they round to 0 whatever their low bits), and its
-    results ``P * 2**k`` normal (``bits + (k << M)``).
+
+def e8m0_encode(xp, scale):
+    """uint8 E8M0 codes (biased exponent ``k + 127``) of power-of-two scales."""
+    k = floor_log2(xp, scale)
+    return xp.astype(k + 127, xp.uint8)
+
+
+def e8m0_decode(xp, codes, like):
+    """Power-of-two scales in ``like``'s dtype from uint8 E8M0 codes (0..254; 255 is NaN
+    in E8M0 and is not produced here).  Code 0 (2^-127) needs float64."""
+    return pow2(xp, xp.astype(codes, xp.int32) - 127, like)
+
+
+def tensor_scale(xp, amax, spec):
+    """NVFP4's per-tensor scale: ``max(amax) * fl(1 / (max(S) * max_value))`` over all
+    of ``amax`` (block maxima; keepdims), 1 when that is 0, at least the smallest
+    normal."""
+    F = amax.dtype
+    fi = np.finfo(np.float64 if _name(amax) == "float64" else np.float32)
+    a = xp.max(amax, axis=tuple(range(amax.ndim)), keepdims=True) if amax.ndim else amax
+    one = xp.asarray(1.0, dtype=F, **_device(xp, amax))
+    denom = xp.asarray(spec.scale_format.max_finite * spec.max_value, dtype=F,
+                       **_device(xp, amax))
+    s = a * (one / denom)
+    tiny = xp.asarray(fi.tiny, dtype=F, **_device(xp, amax))
+    return xp.where(a == xp.zeros_like(a), one, xp.maximum(s, tiny))
+
+
+def two_level_scales(xp, amax, spec, to_grid):
+    """``(block_scale, tensor_scale)`` of a two-level spec (module docstring).
+
+    ``to_grid(xp, u, s)`` is ``numerics.to_grid`` (``u / s`` in the contract's order;
+    passed in because ``numerics`` imports this module).  ``block_scale`` lies on the
+    grid of ``spec.scale_dtype`` (returned in the compute dtype), ``tensor_scale`` is
+    all-ones-shaped.
     """
-    element, q = _element(element)
-    W, M, B, F, Ity = _params(xp, blocks)
-    bias = (1 << (scale_bits - 1)) - 1
-    codes = shared_exponent_codes(xp, blocks, element.emax, scale_bits=scale_bits)
-    k = xp.astype(codes, Ity) - bias
-    nan_block = codes == 2 * bias + 1
-
-    def exact():
-        return ldexp(xp, _round_elements(xp, ldexp(xp, blocks, -k), element), k)
-
-    def cheap():
-        bits = _bitcast(xp, blocks, Ity)
-        E = (bits & ((1 << (W - 1)) - 1)) >> M
-        shift = k << M
-        y = xp.where((E >= 1) & (E > k), bits - shift, bits & -(1 << (W - 1)))
-        pb = _bitcast(xp, _round_elements(xp, _bitcast(xp, y, F), element), Ity)
-        return _bitcast(xp, xp.where((pb & ((1 << (W - 1)) - 1)) == 0, pb, pb + shift), F)
-
-    if getattr(xp, "__name__", "").startswith("jax") and q >= 2 - B:
-        needs_exact = xp.min(xp.where(nan_block, bias, k)) < 2 - B - q
-        out = xla_cpu.cond(needs_exact, exact, cheap)
-    else:
-        out = exact()
-    return xp.where(nan_block, xp.nan, out)
+    F = amax.dtype
+    t = tensor_scale(xp, amax, spec)
+    one = xp.asarray(1.0, dtype=F, **_device(xp, amax))
+    u = amax * (one / xp.asarray(spec.max_value, dtype=F, **_device(xp, amax)))
+    fmt = spec.scale_format
+    s = floatgrid.round_to_format(xp, to_grid(xp, u, t), fmt, rounding="nearest_even",
+                                  overflow="saturate")
+    smallest = xp.asarray(fmt.min_subnormal, dtype=F, **_device(xp, amax))
+    return xp.maximum(s, smallest), t

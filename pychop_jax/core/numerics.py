@@ -68,14 +68,32 @@ Learned step sizes (LSQ, LSQ+): ``lsq_init`` and ``lsq_grads`` at the end of the
 give the initial state and the gradients of ``ste``'s ``'lsq'`` rule; a floating zero
 point is a learned one, rounded by ``integer_zero_point`` wherever codes are formed.
 These are not part of the bit-identity contract (they feed training, not codes).
+
+Float element grids (``QuantSpec(dtype=...)``: fp8 / fp6 / fp4, NF4) and block-scale
+formats (``scale_dtype``) use the same order with these differences:
+
+* qparams: ``scale = amax * fl(1 / max_value)`` (float32 scales; ``scale == 0 -> 1``,
+  at least ``tiny``), or the power-of-two / two-level scales of ``blockscale``; the
+  zero point is 0.  Two-level specs carry a per-tensor ``tensor_scale`` and use
+  ``effective_scale = max(scale * tensor_scale, tiny)`` wherever a scale is applied.
+* codes: ``t = x / scale`` as in rule 4, then ``floatgrid.round_to_format`` (integer
+  bit manipulation, round-half-to-even or stochastic on uint32 noise, saturating at
+  ``+-max_value``); NaN -> 0.  ``x`` and ``t`` are flushed keeping their sign (a
+  signed zero is a distinct fp8 code), on every platform.  NF4 codes are the number of
+  float32 midpoints of adjacent table values that ``t`` exceeds (nearest value, ties
+  to the lower one; NaN -> index 7, the value 0).
+* values: ``code_value * scale`` clipped to the dtype's range, with results below
+  ``tiny`` set to +0.0 on every platform (XLA:CPU flushes subnormal products, NumPy
+  and Torch do not).
+* clip mask: ``|t| <= max_value``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from . import xla_cpu
-from .spec import QuantSpec
+from . import blockscale, floatgrid, xla_cpu
+from .spec import NF4_VALUES, QuantSpec
 
 __all__ = [
     "compute_dtype",
@@ -83,6 +101,7 @@ __all__ = [
     "calibration_range",
     "qparams_from_range",
     "calibrate",
+    "calibrate_state",
     "to_grid",
     "grid_steps",
     "quantize",
@@ -99,6 +118,11 @@ __all__ = [
     "valid_scale",
     "lsq_init",
     "lsq_grads",
+    "tensor_scale_from_range",
+    "effective_scale",
+    "code_dtype",
+    "encode_float_bits",
+    "decode_float_bits",
 ]
 
 #: scales above this use the power-of-two pre-scale of rule 4
@@ -150,8 +174,25 @@ def _bounds(xp, spec, like):
             xp.astype(xp.asarray(spec.qmax, **_device(xp, like)), xp.int32))
 
 
-def _code_dtype(xp, spec: QuantSpec):
-    return getattr(xp, spec.code_dtype.name)
+def code_dtype(xp, spec: QuantSpec):
+    """The codes' dtype in ``xp``'s terms (``spec.code_dtype``; ml_dtypes' float types
+    for NumPy, ``jnp``'s for JAX, Torch's float8 types; Torch has no fp6 / fp4).
+
+    Raises:
+      TypeError: the namespace has no such dtype.
+    """
+    name = spec.code_dtype.name
+    if _is_jax(xp) or not spec.element_format:
+        return getattr(xp, name)
+    if "torch" in xp.__name__:  # array_api_compat.torch re-exports torch's dtypes
+        if not hasattr(xp, name):
+            raise TypeError(f"torch has no {name} dtype to hold {name} codes: quantize from "
+                            "NumPy or JAX arrays, or use fake_quant (which Torch supports).")
+        return getattr(xp, name)
+    return spec.code_dtype
+
+
+_code_dtype = code_dtype
 
 
 # -- granularity as shapes ----------------------------------------------------------
@@ -255,12 +296,16 @@ def calibration_range(xp, x, spec: QuantSpec, *, nonfinite: str = "ignore"):
     return -a, a
 
 
-def qparams_from_range(xp, lo, hi, spec: QuantSpec):
+def qparams_from_range(xp, lo, hi, spec: QuantSpec, tensor_scale=None):
     """``(scale, zero_point)`` from a range with ``lo <= 0 <= hi`` (state-shaped).
 
     ``scale`` has ``lo``'s dtype (the compute dtype), ``zero_point`` is int32.
-    See the module docstring for the arithmetic order.
+    See the module docstring for the arithmetic order.  Float element grids and block
+    scale formats: ``_block_qparams`` (the block scales of a two-level spec are relative
+    to ``tensor_scale``, by default ``tensor_scale_from_range(lo, hi)``).
     """
+    if spec.is_float or spec.scale_dtype is not None:
+        return _block_qparams(xp, lo, hi, spec, tensor_scale)
     F = lo.dtype
     fi = _finfo(xp, F)
     zero = _const(xp, 0.0, F, lo)
@@ -290,10 +335,65 @@ def qparams_from_range(xp, lo, hi, spec: QuantSpec):
     return scale, zero_point
 
 
+def _block_qparams(xp, lo, hi, spec, tensor_scale):
+    F = lo.dtype
+    amax = xp.maximum(-lo, hi)
+    one = _const(xp, 1.0, F, lo)
+    zero_point = xp.zeros(amax.shape, dtype=xp.int32, **_device(xp, lo))
+    if spec.scale_dtype == "float8_e8m0fnu":
+        scale = blockscale.e8m0_scale(xp, amax, spec.emax_elem, rounding=spec.scale_rounding,
+                                      max_value=spec.max_value)
+    elif spec.two_level:
+        if tensor_scale is None:
+            tensor_scale = blockscale.tensor_scale(xp, amax, spec)
+        u = amax * (one / _const(xp, spec.max_value, F, lo))
+        fmt = spec.scale_format
+        s = floatgrid.round_to_format(xp, to_grid(xp, u, tensor_scale), fmt)
+        scale = xp.maximum(s, _const(xp, fmt.min_subnormal, F, lo))
+    else:
+        tiny = _const(xp, _finfo(xp, F).tiny, F, lo)
+        scale = amax * (one / _const(xp, spec.max_value, F, lo))
+        scale = xp.where(amax == _const(xp, 0.0, F, lo), one, xp.maximum(scale, tiny))
+    return scale, zero_point
+
+
+def tensor_scale_from_range(xp, lo, hi, spec: QuantSpec):
+    """The per-tensor scale of a two-level spec (``blockscale.tensor_scale`` of the
+    block maxima ``max(-lo, hi)``), ``None`` for every other spec."""
+    if not spec.two_level:
+        return None
+    return blockscale.tensor_scale(xp, xp.maximum(-lo, hi), spec)
+
+
+def effective_scale(xp, scale, tensor_scale):
+    """The scale a two-level state applies: ``max(scale * tensor_scale, tiny)``
+    (``scale`` itself when ``tensor_scale`` is ``None``)."""
+    if tensor_scale is None:
+        return scale
+    tiny = _const(xp, _finfo(xp, scale.dtype).tiny, scale.dtype, scale)
+    return xp.maximum(scale * xp.astype(tensor_scale, scale.dtype), tiny)
+
+
 def calibrate(xp, x, spec: QuantSpec, *, nonfinite: str = "ignore"):
-    """``(scale, zero_point)`` of ``x``: ``qparams_from_range(calibration_range(x))``."""
+    """``(scale, zero_point)`` of ``x``: ``qparams_from_range(calibration_range(x))``.
+
+    Raises:
+      ValueError: a two-level spec, whose state has a third array: use
+        ``calibrate_state``.
+    """
+    if spec.two_level:
+        raise ValueError("numerics.calibrate: a two-level spec (scale_dtype="
+                         f"{spec.scale_dtype!r}) also has a tensor scale; use calibrate_state.")
     lo, hi = calibration_range(xp, x, spec, nonfinite=nonfinite)
     return qparams_from_range(xp, lo, hi, spec)
+
+
+def calibrate_state(xp, x, spec: QuantSpec, *, nonfinite: str = "ignore"):
+    """``(scale, zero_point, tensor_scale)`` of ``x`` for any spec (``tensor_scale`` is
+    ``None`` but for two-level specs)."""
+    lo, hi = calibration_range(xp, x, spec, nonfinite=nonfinite)
+    t = tensor_scale_from_range(xp, lo, hi, spec)
+    return (*qparams_from_range(xp, lo, hi, spec, t), t)
 
 
 # -- quantize / dequantize ------------------------------------------------------------
@@ -348,10 +448,14 @@ def _exact_or_cheap(xp, scale, compute):
     return xla_cpu.cond(needs_prescale(xp, scale), exact, lambda: compute(False))
 
 
-def _views(xp, x, scale, zero_point, spec):
+def _views(xp, x, scale, zero_point, spec, tensor_scale=None):
     """Reshape ``x`` and the state so that they broadcast (per-group split); a float
     (learned) zero point is rounded here (``integer_zero_point``), so every function
-    below sees the int32 zero point the grid uses."""
+    below sees the int32 zero point the grid uses.  A two-level state's scale is its
+    ``effective_scale``."""
+    scale = effective_scale(xp, scale, tensor_scale)
+    if spec.is_float:  # zero point 0, never learned
+        zero_point = xp.astype(zero_point, xp.int32)
     view, _, state_view = layout(spec, x.shape)
     return (
         xp.reshape(x, view),
@@ -432,17 +536,26 @@ def _view_like(xp, noise, xv):
     return None if noise is None else xp.reshape(noise, xv.shape)
 
 
-def quantize(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+def quantize(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None, tensor_scale=None):
     """Integer codes ``clip(round(x / scale) + zero_point, qmin, qmax)``.
 
     ``x``: any floating array; ``scale``/``zero_point``: state-shaped.  Returns codes
     of ``spec.code_dtype`` and ``x``'s shape.  Non-finite input (reachable only
     where the caller does not validate, e.g. under ``jit``): +-inf saturate to
     ``qmax``/``qmin``, NaN maps to the zero point.
+
+    Float element grids: codes ``round_to_format(x / scale)`` as ``code_dtype(xp,
+    spec)`` (``noise``: uint32 random bits of ``x``'s shape for stochastic rounding),
+    NF4: uint8 table indices; see the module docstring.  ``tensor_scale``: a
+    two-level state's per-tensor scale.
     """
     shape = x.shape
-    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
+    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec, tensor_scale)
     noise = _view_like(xp, noise, xv)
+    if spec.is_float:
+        def float_codes(prescale):
+            return xp.reshape(_element_codes(xp, xv, sv, spec, noise, prescale), shape)
+        return _exact_or_cheap(xp, sv, float_codes)
 
     def codes(prescale):
         steps = _grid_steps(xp, xv, sv, zv, spec, noise, prescale=prescale)
@@ -451,17 +564,21 @@ def quantize(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
     return _exact_or_cheap(xp, scale, codes)
 
 
-def dequantize(xp, q, scale, zero_point, spec: QuantSpec):
+def dequantize(xp, q, scale, zero_point, spec: QuantSpec, *, tensor_scale=None):
     """``xhat = (q - zero_point) * scale`` in the scale's dtype, ``q``'s shape.
 
     The product is clipped to the dtype's finite range (see ``steps_to_values``).
+    Float element grids: ``value(q) * scale`` (``value``: the code's float value, the
+    NF4 table entry), clipped, results below ``tiny`` -> +0.0.
     """
     shape = q.shape
-    qv, sv, zv = _views(xp, q, scale, zero_point, spec)
+    qv, sv, zv = _views(xp, q, scale, zero_point, spec, tensor_scale)
+    if spec.is_float:
+        return xp.reshape(_element_values(xp, _code_values(xp, qv, spec, sv.dtype), sv), shape)
     return xp.reshape(steps_to_values(xp, xp.astype(qv, xp.int32) - zv, sv), shape)
 
 
-def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
+def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None, tensor_scale=None):
     """``dequantize(quantize(x))`` without materialising the codes.
 
     Returns ``x``'s shape and dtype; computed in the compute dtype, whose bits equal
@@ -469,8 +586,13 @@ def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
     NaN becomes 0.0.
     """
     shape, dtype = x.shape, x.dtype
-    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
+    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec, tensor_scale)
     noise = _view_like(xp, noise, xv)
+    if spec.is_float:
+        def float_values(prescale):
+            v = _element_grid(xp, xv, sv, spec, noise, prescale)
+            return xp.astype(xp.reshape(_element_values(xp, v, sv), shape), dtype)
+        return _exact_or_cheap(xp, sv, float_values)
 
     def values(prescale):
         steps = _grid_steps(xp, xv, sv, zv, spec, noise, prescale=prescale)
@@ -479,18 +601,175 @@ def fake_quant(xp, x, scale, zero_point, spec: QuantSpec, *, noise=None):
     return _exact_or_cheap(xp, scale, values)
 
 
-def clip_mask(xp, x, scale, zero_point, spec: QuantSpec):
-    """``True`` where ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]``.
+def clip_mask(xp, x, scale, zero_point, spec: QuantSpec, *, tensor_scale=None):
+    """``True`` where ``round(x / scale) + zero_point`` lies in ``[qmin, qmax]``
+    (float element grids: where ``|x / scale| <= max_value``).
 
     False for NaN.  This is the pass-through mask of the clipped straight-through
     estimator.
     """
     shape = x.shape
-    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec)
+    xv, sv, zv = _views(xp, xp.astype(x, scale.dtype), scale, zero_point, spec, tensor_scale)
+    if spec.is_float:
+        t = _to_grid(xp, _flush_signed(xp, xv), sv, prescale=True)
+        return xp.reshape(xp.abs(t) <= _const(xp, spec.max_value, t.dtype, t), shape)
     r = _rounded(xp, xv, sv, None)
     low, high = _step_bounds(xp, zv, spec)
     inside = (r >= xp.astype(low, r.dtype)) & (r <= xp.astype(high, r.dtype))
     return xp.reshape(inside, shape)
+
+
+# -- float element grids ----------------------------------------------------------------------
+def _flush_signed(xp, x):
+    """Subnormals to a zero of their sign, on every platform (a signed zero is a code)."""
+    tiny = _const(xp, _finfo(xp, x.dtype).tiny, x.dtype, x)
+    return xp.where(xp.abs(x) < tiny, xp.copysign(_const(xp, 0.0, x.dtype, x), x), x)
+
+
+def _nf4_midpoints(dtype_name: str):
+    table = NF4_VALUES.astype(np.float64)
+    mids = (table[1:] + table[:-1]) / 2  # exact in float64
+    return [float(np.asarray(m, dtype_name)) for m in mids]
+
+
+def _nf4_codes(xp, t):
+    """Index of the nearest NF4 value (ties to the lower one; NaN -> 7, the value 0)."""
+    F = t.dtype
+    mids = _nf4_midpoints("float64" if F == xp.float64 else "float32")
+    code = xp.zeros(t.shape, dtype=xp.int32, **_device(xp, t))
+    for m in mids:
+        code = code + xp.astype(t > _const(xp, m, F, t), xp.int32)
+    return xp.where(xp.isnan(t), xp.full_like(code, 7), code)
+
+
+def _nf4_table(xp, code, F, like):
+    """NF4 table values of int ``code`` (one select per entry: exact, any device)."""
+    v = xp.zeros(code.shape, dtype=F, **_device(xp, like))
+    for i, value in enumerate(NF4_VALUES.tolist()):
+        v = xp.where(code == i, _const(xp, value, F, like), v)
+    return v
+
+
+def _grid_units(xp, xv, sv, prescale):
+    t = _to_grid(xp, _flush_signed(xp, xv), sv, prescale=prescale)
+    return _flush_signed(xp, t)
+
+
+def _element_grid(xp, xv, sv, spec, noise, prescale):
+    """``x / scale`` rounded onto the element grid, as values in the compute dtype
+    (NaN -> 0)."""
+    t = _grid_units(xp, xv, sv, prescale)
+    if spec.dtype == "nf4":
+        _no_stochastic_nf4(noise)
+        return _nf4_table(xp, _nf4_codes(xp, t), t.dtype, t)
+    rounding = "nearest_even" if noise is None else "stochastic"
+    v = floatgrid.round_to_format(xp, t, spec.element_format, rounding=rounding,
+                                  overflow="saturate", noise=noise)
+    return xp.where(xp.isnan(v), _const(xp, 0.0, v.dtype, v), v)
+
+
+def _no_stochastic_nf4(noise):
+    if noise is not None:
+        raise ValueError("nf4 rounds to the nearest table value only; stochastic rounding "
+                         "(a key) is not supported for dtype='nf4'.")
+
+
+def _element_codes(xp, xv, sv, spec, noise, prescale):
+    """Codes of ``x / scale``: the element format's dtype, NF4's uint8 indices, or for
+    fp6 (no XLA type) the format's bit patterns as uint8."""
+    if spec.dtype == "nf4":
+        _no_stochastic_nf4(noise)
+        return xp.astype(_nf4_codes(xp, _grid_units(xp, xv, sv, prescale)), xp.uint8)
+    v = _element_grid(xp, xv, sv, spec, noise, prescale)
+    if spec.element_format.bits > 8:  # float16 / bfloat16 codes
+        return xp.astype(v, code_dtype(xp, spec))
+    u = encode_float_bits(xp, v, spec.element_format)
+    return u if spec.code_dtype == np.uint8 else _view_codes(xp, u, spec)
+
+
+def _view_codes(xp, u, spec):
+    """uint8 encodings as the codes' dtype, a reinterpretation (XLA:CPU's float ->
+    float8 convert costs several times the integer encoding)."""
+    dtype = code_dtype(xp, spec)
+    if _is_jax(xp):
+        from jax import lax
+
+        if spec.bits == 4:  # bitcasts need equal widths
+            u = xp.astype(u, xp.uint4)
+        return lax.bitcast_convert_type(u, dtype)
+    return u.view(dtype)
+
+
+def _code_values(xp, q, spec, F):
+    """The float value of each code (exact conversion; NF4: the table; fp6: decoded
+    from its bit patterns)."""
+    if spec.dtype == "nf4":
+        return _nf4_table(xp, xp.astype(q, xp.int32), F, q)
+    if spec.code_dtype == np.uint8:
+        return decode_float_bits(xp, q, spec.element_format, F)
+    return xp.astype(q, F)
+
+
+def _int_bits(xp, v):
+    ity = xp.int64 if v.dtype == xp.float64 else xp.int32
+    if _is_jax(xp):
+        from jax import lax
+
+        return lax.bitcast_convert_type(v, ity)
+    return v.view(ity)
+
+
+def encode_float_bits(xp, v, fmt):
+    """uint8 encodings (ml_dtypes' bit layout, ``fmt``'s sign / exponent / fraction in
+    the low ``1 + e + m`` bits) of values ``v`` that lie on ``fmt``'s grid (finite,
+    float32 / float64; e.g. ``floatgrid.round_to_format``'s output).  For formats of
+    at most 8 bits; exact integer arithmetic on the bits of ``v``.
+
+    A normal value ``2^E * 1.f`` is ``((E + bias) << m) | f``; a subnormal one is
+    ``v / min_subnormal``; the sign goes to bit ``e + m``."""
+    fmt = floatgrid.get_format(fmt)
+    wide = v.dtype == xp.float64
+    M, B = (52, 1023) if wide else (23, 127)
+    e_bits, m = fmt.exp_bits, fmt.man_bits
+    b = _int_bits(xp, v)
+    a = b & ((1 << (63 if wide else 31)) - 1)
+    sign = xp.astype(b < 0, xp.int32)
+    E = xp.astype(a >> M, xp.int32) - B  # unbiased exponent (-B for zero)
+    frac = xp.astype((a >> (M - m)) & ((1 << m) - 1), xp.int32)
+    normal = ((E + fmt.bias) << m) | frac
+    sig = (a & ((1 << M) - 1)) | (1 << M)  # significand with the implicit bit
+    shift = xp.clip(M + fmt.emin - m - E, 0, M + 1)
+    sub = xp.astype(sig >> xp.astype(shift, sig.dtype), xp.int32)
+    mag = xp.where(E >= fmt.emin, normal, xp.where(a == 0, xp.zeros_like(sub), sub))
+    return xp.astype(mag | (sign << (e_bits + m)), xp.uint8)
+
+
+def decode_float_bits(xp, codes, fmt, F):
+    """Values (dtype ``F``) of uint8 encodings of ``fmt`` (inverse of
+    ``encode_float_bits``; formats without inf / NaN codes)."""
+    fmt = floatgrid.get_format(fmt)
+    e_bits, m = fmt.exp_bits, fmt.man_bits
+    c = xp.astype(codes, xp.int32)
+    Ef = (c >> m) & ((1 << e_bits) - 1)
+    f = xp.astype(c & ((1 << m) - 1), F)
+    like = f
+    one = _const(xp, 1.0, F, like)
+    # 2^(Ef - bias) * (1 + f / 2^m) for Ef > 0, f * 2^(emin - m) for Ef == 0: products
+    # of small integers and powers of two, exact
+    step = xp.where(Ef > 0, blockscale.pow2(xp, Ef - fmt.bias - m, like),
+                    _const(xp, 2.0 ** (fmt.emin - m), F, like))
+    lead = xp.where(Ef > 0, _const(xp, float(1 << m), F, like), _const(xp, 0.0, F, like))
+    mag = (lead + f) * step
+    return xp.where(((c >> (e_bits + m)) & 1) == 1, -one, one) * mag
+
+
+def _element_values(xp, v, sv):
+    """``v * scale`` clipped to the dtype's finite range; below ``tiny`` -> +0.0."""
+    F = sv.dtype
+    fi = _finfo(xp, F)
+    big = _const(xp, fi.max, F, sv)
+    out = xp.clip(v * sv, -big, big)
+    return xp.where(xp.abs(out) < _const(xp, fi.tiny, F, sv), _const(xp, 0.0, F, sv), out)
 
 
 # -- learned step size (LSQ, LSQ+) ---------------------------------------------------------

@@ -166,6 +166,10 @@ def mse_range(xp, x, spec: QuantSpec, *, num_candidates: int = 100):
     The candidates are evaluated together (a leading axis of length ``K``), so the
     work is ``K`` passes over ``x``.
     """
+    if spec.is_float or spec.scale_dtype is not None:
+        raise ValueError("observers.mse: the MSE search covers integer grids with float32 "
+                         f"scales; got dtype={spec.dtype!r}, scale_dtype={spec.scale_dtype!r}. "
+                         "Use minmax / ema / percentile for float and block-scaled formats.")
     F = numerics.compute_dtype(xp, x.dtype)
     x = xp.astype(x, F)
     x = xp.where(xp.isfinite(x), x, xp.zeros_like(x))
@@ -322,8 +326,11 @@ def mse(stats: RangeState, x, spec: QuantSpec, *, num_candidates: int = 100,
 def quant_state(stats: RangeState, spec: QuantSpec) -> QuantState:
     """The ``QuantState`` of the observed range (``numerics.qparams_from_range``).
 
-    Statistics that have seen nothing (``lo = hi = 0``) give ``scale = 1``.
+    Statistics that have seen nothing (``lo = hi = 0``) give ``scale = 1`` (the
+    smallest scale of an E8M0 / two-level spec).  Float element grids and block-scale
+    formats take the range's ``max(-lo, hi)`` as ``amax`` (``blockscale``).
     """
-    scale, zero_point = numerics.qparams_from_range(jnp, jnp.asarray(stats.lo),
-                                                    jnp.asarray(stats.hi), spec)
-    return QuantState(scale=scale, zero_point=zero_point, spec=spec)
+    lo, hi = jnp.asarray(stats.lo), jnp.asarray(stats.hi)
+    tensor_scale = numerics.tensor_scale_from_range(jnp, lo, hi, spec)
+    scale, zero_point = numerics.qparams_from_range(jnp, lo, hi, spec, tensor_scale)
+    return QuantState(scale=scale, zero_point=zero_point, spec=spec, tensor_scale=tensor_scale)

@@ -31,6 +31,7 @@ __all__ = [
     "dequantize",
     "fake_quant",
     "check_finite",
+    "widen_scale",
     "fit_state",
     "is_traced",
     "as_float",
@@ -69,13 +70,29 @@ def as_float(x, what: str):
     return x
 
 
+def widen_scale(scale):
+    """A scale held in a narrow scale format (E8M0, float8) as float32 (exact)."""
+    scale = jnp.asarray(scale)
+    if scale.dtype in (jnp.float32, jnp.float64):
+        return scale
+    return scale.astype(jnp.float32)
+
+
 def _fitted(x_shape, state: QuantState, what: str):
     """The state's arrays, checked (and for per-tensor, reshaped) to fit ``x_shape``;
     eagerly, a non-finite or non-positive scale is rejected."""
     concrete = isinstance(state, QuantState) and not is_traced(state.scale)
     return validation.fitted_state(
         state, x_shape, what, jnp.reshape,
-        is_valid=(lambda s: bool(_valid_scale_kernel(s))) if concrete else None)
+        is_valid=(lambda s: bool(_valid_scale_kernel(s))) if concrete else None,
+        widen=widen_scale)
+
+
+def _tensor_scale(x_shape, state: QuantState):
+    """A two-level state's tensor scale, shaped ``(1,) * ndim`` (else ``None``)."""
+    if state.tensor_scale is None:
+        return None
+    return jnp.reshape(widen_scale(state.tensor_scale), (1,) * len(x_shape))
 
 
 def fit_state(state: QuantState, shape) -> QuantState:
@@ -86,7 +103,8 @@ def fit_state(state: QuantState, shape) -> QuantState:
       ValueError: the state was calibrated for an incompatible shape.
     """
     scale, zero_point = _fitted(tuple(shape), state, "fit_state")
-    return state.replace(scale=scale, zero_point=zero_point)
+    return state.replace(scale=scale, zero_point=zero_point,
+                         tensor_scale=_tensor_scale(tuple(shape), state))
 
 
 def _raise_nonfinite(x, what: str):
@@ -95,9 +113,13 @@ def _raise_nonfinite(x, what: str):
     validation.require_finite(n_nan, n_inf, what)
 
 
-def _noise(key, x, scale):
+def _noise(key, x, scale, spec):
+    """Stochastic rounding noise: uniform [0, 1) floats for integer grids, uint32
+    random bits for float element grids (``floatgrid.round_to_format``)."""
     if key is None:
         return None
+    if spec.is_float:
+        return jax.random.bits(key, x.shape, jnp.uint32)
     return jax.random.uniform(key, x.shape, scale.dtype)
 
 
@@ -115,9 +137,10 @@ def calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str, in_step: b
     spec = join_bounds(structure, bounds)
     with xla_cpu.inside_step(in_step):
         lo, hi = numerics.calibration_range(jnp, x, spec, nonfinite=nonfinite)
-    scale, zero_point = numerics.qparams_from_range(jnp, lo, hi, spec)
+    tensor_scale = numerics.tensor_scale_from_range(jnp, lo, hi, spec)
+    scale, zero_point = numerics.qparams_from_range(jnp, lo, hi, spec, tensor_scale)
     # with nonfinite='flag' the range is non-finite iff x has a non-finite value
-    return scale, zero_point, numerics.range_is_finite(jnp, lo, hi)
+    return scale, zero_point, numerics.range_is_finite(jnp, lo, hi), tensor_scale
 
 
 @functools.partial(jax.jit, static_argnames=("structure",))
@@ -126,22 +149,29 @@ def _lsq_init_kernel(x, bounds, structure: QuantSpec):
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "check"))
-def quantize_kernel(x, scale, zero_point, key, bounds, structure: QuantSpec, check: bool):
+def quantize_kernel(x, scale, zero_point, key, bounds, structure: QuantSpec, check: bool,
+                    tensor_scale=None):
     spec = join_bounds(structure, bounds)
-    noise = _noise(key, x, scale)
-    q = numerics.quantize(jnp, x, scale, zero_point, spec, noise=noise)
+    noise = _noise(key, x, scale, structure)
+    q = numerics.quantize(jnp, x, scale, zero_point, spec, noise=noise,
+                          tensor_scale=tensor_scale)
     return q, (_all_finite(x) if check else jnp.bool_(True))
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "dtype"))
-def dequantize_kernel(q, scale, zero_point, bounds, structure: QuantSpec, dtype):
+def dequantize_kernel(q, scale, zero_point, bounds, structure: QuantSpec, dtype,
+                      tensor_scale=None):
     spec = join_bounds(structure, bounds)
-    return numerics.dequantize(jnp, q, scale, zero_point, spec).astype(dtype)
+    return numerics.dequantize(jnp, q, scale, zero_point, spec,
+                               tensor_scale=tensor_scale).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "rule"))
-def _fake_quant_kernel(x, scale, zero_point, key, bounds, structure: QuantSpec, rule: str):
-    noise = _noise(key, x, scale)
+def _fake_quant_kernel(x, scale, zero_point, key, bounds, structure: QuantSpec, rule: str,
+                       tensor_scale=None):
+    noise = _noise(key, x, scale, structure)
+    if tensor_scale is not None:  # the block scales are data, not learned: fold them
+        scale = numerics.effective_scale(jnp, scale, jax.lax.stop_gradient(tensor_scale))
     return ste.fake_quant(x, scale, zero_point, noise, bounds, structure, rule)
 
 
@@ -178,13 +208,14 @@ def calibrate(x, spec: QuantSpec) -> QuantState:
     spec.scale_shape(x.shape)  # axis and group-size errors, eagerly and under jit
     x = jax.lax.stop_gradient(x)
     if is_traced(x):
-        scale, zero_point, _ = calibrate_kernel(x, *split_bounds(spec), nonfinite="ignore",
-                                                 in_step=True)
+        scale, zero_point, _, tensor_scale = calibrate_kernel(
+            x, *split_bounds(spec), nonfinite="ignore", in_step=True)
     else:
-        scale, zero_point, ok = calibrate_kernel(x, *split_bounds(spec), nonfinite="flag")
+        scale, zero_point, ok, tensor_scale = calibrate_kernel(
+            x, *split_bounds(spec), nonfinite="flag")
         if not ok:
             _raise_nonfinite(x, "calibrate")
-    return QuantState(scale=scale, zero_point=zero_point, spec=spec)
+    return QuantState(scale=scale, zero_point=zero_point, spec=spec, tensor_scale=tensor_scale)
 
 
 def lsq_init(x, spec: QuantSpec) -> QuantState:
@@ -204,6 +235,7 @@ def lsq_init(x, spec: QuantSpec) -> QuantState:
         eagerly NaN or +-inf).
     """
     validation.require_spec(spec, "lsq_init")
+    _require_integer_grid(spec, "lsq_init")
     x = as_float(x, "lsq_init")
     validation.require_nonempty(x.size, "lsq_init")
     spec.scale_shape(x.shape)
@@ -235,7 +267,8 @@ def quantize(x, state: QuantState, *, key=None, check: bool = True):
     x = as_float(x, "quantize")
     scale, zero_point = _fitted(x.shape, state, "quantize")
     check = check and not is_traced(x)
-    q, ok = quantize_kernel(x, scale, zero_point, key, *split_bounds(state.spec), check)
+    q, ok = quantize_kernel(x, scale, zero_point, key, *split_bounds(state.spec), check,
+                            _tensor_scale(x.shape, state))
     if check and not ok:
         _raise_nonfinite(x, "quantize")
     return q
@@ -250,10 +283,11 @@ def dequantize(q, state: QuantState, *, dtype=None):
       dtype: output dtype; default the scale's dtype (float32 / float64).
     """
     q = _as_jax(q, "dequantize")
-    validation.require_integer_codes(jnp.issubdtype(q.dtype, jnp.integer), q.dtype)
+    validation.require_codes(q.dtype, getattr(state, "spec", None))
     scale, zero_point = _fitted(q.shape, state, "dequantize")
     dtype = jnp.dtype(dtype or scale.dtype)
-    return dequantize_kernel(q, scale, zero_point, *split_bounds(state.spec), dtype)
+    return dequantize_kernel(q, scale, zero_point, *split_bounds(state.spec), dtype,
+                             _tensor_scale(q.shape, state))
 
 
 def fake_quant(x, state: QuantState, *, grad: str = "clipped", key=None, check: bool = True):
@@ -271,11 +305,21 @@ def fake_quant(x, state: QuantState, *, grad: str = "clipped", key=None, check: 
     """
     if grad not in ste.RULES:
         raise ValueError(f"fake_quant: unknown grad={grad!r}; choose one of {sorted(ste.RULES)}.")
+    if grad == "lsq" and isinstance(state, QuantState):
+        _require_integer_grid(state.spec, "fake_quant(grad='lsq')")
     x = as_float(x, "fake_quant")
     scale, zero_point = _fitted(x.shape, state, "fake_quant")
     if check and not is_traced(x) and not bool(_all_finite_kernel(x)):
         _raise_nonfinite(x, "fake_quant")
-    return _fake_quant_kernel(x, scale, zero_point, key, *split_bounds(state.spec), grad)
+    return _fake_quant_kernel(x, scale, zero_point, key, *split_bounds(state.spec), grad,
+                              _tensor_scale(x.shape, state))
+
+
+def _require_integer_grid(spec: QuantSpec, what: str):
+    if spec.is_float or spec.scale_dtype is not None:
+        raise ValueError(f"{what}: learned step sizes (LSQ) need an integer grid with float32 "
+                         f"scales; got dtype={spec.dtype!r}, scale_dtype={spec.scale_dtype!r}. "
+                         "Use calibrate / an observer for float and block-scaled formats.")
 
 
 def check_finite(x, what: str = "x"):

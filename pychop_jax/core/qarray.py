@@ -4,6 +4,13 @@ A registered pytree (data: the codes and the state's arrays; static: the logical
 shape and whether the codes are packed), so quantized parameters travel through
 ``jit``, ``tree_map`` and checkpoints like any array-holding tree.  It stores no float
 copy of the values: ``nbytes`` counts the codes, the scales and the zero points.
+
+Float element grids and block-scale formats (``QuantSpec.dtype`` / ``scale_dtype``,
+``pychop_jax.formats``): codes are the ml_dtypes dtype (fp4 / fp6 / NF4 packed by
+default), the scales are stored in ``spec.scale_dtype`` (one byte per block for E8M0 and
+float8; the entry points widen them exactly), a two-level spec's ``tensor_scale`` is one
+float32, and the zero point, 0 by construction, is stored once (shape ``(1,) * ndim``).
+So MXFP4 costs 4.25 bits per element plus a few bytes, NVFP4 4.5.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from . import ops, packing
 from .spec import QuantSpec
 from .state import QuantState
 
-__all__ = ["QuantizedArray"]
+__all__ = ["QuantizedArray", "storage_state"]
 
 
 @jax.tree_util.register_dataclass
@@ -64,15 +71,15 @@ class QuantizedArray:
         Args:
           x: floating array.
           spec: the quantizer (ignored when ``state`` is given).
-          pack: ``True`` to pack (bits <= 4 only), ``False`` to keep whole codes,
-            ``'auto'`` (default) to pack whenever the grid has <= 4 bits.
+          pack: ``True`` to pack (bits <= 4, fp6, fp4, NF4), ``False`` to keep whole
+            codes, ``'auto'`` (default) to pack whenever ``packing.field_bits`` allows.
           key: optional PRNG key for stochastic rounding.
           state: a precomputed state (e.g. from an observer).
         """
         shape = tuple(int(n) for n in jnp.shape(x))
         state = ops.calibrate(x, spec) if state is None else ops.fit_state(state, shape)
         codes = ops.quantize(x, state, key=key)
-        out = cls(codes=codes, state=state, shape=shape)
+        out = cls(codes=codes, state=storage_state(state), shape=shape)
         want = packing.field_bits(state.spec) is not None if pack == "auto" else bool(pack)
         return out.pack() if want else out
 
@@ -97,8 +104,18 @@ class QuantizedArray:
 
     # -- values -----------------------------------------------------------------------
     def dequantize(self, dtype=None):
-        """``(q - zero_point) * scale`` as floats of ``shape`` (default: scale dtype)."""
-        return ops.dequantize(self.unpacked_codes(), self.state, dtype=dtype)
+        """``(q - zero_point) * scale`` as floats of ``shape`` (default: float32, or
+        the scale's dtype when it is float64)."""
+        return ops.dequantize(self.unpacked_codes(), self.compute_state(), dtype=dtype)
+
+    def compute_state(self) -> QuantState:
+        """The state with float32 scales and a full zero point (what the entry points
+        take; the stored one may hold E8M0 / float8 scales and one zero)."""
+        state = self.state
+        if not _compact(state.spec):
+            return state
+        scale = ops.widen_scale(state.scale)
+        return state.replace(scale=scale, zero_point=jnp.zeros(scale.shape, jnp.int32))
 
     @property
     def spec(self) -> QuantSpec:
@@ -119,10 +136,12 @@ class QuantizedArray:
 
     @property
     def nbytes(self) -> int:
-        """Bytes stored: codes (packed or not) + scales + zero points."""
+        """Bytes stored: codes (packed or not) + scales + zero points (+ the tensor
+        scale of a two-level spec)."""
+        extra = 0 if self.state.tensor_scale is None else self.state.tensor_scale.nbytes
         return int(
             np.prod(jnp.shape(self.codes)) * jnp.dtype(jnp.asarray(self.codes).dtype).itemsize
-            + self.state.scale.nbytes + self.state.zero_point.nbytes
+            + self.state.scale.nbytes + self.state.zero_point.nbytes + extra
         )
 
     def __getitem__(self, index):
@@ -133,5 +152,27 @@ class QuantizedArray:
 
     def __repr__(self) -> str:
         kind = "packed " if self.packed else ""
-        return (f"QuantizedArray(shape={self.shape}, {kind}{self.spec.bits}-bit "
-                f"{self.spec.granularity}, nbytes={self.nbytes})")
+        grid = self.spec.dtype or f"{self.spec.bits}-bit"
+        scales = f" {self.spec.scale_dtype} scales" if self.spec.scale_dtype else ""
+        return (f"QuantizedArray(shape={self.shape}, {kind}{grid} "
+                f"{self.spec.granularity}{scales}, nbytes={self.nbytes})")
+
+
+def _compact(spec: QuantSpec) -> bool:
+    """Whether ``QuantizedArray`` stores this spec's state compactly (scales in their
+    scale format, one zero point)."""
+    return spec.is_float or spec.scale_dtype is not None
+
+
+def storage_state(state: QuantState) -> QuantState:
+    """The state as a ``QuantizedArray`` stores it (see the module docstring): for
+    float element grids and block-scale formats the scales in ``spec.scale_dtype`` and
+    one zero point; other states unchanged."""
+    spec = state.spec
+    if not _compact(spec):
+        return state
+    scale = jnp.asarray(state.scale)
+    if spec.storage_scale_dtype is not None:
+        scale = scale.astype(spec.storage_scale_dtype)  # exact: the scales lie on its grid
+    zero = jnp.zeros((1,) * scale.ndim, jnp.int32)
+    return state.replace(scale=scale, zero_point=zero)

@@ -22,6 +22,28 @@ Granularity, expressed as the shape of the scale (always the input's rank):
   elements along ``a`` (every other axis is kept), so the scale has the input's shape
   with ``n_a`` replaced by ``n_a // g``.  ``n_a`` must be a multiple of ``g``.
 
+Element formats (``dtype``).  ``None`` (default) is the integer grid above;
+``"int<b>"`` / ``"uint<b>"`` are shorthands for it (symmetric / affine ``b``-bit, the same
+spec as ``bits=b``).  A floating-point name (``"float8_e4m3fn"``, ``"float8_e5m2"``,
+``"float8_e4m3fnuz"``, ``"float8_e5m2fnuz"``, ``"float6_e2m3fn"``, ``"float6_e3m2fn"``,
+``"float4_e2m1fn"``, any other ml_dtypes float of ``floatgrid.FORMATS`` but float32) puts the
+scaled values on that format's grid; ``"nf4"`` on QLoRA's 16-value NormalFloat table
+(``NF4_VALUES``).  These grids are symmetric (zero point 0) and their scale is
+``amax / max_value`` (``max_value``: the format's largest finite value, 1 for NF4); codes
+are stored as the ml_dtypes dtype (NF4: uint8 indices into the table).
+
+Scale formats (``scale_dtype``):
+
+* ``None``: the compute dtype (float32 / float64), any positive value.
+* ``"float8_e8m0fnu"``: powers of two, the OCP MX v1.0 shared scale
+  ``2^(floor(log2(amax)) - emax_elem)`` (``emax_elem = floor(log2(max_value))``), or with
+  ``scale_rounding="ceil"`` the smallest power of two that keeps ``amax`` on the grid
+  (``blockscale.e8m0_scale``).  Integer grids too: ``bits=8, symmetric=True,
+  narrow_range=True`` with it is MXINT8.
+* a float8 name (``"float8_e4m3fn"``: NVFP4): two levels, a per-tensor float32 scale
+  ``amax_tensor / (max(scale_dtype) * max_value)`` and block scales on the scale format's
+  grid (``blockscale.two_level_scales``).
+
 The spec is a frozen, hashable dataclass, so it can be a static argument of
 ``jax.jit`` and the static metadata of the ``QuantState`` pytree.
 """
@@ -30,14 +52,56 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import numbers
 
+import ml_dtypes
 import numpy as np
 
-__all__ = ["QuantSpec", "MIN_BITS", "MAX_BITS", "split_bounds", "join_bounds"]
+from . import floatgrid
+
+__all__ = ["QuantSpec", "MIN_BITS", "MAX_BITS", "NF4_VALUES", "ELEMENT_DTYPES", "SCALE_DTYPES",
+           "SCALE_ROUNDINGS", "split_bounds", "join_bounds"]
 
 MIN_BITS = 2
 MAX_BITS = 16
+
+#: QLoRA's NormalFloat4 table (Dettmers et al., 2023, appendix E; bitsandbytes'
+#: ``create_normal_map``), as float32, index = code
+NF4_VALUES = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], np.float32)
+NF4_VALUES.flags.writeable = False
+
+#: non-integer element grids ``QuantSpec(dtype=...)`` accepts
+ELEMENT_DTYPES = tuple(n for n in floatgrid.FORMATS if n != "float32") + ("nf4",)
+#: block-scale formats ``QuantSpec(scale_dtype=...)`` accepts (``None``: float32 scales)
+SCALE_DTYPES = ("float8_e8m0fnu", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                "float8_e5m2fnuz")
+#: how an E8M0 scale rounds ``log2(amax / max_value)``: OCP's floor, or up
+SCALE_ROUNDINGS = ("floor", "ceil")
+
+
+def _dtype_name(value) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    name = getattr(value, "__name__", None)
+    if name is None:
+        try:
+            name = np.dtype(value).name
+        except TypeError:
+            name = None
+    return name
+
+
+def _int_dtype(name: str):
+    """``(bits, symmetric)`` of ``"int<b>"`` / ``"uint<b>"``, else ``None``."""
+    for prefix, symmetric in (("uint", False), ("int", True)):
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return int(name[len(prefix):]), symmetric
+    return None
 
 
 def _require_int(name: str, value, allowed: str) -> int:
@@ -60,6 +124,13 @@ class QuantSpec:
         the grouped axis when ``group_size`` is given.
       group_size: ``None``, or the block length g for per-group quantization along
         ``axis``.
+      dtype: element grid: ``None`` (the integer grid of ``bits``), ``"int<b>"`` /
+        ``"uint<b>"`` (shorthand for ``bits=b`` symmetric / affine; normalised to
+        ``dtype=None``), a float format name (``ELEMENT_DTYPES``) or ``"nf4"``.  Float
+        grids set ``bits`` to the format's width and ``symmetric=True``.
+      scale_dtype: ``None``, ``"float8_e8m0fnu"`` (power-of-two MX scales) or a float8
+        name (two-level scales, NVFP4); see the module docstring.
+      scale_rounding: E8M0 only: ``"floor"`` (OCP MX v1.0, default) or ``"ceil"``.
 
     Raises:
       ValueError: a field outside its allowed values (the message names the field).
@@ -70,8 +141,61 @@ class QuantSpec:
     narrow_range: bool = False
     axis: int | None = None
     group_size: int | None = None
+    dtype: str | None = None
+    scale_dtype: str | None = None
+    scale_rounding: str = "floor"
 
     def __post_init__(self):
+        self._init_formats()
+        self._init_grid()
+
+    def _init_formats(self):
+        name = _dtype_name(self.dtype)
+        if self.dtype is not None and not isinstance(name, str):
+            raise ValueError(f"QuantSpec.dtype must be a dtype name; got {self.dtype!r}.")
+        if name is not None:
+            as_int = _int_dtype(name)
+            if as_int is not None:
+                bits, symmetric = as_int
+                if self.bits not in (8, bits):
+                    raise ValueError(f"QuantSpec(dtype={name!r}) has {bits} bits; got bits="
+                                     f"{self.bits!r} as well. Pass one of them.")
+                object.__setattr__(self, "bits", bits)
+                object.__setattr__(self, "symmetric", symmetric)
+                name = None
+            elif name not in ELEMENT_DTYPES:
+                raise ValueError(
+                    f"QuantSpec.dtype={name!r} is not a known element format; use None or "
+                    f"'int<b>' / 'uint<b>' for integer grids, or one of {list(ELEMENT_DTYPES)}.")
+            else:
+                width = 4 if name == "nf4" else np.dtype(_ml_dtype(name)).itemsize * 8
+                if name.startswith(("float6", "float4")):
+                    width = int(name[5])
+                if self.bits not in (8, width):
+                    raise ValueError(f"QuantSpec(dtype={name!r}) has {width}-bit codes; got "
+                                     f"bits={self.bits!r}. Leave bits out.")
+                if self.narrow_range:
+                    raise ValueError(f"QuantSpec.narrow_range applies to integer grids; "
+                                     f"dtype={name!r} is symmetric by construction.")
+                object.__setattr__(self, "bits", width)
+                object.__setattr__(self, "symmetric", True)
+        object.__setattr__(self, "dtype", name)
+        scale = _dtype_name(self.scale_dtype)
+        if scale is not None and scale not in SCALE_DTYPES:
+            raise ValueError(f"QuantSpec.scale_dtype={self.scale_dtype!r}: use None (float32 "
+                             f"scales) or one of {list(SCALE_DTYPES)}.")
+        object.__setattr__(self, "scale_dtype", scale)
+        if self.scale_rounding not in SCALE_ROUNDINGS:
+            raise ValueError(f"QuantSpec.scale_rounding={self.scale_rounding!r}: use one of "
+                             f"{list(SCALE_ROUNDINGS)}.")
+        if self.scale_rounding != "floor" and scale != "float8_e8m0fnu":
+            raise ValueError("QuantSpec.scale_rounding applies to power-of-two scales only; "
+                             "set scale_dtype='float8_e8m0fnu' or leave scale_rounding out.")
+        if scale is not None and name is None and not self.symmetric:
+            raise ValueError(f"QuantSpec(scale_dtype={scale!r}) needs a symmetric grid (block "
+                             "scales have no zero point); set symmetric=True.")
+
+    def _init_grid(self):
         bits = _require_int("bits", self.bits, f"in [{MIN_BITS}, {MAX_BITS}]")
         if not MIN_BITS <= bits <= MAX_BITS:
             raise ValueError(
@@ -103,24 +227,91 @@ class QuantSpec:
                 )
             object.__setattr__(self, "group_size", g)
 
+    # -- element and scale formats --------------------------------------------------
+    @property
+    def is_float(self) -> bool:
+        """Whether the element grid is a float format or NF4 (not the integer grid)."""
+        return self.dtype is not None
+
+    @property
+    def element_format(self) -> floatgrid.FloatFormat | None:
+        """The ``FloatFormat`` of a float element grid (``None`` for integer and NF4)."""
+        if self.dtype is None or self.dtype == "nf4":
+            return None
+        return floatgrid.FORMATS[self.dtype]
+
+    @property
+    def max_value(self) -> float:
+        """Largest magnitude on the element grid in scale units: the format's max_finite,
+        1.0 for NF4, ``qmax`` for an integer grid (``scale = amax / max_value``)."""
+        if self.dtype is None:
+            return float(self.qmax)
+        if self.dtype == "nf4":
+            return 1.0
+        return self.element_format.max_finite
+
+    @property
+    def emax_elem(self) -> int:
+        """``floor(log2(max_value))``: the element's largest exponent, OCP MX's
+        ``emax_elem`` (fp8 e4m3: 8, fp4: 2, int8 (qmax 127): 6, NF4: 0)."""
+        return math.frexp(self.max_value)[1] - 1
+
+    @property
+    def two_level(self) -> bool:
+        """Whether the scales are two-level (a per-tensor float32 scale times block
+        scales of a float8 ``scale_dtype``, as NVFP4)."""
+        return self.scale_dtype is not None and self.scale_dtype != "float8_e8m0fnu"
+
+    @property
+    def scale_format(self) -> floatgrid.FloatFormat | None:
+        """The ``FloatFormat`` of a two-level spec's block scales."""
+        return floatgrid.FORMATS[self.scale_dtype] if self.two_level else None
+
+    @property
+    def storage_scale_dtype(self) -> np.dtype | None:
+        """The dtype a ``QuantizedArray`` stores the scales in (``None``: as computed)."""
+        return None if self.scale_dtype is None else np.dtype(_ml_dtype(self.scale_dtype))
+
     # -- the integer grid ---------------------------------------------------------
     @property
     def qmin(self) -> int:
-        """Smallest code."""
+        """Smallest code (NF4: index 0).
+
+        Raises:
+          ValueError: float element grids have no integer bounds.
+        """
+        self._require_integer_codes("qmin")
+        if self.dtype == "nf4":
+            return 0
         if not self.symmetric:
             return 0
         return -(2 ** (self.bits - 1)) + int(self.narrow_range)
 
     @property
     def qmax(self) -> int:
-        """Largest code."""
+        """Largest code (NF4: index 15)."""
+        self._require_integer_codes("qmax")
+        if self.dtype == "nf4":
+            return 15
         if self.symmetric:
             return 2 ** (self.bits - 1) - 1
         return 2**self.bits - 1
 
+    def _require_integer_codes(self, what):
+        if self.dtype is not None and self.dtype != "nf4":
+            raise ValueError(f"QuantSpec(dtype={self.dtype!r}) has float codes, no {what}; "
+                             "use max_value for the grid's range.")
+
     @property
     def code_dtype(self) -> np.dtype:
-        """NumPy dtype of the codes: (u)int8 for b <= 8, (u)int16 above."""
+        """NumPy dtype of the codes: (u)int8 for b <= 8, (u)int16 above; the ml_dtypes
+        dtype of a float element format; uint8 for NF4 (table indices) and for fp6
+        (XLA has no fp6 type: the ml_dtypes bit pattern, ``codes.view(ml_dtypes.<name>)``
+        in NumPy reads it)."""
+        if self.dtype == "nf4" or (self.dtype or "").startswith("float6"):
+            return np.dtype(np.uint8)
+        if self.dtype is not None:
+            return np.dtype(_ml_dtype(self.dtype))
         width = 8 if self.bits <= 8 else 16
         return np.dtype(f"{'int' if self.symmetric else 'uint'}{width}")
 
@@ -171,6 +362,10 @@ class QuantSpec:
         return tuple(n // self.group_size if d == axis else m for d, m in enumerate(shape))
 
 
+def _ml_dtype(name: str):
+    return getattr(ml_dtypes, name, None) or np.dtype(name)
+
+
 # -- bounds as data -----------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class BoundSpec:
@@ -192,7 +387,15 @@ class BoundSpec:
 @functools.lru_cache(maxsize=1024)
 def split_bounds(spec: QuantSpec):
     """``spec`` -> (int32 ``[qmin, qmax]``, hashable structure with the same layout,
-    signedness and code dtype).  Cached: eager calls pay for it once per spec."""
+    signedness and code dtype).  Cached: eager calls pay for it once per spec.
+
+    Only plain integer grids share a structure between bit widths; a spec with an
+    element format or a scale format is its own structure (float grids get
+    ``[0, 0]``, unused)."""
+    if spec.is_float or spec.scale_dtype is not None:
+        bounds = np.array([0, 0] if spec.element_format else [spec.qmin, spec.qmax], np.int32)
+        bounds.flags.writeable = False
+        return bounds, spec
     structure = dataclasses.replace(spec, bits=8 if spec.bits <= 8 else 16, narrow_range=False)
     bounds = np.array([spec.qmin, spec.qmax], np.int32)
     bounds.flags.writeable = False

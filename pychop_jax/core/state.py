@@ -1,7 +1,8 @@
 """``QuantState``: the data a calibrated quantizer carries, as a JAX pytree.
 
 Leaves: ``scale`` (float32, or float64 for float64 input) and ``zero_point`` (int32),
-both of the input's rank (``QuantSpec.scale_shape``).  Static metadata: the frozen
+(and for two-level specs ``tensor_scale``), all of the input's rank
+(``QuantSpec.scale_shape``).  Static metadata: the frozen
 ``QuantSpec``.  A state therefore passes through ``jit``, ``vmap``, ``grad``,
 ``lax.scan`` and ``shard_map`` like any pytree, and serializes with
 ``flax.serialization`` (registered in ``pychop_jax.flax.serialization``) or orbax as
@@ -31,11 +32,19 @@ class QuantState:
         zero point being learned (``lsq_init``, LSQ+), which quantizers round
         half-to-even and clip to [qmin, qmax].
       spec: the ``QuantSpec`` (static pytree metadata).
+      tensor_scale: ``None``, or for a two-level spec (``spec.two_level``, NVFP4) the
+        per-tensor float32 scale (all-ones shape of the input's rank); ``scale`` then
+        holds the block scales (on ``spec.scale_dtype``'s grid, as float32) and the
+        scale applied is ``numerics.effective_scale(scale, tensor_scale)``.
+
+    A state's ``scale`` may also be held in ``spec.scale_dtype`` itself (E8M0 /
+    float8, as ``QuantizedArray`` stores it); the entry points widen it exactly.
     """
 
     scale: Any
     zero_point: Any
     spec: QuantSpec = dataclasses.field(metadata=dict(static=True))
+    tensor_scale: Any = None
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -12,6 +12,7 @@ __all__ = [
     "require_spec",
     "require_float",
     "require_integer_codes",
+    "require_codes",
     "require_nonempty",
     "require_finite",
     "require_state_fits",
@@ -45,6 +46,20 @@ def require_integer_codes(is_integer: bool, dtype, what: str = "dequantize") -> 
             f"{what} needs integer codes (the output of quantize); got dtype {dtype}. "
             "To round-trip floats use fake_quant."
         )
+
+
+def require_codes(dtype, spec, what: str = "dequantize") -> None:
+    """``TypeError`` unless ``dtype`` is the codes' dtype kind for ``spec``: integer codes
+    for integer grids and NF4, the element format's own dtype for float grids."""
+    import numpy as np
+
+    if spec is None or not spec.is_float or spec.dtype == "nf4":
+        require_integer_codes(np.issubdtype(np.dtype(dtype), np.integer), dtype, what)
+        return
+    if np.dtype(dtype) != spec.code_dtype:
+        raise TypeError(
+            f"{what} needs {spec.code_dtype.name} codes for QuantSpec(dtype={spec.dtype!r}) "
+            f"(the output of quantize); got dtype {dtype}. To round-trip floats use fake_quant.")
 
 
 def require_nonempty(size: int, what: str) -> None:
@@ -120,11 +135,12 @@ def require_framework(x, expected: str, what: str, accept=()) -> None:
     )
 
 
-def fitted_state(state, shape, what: str, reshape, is_valid=None):
+def fitted_state(state, shape, what: str, reshape, is_valid=None, widen=None):
     """``(scale, zero_point)`` of ``state`` shaped for an input of ``shape``.
 
     A per-tensor state fits any rank (``reshape(array, shape)`` of the caller's
-    framework); other states must have ``state.spec.scale_shape(shape)``.  With
+    framework); other states must have ``state.spec.scale_shape(shape)``.  ``widen``
+    (``scale -> scale``) converts scales stored in a narrow scale format.  With
     ``is_valid`` (``scale -> bool``; eager callers) a scale that is not finite and
     positive everywhere is rejected: it would quantize silently to garbage (NaN
     scales give the zero point everywhere, negative ones reverse the grid).
@@ -139,6 +155,12 @@ def fitted_state(state, shape, what: str, reshape, is_valid=None):
         raise TypeError(f"{what} needs a QuantState (from calibrate); got {type(state).__name__}.")
     expected = state.spec.scale_shape(tuple(shape))
     scale, zero_point = state.scale, state.zero_point
+    if widen is not None:  # scales stored in their scale format (E8M0, float8)
+        scale = widen(scale)
+    if state.spec.two_level and state.tensor_scale is None:
+        raise ValueError(
+            f"{what}: a two-level spec (scale_dtype={state.spec.scale_dtype!r}) needs the "
+            "state's tensor_scale; build the state with calibrate (or an observer).")
     actual = tuple(scale.shape)
     if actual != expected and state.spec.axis is None and all(n == 1 for n in actual):
         scale, zero_point = reshape(scale, expected), reshape(zero_point, expected)

@@ -72,6 +72,11 @@ class QuantOptions:
         ``pychop_jax.observers`` function (default ``observers.ema``, momentum 0.9;
         ``functools.partial`` sets options).  Unused with ``lsq=True``.
       lsq: learn the step sizes (and affine zero points) of kernel and input by LSQ.
+      weight_format: overrides ``weight_bits`` / ``weight_symmetric``: a ``QuantSpec``
+        used as it is (e.g. ``dataclasses.replace(pj.formats.MXFP8_E4M3, axis=0)``:
+        blocks of 32 along a Dense kernel's input axis, the contraction), or an element
+        format name (``"float8_e4m3fn"``, ``"nf4"``, ...: per output channel, float32
+        scales).  The kernel is calibrated every call (no LSQ for these formats).
     """
 
     weight_bits: int | None = 8
@@ -80,10 +85,32 @@ class QuantOptions:
     act_symmetric: bool = False
     observer: Callable = observers.ema
     lsq: bool = False
+    weight_format: QuantSpec | str | None = None
 
     @property
     def weight_spec(self) -> QuantSpec | None:
-        """Per output channel (axis -1), or ``None`` for float weights."""
+        """Per output channel (axis -1), or ``None`` for float weights; ``weight_format``
+        when given.
+
+        Raises:
+          ValueError: ``weight_format`` is not a spec or format name, or is a float /
+            block-scaled format together with ``lsq=True``.
+        """
+        if self.weight_format is not None:
+            spec = self.weight_format
+            if isinstance(spec, str):
+                try:
+                    spec = QuantSpec(dtype=spec, axis=-1)
+                except ValueError as err:
+                    raise ValueError(f"weight_format={self.weight_format!r}: {err}") from None
+            if not isinstance(spec, QuantSpec):
+                raise ValueError(f"weight_format must be a QuantSpec or an element format name; "
+                                 f"got {self.weight_format!r}.")
+            if self.lsq and (spec.is_float or spec.scale_dtype is not None):
+                raise ValueError(f"weight_format={spec.dtype or spec.scale_dtype!r} with "
+                                 "lsq=True: LSQ learns integer-grid step sizes; drop lsq or use "
+                                 "an integer weight spec.")
+            return spec
         if self.weight_bits is None:
             return None
         return _spec("weight_bits", self.weight_bits, symmetric=self.weight_symmetric, axis=-1)

@@ -20,11 +20,15 @@ __all__ = ["register"]
 
 
 def _state_to_dict(state: QuantState) -> dict:
-    return {"scale": state.scale, "zero_point": state.zero_point}
+    d = {"scale": state.scale, "zero_point": state.zero_point}
+    if state.tensor_scale is not None:  # two-level specs (NVFP4)
+        d["tensor_scale"] = state.tensor_scale
+    return d
 
 
 def _state_from_dict(target: QuantState, data: dict) -> QuantState:
-    return target.replace(scale=data["scale"], zero_point=data["zero_point"])
+    return target.replace(scale=data["scale"], zero_point=data["zero_point"],
+                          tensor_scale=data.get("tensor_scale", target.tensor_scale))
 
 
 def _range_to_dict(stats: RangeState) -> dict:

@@ -145,10 +145,12 @@ def all_finite(xp, x, check: bool):
 
 
 def calibrate_pipeline(xp, x, spec):
-    """-> scale, zero_point, whether ``x`` was finite."""
+    """-> scale, zero_point, whether ``x`` was finite, tensor scale (``None`` but for
+    two-level specs)."""
     lo, hi = numerics.calibration_range(xp, x, spec, nonfinite="flag")
-    scale, zero_point = numerics.qparams_from_range(xp, lo, hi, spec)
-    return scale, zero_point, range_is_finite(xp, lo, hi)
+    tensor_scale = numerics.tensor_scale_from_range(xp, lo, hi, spec)
+    scale, zero_point = numerics.qparams_from_range(xp, lo, hi, spec, tensor_scale)
+    return scale, zero_point, range_is_finite(xp, lo, hi), tensor_scale
 
 
 def observe_pipeline(xp, x, spec):
@@ -294,12 +296,32 @@ def raise_nonfinite(fw: Framework, x, what: str):
 
 def _fitted(fw: Framework, shape, state: QuantState, what: str):
     """The state's arrays, checked (and for per-tensor, reshaped) to fit ``shape``; a
-    non-finite or non-positive scale is rejected (``validation.fitted_state``)."""
+    non-finite or non-positive scale is rejected (``validation.fitted_state``).  A
+    two-level state's scale comes back as its ``numerics.effective_scale`` (the same
+    bits the JAX kernels compute), so the pipelines see one scale."""
     if isinstance(state, QuantState):
         validation.require_framework(state.scale, fw.name, f"{what} (the state's scale)")
-    return validation.fitted_state(
-        state, tuple(shape), what, fw.xp.reshape,
-        is_valid=lambda s: bool(numerics.valid_scale(fw.xp, s)))
+    xp = fw.xp
+
+    def widen(s):
+        return s if s.dtype in (xp.float32, xp.float64) else xp.astype(s, xp.float32)
+
+    scale, zero_point = validation.fitted_state(
+        state, tuple(shape), what, xp.reshape,
+        is_valid=lambda s: bool(numerics.valid_scale(xp, s)), widen=widen)
+    if state.tensor_scale is not None:
+        t = xp.reshape(widen(state.tensor_scale), (1,) * len(shape))
+        scale = numerics.effective_scale(xp, scale, t)
+    return scale, zero_point
+
+
+def _require_codes(fw: Framework, q, spec: QuantSpec) -> None:
+    """``TypeError`` unless ``q`` holds ``spec``'s codes (integer codes; a float element
+    format's own dtype)."""
+    if spec.element_format is None or spec.code_dtype.name == "uint8":
+        validation.require_integer_codes(fw.is_integer(q), q.dtype)
+    elif str(q.dtype).removeprefix("torch.") != spec.code_dtype.name:
+        validation.require_codes(np.float32, spec)  # raises with the expected dtype
 
 
 def check_range_input(fw: Framework, x, spec: QuantSpec, what: str) -> None:
@@ -315,10 +337,10 @@ def check_range_input(fw: Framework, x, spec: QuantSpec, what: str) -> None:
 def calibrate(fw: Framework, x, spec: QuantSpec) -> QuantState:
     """``QuantState`` (arrays of ``fw``) of ``x``; see ``pychop_jax.calibrate``."""
     check_range_input(fw, x, spec, "calibrate")
-    scale, zero_point, ok = run(fw, calibrate_pipeline, (x,), spec)
+    scale, zero_point, ok, tensor_scale = run(fw, calibrate_pipeline, (x,), spec)
     if not bool(ok):
         raise_nonfinite(fw, x, "calibrate")
-    return QuantState(scale=scale, zero_point=zero_point, spec=spec)
+    return QuantState(scale=scale, zero_point=zero_point, spec=spec, tensor_scale=tensor_scale)
 
 
 def observe(fw: Framework, x, spec: QuantSpec, what: str = "observe"):
@@ -333,7 +355,8 @@ def observe(fw: Framework, x, spec: QuantSpec, what: str = "observe"):
 
 def qparams(fw: Framework, lo, hi, spec: QuantSpec):
     """``(scale, zero_point)`` of a range with ``lo <= 0 <= hi``:
-    ``numerics.qparams_from_range``."""
+    ``numerics.qparams_from_range`` (two-level specs: the block scales relative to the
+    range's own tensor scale, ``numerics.tensor_scale_from_range``)."""
     return run(fw, qparams_pipeline, (lo, hi), spec)
 
 
@@ -341,6 +364,8 @@ def quantize(fw: Framework, x, state: QuantState, *, check: bool = True):
     """Integer codes of ``x``; see ``pychop_jax.quantize``.  ``check=False`` skips the
     NaN / inf check (for input that was just calibrated on)."""
     _require_float_input(fw, x, "quantize")
+    if isinstance(state, QuantState) and state.spec.element_format is not None:
+        numerics.code_dtype(fw.xp, state.spec)  # TypeError where the framework lacks it
     scale, zero_point = _fitted(fw, tuple(x.shape), state, "quantize")
     q, ok = run(fw, quantize_pipeline, (x, scale, zero_point), state.spec, check=check)
     if check and not bool(ok):
@@ -352,7 +377,10 @@ def dequantize(fw: Framework, q, state: QuantState):
     """Floats ``(q - zero_point) * scale`` in the scale's dtype; see
     ``pychop_jax.dequantize``."""
     validation.require_framework(q, fw.name, "dequantize")
-    validation.require_integer_codes(fw.is_integer(q), q.dtype)
+    if isinstance(state, QuantState):
+        _require_codes(fw, q, state.spec)
+    else:
+        validation.require_integer_codes(fw.is_integer(q), q.dtype)
     scale, zero_point = _fitted(fw, tuple(q.shape), state, "dequantize")
     return run(fw, dequantize_pipeline, (q, scale, zero_point), state.spec)[0]
 

@@ -1,6 +1,6 @@
 """Float, fixed-point and MX grids on NumPy, Torch and JAX arrays.
 
-The pipelines compose ``core.floatgrid`` / ``core.fixedpoint`` / ``core.blockscale``
+The pipelines compose ``core.floatgrid`` / ``core.fixedpoint`` / ``core.mx_blocks``
 against ``xp``; ``engine.run`` runs them as one jitted XLA kernel on NumPy arrays and
 Torch CPU tensors (or with ``array_api_compat`` op by op elsewhere), and the JAX
 functions call the same pipelines jitted with ``jax.numpy`` (traceable: they work
@@ -12,7 +12,7 @@ inside ``jax.jit``).  Every framework gets the same bits.
   of ``x``'s dtype (``ValueError`` otherwise, naming the dtype to convert to): no double
   rounding.
 * ``mx(fw, x, grid)``: flatten, pad with zeros to a multiple of ``grid.block_size``,
-  ``blockscale.quantize_blocks`` then ``dequantize_blocks`` (values, not codes), back to
+  ``mx_blocks.quantize_blocks`` then ``dequantize_blocks`` (values, not codes), back to
   ``x``'s shape; float32 for float16 / bfloat16 input (an MX value needs float32's
   range), else ``x``'s dtype.
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import blockscale, fixedpoint, floatgrid, validation
+from ..core import fixedpoint, floatgrid, mx_blocks, validation
 from . import engine
 
 __all__ = [
@@ -133,7 +133,7 @@ def mx_pipeline(xp, x, grid: MXGrid):
     if pad:
         flat = xp.concat([flat, xp.zeros((pad,), dtype=flat.dtype)])
     blocks = xp.reshape(flat, (-1, bs))
-    y = blockscale.fake_quantize_blocks(xp, blocks, grid.element, scale_bits=grid.scale_bits)
+    y = mx_blocks.fake_quantize_blocks(xp, blocks, grid.element, scale_bits=grid.scale_bits)
     y = xp.reshape(y, (-1,))
     if pad:
         y = y[:n]

@@ -51,7 +51,8 @@ __all__ = [
 ]
 
 #: dtypes NumPy lacks: these go to XLA by DLPack
-_DLPACK_ONLY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2}
+_DLPACK_ONLY = {torch.bfloat16, torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz,
+                torch.float8_e5m2fnuz}
 
 
 def _to_xla(t: torch.Tensor):

@@ -3,7 +3,8 @@
 ``save_quantized(path, tree)`` writes a msgpack file (``flax.serialization``'s
 encoding) that holds, for every ``QuantizedArray`` leaf (also inside a served
 ``IntKernel``), only its codes (packed or not), scale and (asymmetric only) zero
-point plus the few integers of its spec —
+point plus the few fields of its spec (element and scale formats included; E8M0 /
+float8 scales stay one byte each) —
 no float copy of the weights — and float leaves as they are.
 ``load_quantized(path)`` rebuilds the tree without needing a target structure.
 Trees are nested ``dict``s (string keys) and ``list``s / ``tuple``s of arrays, which
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core.qarray import QuantizedArray
+from ..core.qarray import QuantizedArray, storage_state
 from ..core.spec import QuantSpec
 from ..core.state import QuantState
 from .int_matmul import IntKernel
@@ -32,22 +33,32 @@ _SEQ = "__sequence__"
 
 
 def _encode_spec(spec: QuantSpec) -> list:
+    """The spec's fields as a list; the element / scale formats are appended (as ``""``
+    when absent), so checkpoints of integer specs written before them still load."""
     return [spec.bits, spec.symmetric, spec.narrow_range,
             -1 if spec.axis is None else spec.axis, spec.axis is None,
-            0 if spec.group_size is None else spec.group_size]
+            0 if spec.group_size is None else spec.group_size,
+            spec.dtype or "", spec.scale_dtype or "", spec.scale_rounding]
 
 
 def _decode_spec(fields) -> QuantSpec:
-    bits, symmetric, narrow, axis, per_tensor, group = fields
+    bits, symmetric, narrow, axis, per_tensor, group = fields[:6]
+    dtype, scale_dtype, scale_rounding = (list(fields[6:9]) + ["", "", "floor"])[:3]
     return QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
-                     axis=None if per_tensor else int(axis), group_size=int(group) or None)
+                     axis=None if per_tensor else int(axis), group_size=int(group) or None,
+                     dtype=str(dtype) or None, scale_dtype=str(scale_dtype) or None,
+                     scale_rounding=str(scale_rounding))
 
 
 def _encode_state(state: QuantState) -> dict:
-    """Scale, spec fields and (asymmetric only: a symmetric one is 0) the zero point."""
+    """Scale (in the dtype it is held in: E8M0 / float8 for a ``QuantizedArray`` of a
+    block-scale spec), spec fields, (asymmetric only: a symmetric one is 0) the zero
+    point and a two-level spec's tensor scale."""
     stored = {"scale": np.asarray(state.scale), "spec": _encode_spec(state.spec)}
     if not state.spec.symmetric:
         stored["zero_point"] = np.asarray(state.zero_point)
+    if state.tensor_scale is not None:
+        stored["tensor_scale"] = np.asarray(state.tensor_scale)
     return stored
 
 
@@ -56,7 +67,8 @@ def _decode_state(d: dict) -> QuantState:
     scale = jnp.asarray(d["scale"])
     zero_point = (jnp.zeros(scale.shape, jnp.int32) if spec.symmetric
                   else jnp.asarray(d["zero_point"]))
-    return QuantState(scale, zero_point, spec)
+    tensor_scale = jnp.asarray(d["tensor_scale"]) if "tensor_scale" in d else None
+    return QuantState(scale, zero_point, spec, tensor_scale)
 
 
 def _encode(node, path="root"):
@@ -88,7 +100,7 @@ def _encode(node, path="root"):
 def _decode(node):
     if isinstance(node, dict) and _QA in node:
         d = node[_QA]
-        return QuantizedArray(codes=jnp.asarray(d["codes"]), state=_decode_state(d),
+        return QuantizedArray(codes=jnp.asarray(d["codes"]), state=storage_state(_decode_state(d)),
                               shape=tuple(int(n) for n in d["shape"]), packed=bool(d["packed"]))
     if isinstance(node, dict) and _KERNEL in node:
         d = node[_KERNEL]

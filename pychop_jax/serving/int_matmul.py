@@ -105,7 +105,19 @@ def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):
         lhs_state = rhs.input_state if lhs_state is None else lhs_state
         lhs_spec = rhs.input_spec or lhs_spec
         rhs = rhs.weights
-    return (_as_quantized(lhs, lhs_spec, lhs_state), _as_quantized(rhs, rhs_spec, rhs_state))
+    operands = (_as_quantized(lhs, lhs_spec, lhs_state), _as_quantized(rhs, rhs_spec, rhs_state))
+    for qa, name in zip(operands, ("lhs", "rhs"), strict=True):
+        _require_integer_format(qa, name)
+    return operands
+
+
+def _require_integer_format(qa: QuantizedArray, name: str, op: str = "the integer matmul"):
+    spec = qa.spec
+    if spec.is_float or spec.scale_dtype is not None:
+        raise ValueError(
+            f"{op}: the {name} is a {spec.dtype or spec.scale_dtype} format; the integer path "
+            "takes integer codes with float32 scales. Use pychop_jax.float_dot_general "
+            "(fp8 codes, MX blocks) or dequantize it.")
 
 
 def _as_quantized(x, spec: QuantSpec, state: QuantState | None) -> QuantizedArray:
@@ -119,6 +131,7 @@ def _as_quantized(x, spec: QuantSpec, state: QuantState | None) -> QuantizedArra
 def _int8_codes(qa: QuantizedArray, name: str, op: str = "int_dot_general"):
     """(int8 codes, int32 zero point, was_symmetric) of a <= 8-bit operand."""
     spec = qa.spec
+    _require_integer_format(qa, name, op)
     if spec.bits > 8:
         raise ValueError(
             f"{op}: the {name} has {spec.bits}-bit codes; the integer path "

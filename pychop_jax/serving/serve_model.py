@@ -17,7 +17,8 @@ Every quantized layer's kernel becomes (``served_kernel``)
   frozen range, or the learned step size; ``None`` -- calibrate per call -- while the
   observer has seen nothing, which is what the QAT evaluation does for ``minmax`` /
   ``ema``);
-* a ``QuantizedArray`` (a weight-only rule: int8 per channel, int4 per group, ...).
+* a ``QuantizedArray`` (a weight-only rule: int8 per channel, int4 per group, fp8,
+  MXFP4, NVFP4, NF4 (``pychop_jax.formats``), ...).
 
 Codes of 4 bits or fewer are stored packed and unpacked inside the computation
 (``served_fn`` unpacks the variables first: linen checks a kernel's shape against
@@ -28,7 +29,9 @@ How the served layers compute:
 * ``Dense`` / ``DenseGeneral`` / ``Conv`` (linen and nnx) with an ``IntKernel``:
   the integer path, their op slot set to ``int_dot_general`` /
   ``int_conv_general_dilated`` and ``promote_dtype`` to ``promote_dtype``.
-* everything else -- weight-only layers, ``Einsum`` and ``Embed.attend`` with an
+* everything else -- weight-only layers, float / block-scaled weight formats (an
+  ``IntKernel`` of those keeps its input quantizer), ``Einsum`` and ``Embed.attend``
+  with an
   ``IntKernel`` (linen's ``Einsum`` has no op slot) -- keeps its float op with
   ``promote_dtype`` = ``served_operands``: the input fake-quantized with the stored
   quantizer (if any), the weights dequantized, inside the jitted computation.
@@ -103,10 +106,16 @@ def served_operands(*args, **kwargs):
 
 def _slots(kind: str, kernel) -> dict:
     """The field values that make a stock layer serve ``kernel``."""
-    if isinstance(kernel, IntKernel) and kind in _INT_OPS:
+    if isinstance(kernel, IntKernel) and kind in _INT_OPS and _integer(kernel.weights.spec):
         op_name, op = _INT_OPS[kind]
         return {op_name: op, "promote_dtype": promote_dtype}
     return {"promote_dtype": served_operands}
+
+
+def _integer(spec) -> bool:
+    """Whether weights of ``spec`` take the integer path (integer codes, float32 scales);
+    float element formats and block-scale formats are dequantized in the float op."""
+    return not (spec.is_float or spec.scale_dtype is not None)
 
 
 def _unpacked(tree):
