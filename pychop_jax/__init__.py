@@ -23,6 +23,7 @@ name of ``serving.ptq``, ``quantize_params``; the algorithms are therefore
 
 import importlib
 
+from . import algorithms
 from .core import observers
 from .core.ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .core.qarray import QuantizedArray
@@ -32,7 +33,6 @@ from .flax import qat
 from .flax import serialization as _serialization  # noqa: F401  (registers the pytrees)
 from .flax.quantize_model import quantization_report, quantize_model
 from .flax.rules import QuantReport, QuantRule
-from .serving import algorithms
 from .serving.algorithms import AWQ, GPTQ, HQQ, CalibrationReport, SmoothQuant, calibrate_model
 from .serving.checkpoint import load_quantized, save_quantized
 from .serving.int_matmul import (

@@ -98,4 +98,4 @@ def awq_search(kernel, rows, abs_mean, spec: QuantSpec, layout: KernelLayout, n_
         q = layout.matrix(numerics.fake_quant(jnp, scaled, scale, zero_point, spec))
         return jnp.mean((rows @ (q / s[:, None]) - ref) ** 2)
 
-    return lax.map(error, jnp.arange(n_grid, dtype=jnp.float32) / n_grid)
+    return lax.map(error, jnp.arange(n_grid, dtype=abs_mean.dtype) / n_grid)

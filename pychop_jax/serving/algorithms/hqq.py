@@ -35,6 +35,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from ...core import numerics
@@ -49,7 +50,9 @@ __all__ = ["HQQ", "hqq", "lp_objective", "shrink_lp"]
 @dataclasses.dataclass(frozen=True)
 class HQQ(QuantMethod):
     """HQQ settings for ``QuantRule(method=...)`` (see the module docstring; the
-    defaults are the reference's: ``lp_norm=0.7, beta=10, kappa=1.01, iters=20``).
+    defaults are the reference's: ``lp_norm=0.7, beta=10, kappa=1.01, iters=20``,
+    except ``optimize_scale``: the reference optimizes the zero point only, which on
+    an integer-zero-point grid rarely moves from round-to-nearest's).
 
     Args:
       iters: half-quadratic iterations.
@@ -63,7 +66,7 @@ class HQQ(QuantMethod):
     lp_norm: float = 0.7
     beta: float = 10.0
     kappa: float = 1.01
-    optimize_scale: bool = False
+    optimize_scale: bool = True
 
     name = "HQQ"
     statistics = frozenset()
@@ -123,14 +126,14 @@ def _row_view(spec: QuantSpec, shape):
 
     def from_rows(a):
         t = jnp.reshape(a, tuple(view[d] for d in kept) + (1,) * len(axes))
-        return jnp.reshape(jnp.transpose(t, tuple(int(i) for i in jnp.argsort(jnp.array(perm)))),
+        return jnp.reshape(jnp.transpose(t, tuple(int(i) for i in np.argsort(perm))),
                            spec.scale_shape(shape))
 
     return to_rows, from_rows
 
 
 def hqq(w, spec: QuantSpec, *, iters: int = 20, lp_norm: float = 0.7, beta: float = 10.0,
-        kappa: float = 1.01, optimize_scale: bool = False):
+        kappa: float = 1.01, optimize_scale: bool = True):
     """HQQ's qparams for ``w`` on ``spec``'s grid (see the module docstring).
 
     Returns ``(state, phi_rtn, phi)``: the ``QuantState`` and the l_p objective of

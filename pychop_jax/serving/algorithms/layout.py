@@ -17,7 +17,7 @@ Layouts, from the layer (``for_layer``):
 
 * ``Dense`` / ``nnx.Linear``: kernel ``(K, N)``, ``x_axes = (-1,)``;
 * ``DenseGeneral`` / ``LinearGeneral`` (no batch dims): kernel ``(in.., out..)``,
-  ``x_axes`` = the layer's ``axis`` (so the attention projections: q/k/v
+  ``x_axes`` = the layer's ``axis``, sorted as Flax sorts them (so the attention projections: q/k/v
   ``(D, H, Dh)``, out ``(H, Dh, D)`` with ``x_axes = (-2, -1)``);
 * ``Einsum``: from the equation ``"lhs,rhs->out"``: kernel letters absent from the
   output are contracted, the rest are outputs (letters shared by input, kernel and
@@ -171,8 +171,9 @@ class KernelLayout:
 
 
 def _normalized(axes, ndim: int) -> tuple[int, ...]:
+    """Negative and sorted, as Flax's DenseGeneral / LinearGeneral order them."""
     axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(int(a) % ndim - ndim for a in axes)
+    return tuple(sorted(int(a) % ndim - ndim for a in axes))
 
 
 def _einsum_layout(equation: str, kernel_shape, x_ndim: int) -> KernelLayout:
