@@ -323,6 +323,10 @@ def test_layouts_reject_uncovered_grids_and_layers():
         lay.plan(pj.QuantSpec(bits=4, axis=0))  # per input channel
     with pytest.raises(ValueError, match="per group along the last contracted axis"):
         lay.plan(pj.QuantSpec(bits=4, axis=1, group_size=4))  # groups of outputs
+    heads = KernelLayout((2, 8, 16), (0, 1), (2,), (-2, -1))  # an attention out projection
+    assert heads.plan(pj.QuantSpec(bits=4, axis=1, group_size=8)) == 8
+    with pytest.raises(ValueError, match="last contracted axis"):
+        heads.plan(pj.QuantSpec(bits=4, axis=0, group_size=1))
     with pytest.raises(ValueError, match="cover Dense, DenseGeneral and Einsum"):
         for_layer("conv", None, (3, 3, 2, 4), 4)
     with pytest.raises(ValueError, match="batch"):

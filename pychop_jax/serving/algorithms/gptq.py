@@ -213,22 +213,8 @@ def _gptq(w, h, col_scale, col_zp, damp, *, col_spec, group, block, act_order):
         w1 = lax.dynamic_slice(w, (i1, 0), (block, n))
         u1 = lax.dynamic_slice(u, (i1, i1), (block, block))
 
-        def column(i, c):
-            w1, e1, gs, gz, loss = c
-            row = i1 + i
-            if group is None:
-                s, z = col_scale, col_zp
-            elif act_order:
-                gi = jnp.minimum(perm_p[row], k - 1) // group
-                s, z = static_s[gi][None], static_z[gi][None]
-            else:
-                if group <= block:
-                    gs, gz = lax.cond(
-                        row % group == 0,
-                        lambda gs, gz: group_start(lax.dynamic_slice(w1, (i, 0), (group, n)),
-                                                   gs, gz, row // group),
-                        lambda gs, gz: (gs, gz), gs, gz)
-                s, z = gs[row // group][None], gz[row // group][None]
+        def column(i, c, s, z):
+            w1, e1, loss = c
             wk = w1[i]
             q = numerics.fake_quant(jnp, wk[None], s, z, col_spec)[0]
             d = u1[i, i]
@@ -236,10 +222,36 @@ def _gptq(w, h, col_scale, col_zp, damp, *, col_spec, group, block, act_order):
             w1 = w1 - u1[i][:, None] * err[None, :]
             w1 = w1.at[i].set(q)
             e1 = e1.at[i].set(err)
-            return w1, e1, gs, gz, loss + jnp.sum((wk - q) ** 2) / (2 * d * d)
+            return w1, e1, loss + jnp.sum((wk - q) ** 2) / (2 * d * d)
 
         e1 = jnp.zeros((block, n), F)
-        w1, e1, gs, gz, loss = lax.fori_loop(0, block, column, (w1, e1, gs, gz, loss))
+        if group is not None and not act_order and group <= block:
+            # groups inside the block: scales at the top of each group, from its rows now
+            def group_body(j, c):
+                w1, e1, gs, gz, loss = c
+                first = j * group
+                s, z = numerics.calibrate(jnp, lax.dynamic_slice(w1, (first, 0), (group, n)),
+                                          col_spec)
+                gs = gs.at[(i1 + first) // group].set(s[0])
+                gz = gz.at[(i1 + first) // group].set(z[0])
+                w1, e1, loss = lax.fori_loop(
+                    first, first + group, lambda i, c: column(i, c, s, z), (w1, e1, loss))
+                return w1, e1, gs, gz, loss
+
+            w1, e1, gs, gz, loss = lax.fori_loop(0, block // group, group_body,
+                                                 (w1, e1, gs, gz, loss))
+        else:
+            def scaled_column(i, c):
+                if group is None:
+                    s, z = col_scale, col_zp
+                elif act_order:
+                    gi = jnp.minimum(perm_p[i1 + i], k - 1) // group
+                    s, z = static_s[gi][None], static_z[gi][None]
+                else:  # group > block: set at the block's start
+                    s, z = gs[(i1 + i) // group][None], gz[(i1 + i) // group][None]
+                return column(i, c, s, z)
+
+            w1, e1, loss = lax.fori_loop(0, block, scaled_column, (w1, e1, loss))
         w = lax.dynamic_update_slice(w, w1, (i1, 0))
         u_rows = lax.dynamic_slice(u, (i1, 0), (block, kp))
         later = jnp.arange(kp) >= i1 + block

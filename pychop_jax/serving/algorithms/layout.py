@@ -134,13 +134,13 @@ class KernelLayout:
           ValueError: any other grid (see the module docstring).
         """
         scale_shape = spec.scale_shape(self.shape)
-        varying = [a for a in self.in_axes if scale_shape[a] != 1 or
-                   (spec.group_size is not None and spec.resolve_axis(len(self.shape)) == a)]
-        if not varying:
-            return None
         axis = spec.resolve_axis(len(self.shape))
-        if spec.group_size is not None and varying == [axis] and axis == self.in_axes[-1]:
+        if spec.group_size is not None and axis == self.in_axes[-1]:
+            # one scale per (other in-axes, group, outputs): groups of g consecutive rows
             return spec.group_size
+        if (spec.group_size is None or axis not in self.in_axes) and all(
+                scale_shape[a] == 1 for a in self.in_axes):
+            return None
         raise ValueError(
             f"{spec} on a kernel of shape {self.shape} (contracted axes {self.in_axes}): the "
             "algorithms take scales per tensor, per output channel or per group along the "
