@@ -164,8 +164,8 @@ def test_gptq_equals_the_sequential_column_loop(bits, symmetric, group, act_orde
 
 
 @settings(max_examples=6, deadline=None)
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4]),
-       group=st.sampled_from([None, 16, 64]), act_order=st.booleans(),
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 4]),
+       group=st.sampled_from([None, 32]), act_order=st.booleans(),
        symmetric=st.booleans())
 def test_gptq_output_error_is_below_round_to_nearest(seed, bits, group, act_order, symmetric):
     rng = np.random.default_rng(seed)
@@ -208,12 +208,13 @@ def test_hqq_equals_the_reference_iterations(symmetric, optimize_scale):
         np.testing.assert_allclose(phi0, lp_objective(jnp.asarray(w), rtn, 0.7), rtol=1e-12)
         np.testing.assert_allclose(phi, lp_objective(jnp.asarray(w), state, 0.7), rtol=1e-12)
     # zero point alone: its least-squares update rarely leaves round-to-nearest's integer
+    phi, phi0 = float(phi), float(phi0)
     assert (phi < phi0) if optimize_scale else (phi <= phi0 * (1 + 1e-12))
 
 
-@settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4, 8]),
-       group=st.sampled_from([None, 8, 32]), optimize_scale=st.booleans(),
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 4]),
+       group=st.sampled_from([None, 8]), optimize_scale=st.booleans(),
        dof=st.sampled_from([2.0, 5.0, 50.0]))
 def test_hqq_lp_objective_never_exceeds_round_to_nearest(seed, bits, group, optimize_scale, dof):
     rng = np.random.default_rng(seed)
@@ -381,10 +382,11 @@ def batches(n=3, seed=0):
 
 
 W4G = pj.QuantSpec(bits=4, symmetric=False, axis=0, group_size=4)
-METHODS = {  # method, weight spec of the attention / other layers, act
-    "gptq": (pj.GPTQ(act_order=True), pj.QuantSpec(bits=3, symmetric=True, axis=-1), None),
-    "awq": (pj.AWQ(), pj.QuantSpec(bits=3, symmetric=True, axis=-1), None),
-    "hqq": (pj.HQQ(), pj.QuantSpec(bits=3, symmetric=False, axis=-1), None),
+W3 = pj.QuantSpec(bits=3, symmetric=False, axis=-1)
+METHODS = {  # method, weight spec of the attention / output layers, act
+    "gptq": (pj.GPTQ(act_order=True), W3, None),
+    "awq": (pj.AWQ(), W3, None),
+    "hqq": (pj.HQQ(), W3, None),
     "smoothquant": (pj.SmoothQuant(), 8, 8),
 }
 
@@ -407,16 +409,31 @@ def mse(a, b):
     return float(jnp.mean((a - b) ** 2))
 
 
+_LINEN_CACHE: dict = {}
+
+
+def linen_calibrated(name):
+    """``(qmodel, variables, calibrated, report, rtn model, rtn variables)`` of LinenNet
+    under ``rules_for(name)``, computed once per module (the RTN baseline once per
+    rule set: GPTQ, AWQ and HQQ share theirs)."""
+    if name not in _LINEN_CACHE:
+        data = batches()
+        rules = rules_for(name)
+        qmodel = pj.quantize_model(LinenNet(), rules)
+        v = qmodel.init(KEY, data[0])
+        calibrated, report = pj.calibrate_model(qmodel, v, data)
+        key = ("rtn", tuple(rtn_rules(rules)))
+        if key not in _LINEN_CACHE:
+            rtn = pj.quantize_model(LinenNet(), rtn_rules(rules))
+            _LINEN_CACHE[key] = (rtn, *pj.calibrate_model(rtn, v, data))
+        _LINEN_CACHE[name] = (qmodel, v, calibrated, report, *_LINEN_CACHE[key])
+    return _LINEN_CACHE[name]
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_linen_end_to_end(name, tmp_path):
-    data = batches()
     model = LinenNet()
-    rules = rules_for(name)
-    qmodel = pj.quantize_model(model, rules)
-    v = qmodel.init(KEY, data[0])
-    calibrated, report = pj.calibrate_model(qmodel, v, data)
-    rtn = pj.quantize_model(model, rtn_rules(rules))
-    rtn_vars, rtn_report = pj.calibrate_model(rtn, v, data)
+    qmodel, v, calibrated, report, rtn, rtn_vars, rtn_report = linen_calibrated(name)
     assert rtn_report.layers == () and METHOD not in rtn_vars
     # every method layer was processed; q/k/v share their input, so one pass takes them
     paths = [e.path for e in report.layers]
@@ -523,9 +540,7 @@ def test_calibration_is_sequential_through_quantized_layers():
 
 def test_smoothquant_observes_the_smoothed_inputs():
     data = batches()
-    qmodel = pj.quantize_model(LinenNet(), rules_for("smoothquant"))
-    v = qmodel.init(KEY, data[0])
-    out, report = pj.calibrate_model(qmodel, v, data)
+    _, _, out, report, *_ = linen_calibrated("smoothquant")
     entry = report.by_path()["inp"]
     assert entry.details["outliers"] > 10 > entry.details["outliers_smoothed"]
     scale = out[METHOD]["inp"]["result"].input_scale
