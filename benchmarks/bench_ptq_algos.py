@@ -30,7 +30,7 @@ MSEs are reported on both (the algorithms fit the calibration set):
   steady-state time of one 1024x1024 matrix (jitted, interleaved medians) as a
   ratio to round-to-nearest of the same matrix (``calibrate`` + ``fake_quant``).
 
-    python benchmarks/bench_ptq_algos.py [--blocks 2] [--calib 64] [--repeats 6]
+    python benchmarks/bench_ptq_algos.py [--blocks 2] [--calib 64] [--repeats 6] [--timing-only]
 """
 
 from __future__ import annotations
@@ -136,23 +136,7 @@ def evaluate(model, params, rules, calib, held_out):
     return err, seconds, report
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--calib", type=int, default=64, help="calibration sequences")
-    parser.add_argument("--repeats", type=int, default=6)
-    args = parser.parse_args()
-    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); jax {jax.__version__} "
-          f"({jax.default_backend()})")
-    rng = np.random.default_rng(0)
-    model = Stack(args.blocks)
-    spectrum = 1.0 / (1.0 + np.arange(FEATURES) / 4)
-    rotation = np.linalg.qr(rng.normal(size=(FEATURES, FEATURES)))[0]
-    z = rng.normal(size=(args.calib + 16, SEQ, FEATURES)) * spectrum
-    data = jnp.asarray(z @ rotation, jnp.float32)
-    calib = [data[i:i + 8] for i in range(0, args.calib, 8)]
-    held_out = [data[args.calib:args.calib + 8], data[args.calib + 8:]]
-    params = with_outliers(model.init(jax.random.key(1), calib[0])["params"], rng)
+def accuracy(model, params, calib, held_out, args):
     print(f"model: {args.blocks} blocks, width {D}, MLP {FF}, {HEADS} heads; "
           f"{len(calib)} calibration batches of 8 x {SEQ} tokens; "
           f"outlier channels {OUTLIERS} (LayerNorm scales 20-50)")
@@ -189,6 +173,28 @@ def main():
             ratios = f"{r['outliers']:.1f} -> {r['outliers_smoothed']:.1f} (blocks_0 q/k/v)"
         print(f"| w8a8 | {name} | {err:.4g} | {gap} | {ratios} |", flush=True)
 
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--blocks", type=int, default=2)
+    parser.add_argument("--calib", type=int, default=64, help="calibration sequences")
+    parser.add_argument("--repeats", type=int, default=6)
+    parser.add_argument("--timing-only", action="store_true", help="skip the accuracy tables")
+    args = parser.parse_args()
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); jax {jax.__version__} "
+          f"({jax.default_backend()})")
+    rng = np.random.default_rng(0)
+    model = Stack(args.blocks)
+    spectrum = 1.0 / (1.0 + np.arange(FEATURES) / 4)
+    rotation = np.linalg.qr(rng.normal(size=(FEATURES, FEATURES)))[0]
+    z = rng.normal(size=(args.calib + 16, SEQ, FEATURES)) * spectrum
+    data = jnp.asarray(z @ rotation, jnp.float32)
+    calib = [data[i:i + 8] for i in range(0, args.calib, 8)]
+    held_out = [data[args.calib:args.calib + 8], data[args.calib + 8:]]
+    params = with_outliers(model.init(jax.random.key(1), calib[0])["params"], rng)
+    if not args.timing_only:
+        accuracy(model, params, calib, held_out, args)
     print("\n| one 1024x1024 matrix, int4 g128 (H given) | median ms | "
           "time / RTN time |")
     print("|---|---|---|")
