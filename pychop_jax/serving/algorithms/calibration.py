@@ -274,7 +274,8 @@ def _calibrate_linen(qmodel: QuantizedModel, variables, batches, call_kwargs):
     report = _run_sequence(layers, kernel_of, collect, store)
     if results:
         variables[METHOD] = results
-    variables.pop(STATS, None)
+    if variables.pop(STATS, None) is None:  # no observed inputs (init creates the ranges)
+        return variables, report
     observe = jax.jit(lambda v, args: qmodel.apply(v, *args, mutable=[STATS], **call_kwargs)[1])
     for args in batches:
         variables = {**variables, **_as_dicts(observe(variables, args))}
