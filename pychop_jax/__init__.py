@@ -11,14 +11,19 @@ The public API, re-exported from the subpackages that define it::
 
 Subpackages (arrows point down): ``core`` (spec, numerics, state, ops, observers,
 QuantizedArray), ``flax`` (QAT functions and the linen / nnx skins), ``serving``
-(integer matmuls, PTQ, checkpoints, QAT -> served models) and ``interop`` (the same
-numerics on NumPy and Torch arrays).  Public modules: ``observers``, ``formats``
-(MX / NVFP4 / NF4 presets), ``qat``, ``linen``, ``nnx`` and ``serving``; the last three
-are imported on first access, so that ``import pychop_jax`` does not load ``flax.nnx``.
+(integer matmuls, PTQ, checkpoints, QAT -> served models, the post-training
+algorithms) and ``interop`` (the same numerics on NumPy and Torch arrays).  Public
+modules: ``observers``, ``formats`` (MX / NVFP4 / NF4 presets), ``qat``,
+``algorithms`` (GPTQ, AWQ, SmoothQuant, HQQ for ``QuantRule(method=...)``, run by
+``calibrate_model``), ``linen``, ``nnx`` and ``serving``; the last three are imported
+on first access, so that ``import pychop_jax`` does not load ``flax.nnx``.
+(``pychop_jax.ptq`` is the flat layout's name of ``serving.ptq``, ``quantize_params``;
+the algorithms are therefore ``pychop_jax.algorithms``.)
 """
 
 import importlib
 
+from . import algorithms
 from .core import formats, observers
 from .core.ops import calibrate, check_finite, dequantize, fake_quant, lsq_init, quantize
 from .core.qarray import QuantizedArray
@@ -28,6 +33,7 @@ from .flax import qat
 from .flax import serialization as _serialization  # noqa: F401  (registers the pytrees)
 from .flax.quantize_model import quantization_report, quantize_model
 from .flax.rules import QuantReport, QuantRule
+from .serving.algorithms import AWQ, GPTQ, HQQ, CalibrationReport, SmoothQuant, calibrate_model
 from .serving.checkpoint import load_quantized, save_quantized
 from .serving.float_matmul import float_dot_general
 from .serving.int_matmul import (
@@ -38,6 +44,7 @@ from .serving.int_matmul import (
     promote_dtype,
 )
 from .serving.ptq import PTQReport, dequantize_params, quantize_params
+from .serving.scaled_kernel import ScaledKernel
 from .serving.serve_model import serve_model
 
 __version__ = "0.1.0"
@@ -68,6 +75,14 @@ __all__ = [
     "quantize_model",
     "quantization_report",
     "serve_model",
+    "calibrate_model",
+    "CalibrationReport",
+    "GPTQ",
+    "AWQ",
+    "SmoothQuant",
+    "HQQ",
+    "ScaledKernel",
+    "algorithms",
     "observers",
     "formats",
     "qat",

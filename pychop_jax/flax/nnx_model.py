@@ -14,7 +14,9 @@ layer's quantizers keep:
   ``input_zero_point``): ``nnx.Param`` s of the LSQ step sizes (``lsq=True``).  The
   kernel's are set from the kernel when the copy is made; the input's need data:
   pass a sample call to ``quantize_model`` (``quantize_model(model, rules, x)``),
-  which runs the copy once, eagerly, to set them (observing nothing).
+  which runs the copy once, eagerly, to set them (observing nothing);
+* ``method_result``: a ``QuantMethodState`` holding the ``MethodResult`` of the
+  rule's ``method`` once ``calibrate_model`` has run it (``None`` until then).
 
 Paths are the attribute paths joined with ``"/"`` (``"blocks/0/attn/query"``).
 """
@@ -31,20 +33,28 @@ from . import qat
 from .nnx import QuantStats
 from .operands import (
     LayerPlan,
+    MethodResult,
     init_input_range,
     init_input_step,
     init_weight_step,
     kernel_name,
     quantize_operands,
+    record_input,
     roles,
 )
 from .rules import QuantReport, first_match, uncoverable_error
 
-__all__ = ["OperandQuant", "quantize_nnx", "report_nnx"]
+__all__ = ["OperandQuant", "QuantMethodState", "quantize_nnx", "report_nnx"]
 
 _KINDS = {nnx.Linear: "dense", nnx.LinearGeneral: "dense_general", nnx.Einsum: "einsum",
           nnx.Conv: "conv", nnx.Embed: "embed"}
 _NORMS = (nnx.LayerNorm, nnx.RMSNorm, nnx.BatchNorm, nnx.GroupNorm)
+
+
+class QuantMethodState(nnx.Variable):
+    """A post-training algorithm's ``MethodResult`` (not a trainable ``Param``)."""
+
+
 def _params(step):
     """``(scale, zero_point)`` as ``nnx.Param`` s (``None`` stays ``None``)."""
     scale, zero_point = step
@@ -63,11 +73,14 @@ class OperandQuant(nnx.Module):
       base: the layer's original ``promote_dtype``.
       plan: the ``LayerPlan`` of the rule that took the layer.
       kernel: the layer's kernel now (LSQ step sizes start from it).
+      path: the layer's path (what ``record_input`` reports).
     """
 
-    def __init__(self, base, plan: LayerPlan, kernel):
+    def __init__(self, base, plan: LayerPlan, kernel, path: str = ""):
         self.base = base
         self.plan = plan
+        self.path = path
+        self.method_result = nnx.data(None)
         self.use_running_average = False
         self.initializing = False
         stats = init_input_range(plan)
@@ -91,7 +104,13 @@ class OperandQuant(nnx.Module):
                 "a sample call, quantize_model(model, rules, *args, **kwargs).")
         return scale, _value(self.input_zero_point)
 
+    def set_method_result(self, result: MethodResult | None) -> None:
+        """Store (``None``: drop) the result of the rule's method."""
+        self.method_result = None if result is None else QuantMethodState(result)
+
     def __call__(self, operands, **kwargs):
+        if roles(operands)[0] is not None:
+            record_input(self.path, operands[0])
         operands = self.base(operands, **kwargs)
         plan = self.plan
         i, _ = roles(operands)
@@ -101,9 +120,10 @@ class OperandQuant(nnx.Module):
             if plan.learns_weight else None
         input_step = self._input_step(operands[i]) if has_input and plan.learns_input else None
         stats = self.input_range.get_value() if has_input and plan.observes else None
+        result = None if self.method_result is None else self.method_result.get_value()
         operands, new = quantize_operands(plan, operands, input_range=stats,
                                           weight_step=weight_step, input_step=input_step,
-                                          train=train)
+                                          train=train, result=result)
         if stats is not None and train:
             self.input_range.set_value(new)
         return operands
@@ -162,7 +182,7 @@ def quantize_nnx(model, rules, *args, **kwargs):
             raise ValueError(f"quantize_model: {path!r} is quantized already.")
         plan = LayerPlan.from_rule(rules[index], kind)
         kernel = getattr(layer, kernel_name(kind))[...]
-        slot = OperandQuant(layer.promote_dtype, plan, kernel)
+        slot = OperandQuant(layer.promote_dtype, plan, kernel, path)
         delattr(layer, "promote_dtype")  # a static function becomes a data node
         layer.promote_dtype = nnx.data(slot)
     message = report_nnx(qmodel, rules).warning()

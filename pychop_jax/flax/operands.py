@@ -18,6 +18,12 @@ layer's own ``promote_dtype`` followed by ``quantize_operands``:
 * **input**: ``qat.observed_fake_quant`` with the layer's ``RangeState`` (the
   observer updates it when ``train``; otherwise the frozen range, or this batch's
   estimate while the state has seen nothing), or ``qat.learned_fake_quant``.
+* **method result** (a rule with ``method=``, after ``calibrate_model``): a
+  ``MethodResult`` replaces both: the kernel is the algorithm's quantized kernel
+  (values on its grid, used as they are) and the input is first multiplied by the
+  result's per-input-channel ``input_scale`` (AWQ / SmoothQuant), then quantized as
+  above.  ``record_input`` hands each quantizing layer's raw input to the recorder
+  that ``recording_inputs`` installs (calibration of the algorithms' statistics).
 
 The functions are pure; ``quantize_model``'s linen and nnx halves only store the
 state they take and return.
@@ -25,15 +31,22 @@ state they take and return.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 from collections.abc import Callable
+from typing import Any
+
+import jax
 
 from ..core.spec import QuantSpec
+from ..core.state import QuantState
 from . import qat
 from .rules import QuantRule
 
-__all__ = ["LayerPlan", "roles", "quantize_operands", "init_input_range", "init_weight_step",
-           "init_input_step", "kernel_name"]
+__all__ = ["LayerPlan", "MethodResult", "roles", "quantize_operands", "init_input_range",
+           "init_weight_step", "init_input_step", "kernel_name", "recording_inputs",
+           "record_input"]
 
 
 def kernel_name(kind: str) -> str:
@@ -51,6 +64,7 @@ class LayerPlan:
       act: the input's spec (``None``: float input).
       observer: the input observer (unused with ``lsq``).
       lsq: learned step sizes for kernel and input.
+      method: the rule's ``QuantMethod`` (``None``: round-to-nearest).
     """
 
     kind: str
@@ -58,10 +72,12 @@ class LayerPlan:
     act: QuantSpec | None
     observer: Callable
     lsq: bool
+    method: Any = None
 
     @classmethod
     def from_rule(cls, rule: QuantRule, kind: str) -> LayerPlan:
-        return cls(kind, rule.weight_spec(kind), rule.act_spec(), rule.observer_fn(), rule.lsq)
+        return cls(kind, rule.weight_spec(kind), rule.act_spec(), rule.observer_fn(), rule.lsq,
+                   rule.method)
 
     @property
     def observes(self) -> bool:
@@ -75,6 +91,46 @@ class LayerPlan:
     @property
     def learns_input(self) -> bool:
         return self.lsq and self.act is not None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MethodResult:
+    """A post-training algorithm's result for one layer.
+
+    Attributes:
+      kernel: the quantized kernel as floats, the kernel's shape; every value is on
+        ``state``'s grid (``dequantize(quantize(kernel, state), state) == kernel``).
+      state: the kernel's ``QuantState`` (the rule's weight spec).
+      input_scale: ``None``, or the per-input-channel factor the layer's input is
+        multiplied by first (AWQ / SmoothQuant: ``1 / s``), shaped to broadcast
+        against the input from its trailing axes.
+    """
+
+    kernel: Any
+    state: QuantState
+    input_scale: Any = None
+
+
+_RECORDER: contextvars.ContextVar = contextvars.ContextVar("pychop_jax_recorder", default=None)
+
+
+@contextlib.contextmanager
+def recording_inputs(recorder: Callable):
+    """While active, quantizing layers call ``recorder(path, x)`` with their raw input
+    (before any quantization) when they run."""
+    token = _RECORDER.set(recorder)
+    try:
+        yield
+    finally:
+        _RECORDER.reset(token)
+
+
+def record_input(path: str, x) -> None:
+    """Hand ``x`` (layer ``path``'s raw input) to the active recorder, if any."""
+    recorder = _RECORDER.get()
+    if recorder is not None:
+        recorder(path, x)
 
 
 def roles(operands) -> tuple[int | None, int]:
@@ -98,17 +154,21 @@ def init_input_step(plan: LayerPlan, x):
 
 
 def quantize_operands(plan: LayerPlan, operands, *, input_range=None, weight_step=None,
-                      input_step=None, train: bool = False):
+                      input_step=None, train: bool = False, result: MethodResult | None = None):
     """The operands with kernel and input fake-quantized; returns ``(operands,
     input_range)``, the range updated by the observer when ``train``.
 
     ``weight_step`` / ``input_step``: the learned ``(scale, zero_point)`` of an ``lsq``
     plan (compact shapes, ``qat.init_lsq``); ``input_range``: the ``RangeState`` of an
-    observed input.
+    observed input; ``result``: a method's ``MethodResult`` (see the module docstring).
     """
     operands = list(operands)
     i, w = roles(operands)
-    if plan.weight is not None:
+    if result is not None:
+        operands[w] = result.kernel.astype(operands[w].dtype)
+        if i is not None and result.input_scale is not None:
+            operands[i] = operands[i] * result.input_scale.astype(operands[i].dtype)
+    elif plan.weight is not None:
         learned = weight_step if plan.learns_weight else (None, None)
         operands[w] = qat.fake_quant_weight(operands[w], plan.weight, *learned)
     if plan.act is not None and i is not None:

@@ -39,7 +39,9 @@ and its params are untouched.
   The observer's ``RangeState`` is the variable ``quant_stats/<layer>/input_range``;
   LSQ step sizes are ``quant_params/<layer>/{weight,input}_{scale,zero_point}``
   (outside ``params``, so ``params`` stays the float model's tree; differentiate
-  ``quant_params`` too to learn them).  Observers update when ``quant_stats`` is
+  ``quant_params`` too to learn them).  A rule's ``method`` result (from
+  ``calibrate_model``) is the ``MethodResult`` variable
+  ``quant_method/<layer>/result``.  Observers update when ``quant_stats`` is
   mutable (not during ``init``); otherwise the ranges are frozen, and a range that
   has seen nothing uses the batch's own estimate (``qat.observed_fake_quant``).
 * nnx (``nnx_model``): ``quantize_model`` clones the model (``nnx.clone``) and sets
@@ -78,12 +80,14 @@ from .operands import (
 from .rules import QuantReport, QuantRule, first_match, uncoverable_error
 
 __all__ = ["quantize_model", "quantization_report", "QuantizedModel", "LinenOperands", "STATS",
-           "LSQ_PARAMS"]
+           "LSQ_PARAMS", "METHOD"]
 
 #: linen collection of the observers' ranges
 STATS = "quant_stats"
 #: linen collection of the learned (LSQ) step sizes
 LSQ_PARAMS = "quant_params"
+#: linen collection of the post-training algorithms' results (``MethodResult`` s)
+METHOD = "quant_method"
 
 
 def _rules(rules) -> tuple[QuantRule, ...]:
@@ -141,9 +145,12 @@ class LinenOperands:
             stats = self._variable(STATS, "input_range", init_input_range, plan)
         train = (self.scope.is_mutable_collection(STATS)
                  and not self.scope.get_flag("initializing", False))
+        result = None
+        if plan.method is not None and self.scope.has_variable(METHOD, "result"):
+            result = self.scope.get_variable(METHOD, "result")
         operands, new = quantize_operands(
             plan, operands, input_range=None if stats is None else stats.value,
-            weight_step=weight_step, input_step=input_step, train=train)
+            weight_step=weight_step, input_step=input_step, train=train, result=result)
         if stats is not None and train:
             stats.value = new
         return operands

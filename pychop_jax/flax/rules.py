@@ -33,6 +33,10 @@ A ``QuantRule`` says how the layers whose path it matches are quantized::
   options) or any observer callable ``observer(stats, x, spec) -> stats``.
 * ``lsq``: learn the step sizes (and affine zero points) of kernel and input (LSQ /
   LSQ+) instead of calibrating / observing them.
+* ``method``: a post-training algorithm that replaces round-to-nearest for the
+  kernel (a ``QuantMethod``: ``pychop_jax.algorithms.GPTQ`` / ``AWQ`` /
+  ``SmoothQuant`` / ``HQQ``).  It runs in ``pychop_jax.calibrate_model``; until then
+  the layer is quantized by round-to-nearest.  Not combined with ``lsq``.
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Callable, Sequence
+from typing import ClassVar
 
 from ..core import observers
 from ..core.spec import QuantSpec
 
-__all__ = ["QuantRule", "LayerMatch", "QuantReport", "OBSERVERS", "first_match", "output_axis",
-           "uncoverable_error"]
+__all__ = ["QuantRule", "QuantMethod", "LayerMatch", "QuantReport", "OBSERVERS", "first_match",
+           "output_axis", "uncoverable_error"]
 
 #: observer names a rule accepts
 OBSERVERS: dict[str, Callable] = {
@@ -78,6 +83,28 @@ def _spec(value, field: str, shorthand: Callable[[int], QuantSpec]):
                     f"got {value!r}.")
 
 
+class QuantMethod:
+    """Base class of the post-training algorithms a ``QuantRule(method=...)`` takes.
+
+    The algorithms themselves live in ``pychop_jax.serving.algorithms`` (public as
+    ``pychop_jax.algorithms``); a rule only carries the (frozen, hashable) settings.
+    Subclasses set ``name`` and ``statistics`` -- the statistics of each layer's input
+    that calibration collects for them (``"hessian"``: sum of ``x^T x``;
+    ``"abs_mean"`` / ``"abs_max"``: per input channel; ``"rows"``: a sample of input
+    rows) -- and may extend ``check_rule``.
+    """
+
+    name: ClassVar[str] = "method"
+    statistics: ClassVar[frozenset] = frozenset()
+
+    def check_rule(self, rule: QuantRule) -> None:
+        """Raise ``ValueError`` if ``rule`` cannot use this method (default: it needs a
+        weight spec)."""
+        if rule.weight is None:
+            raise ValueError(f"QuantRule({rule.module_path!r}, method={self.name}) has no "
+                             "weight spec; the method quantizes kernels: give it weight=.")
+
+
 @dataclasses.dataclass(frozen=True)
 class QuantRule:
     """How the layers whose path matches ``module_path`` are quantized (see the module
@@ -93,6 +120,7 @@ class QuantRule:
     act: QuantSpec | int | None = None
     observer: str | Callable = "ema"
     lsq: bool = False
+    method: QuantMethod | None = None
 
     def __post_init__(self):
         re.compile(self.module_path)
@@ -109,6 +137,14 @@ class QuantRule:
         elif not callable(self.observer):
             raise TypeError(f"QuantRule.observer must be a name or a callable; "
                             f"got {self.observer!r}.")
+        if self.method is not None:
+            if not isinstance(self.method, QuantMethod):
+                raise TypeError(f"QuantRule.method must be a QuantMethod (e.g. "
+                                f"pychop_jax.algorithms.GPTQ()); got {self.method!r}.")
+            if self.lsq:
+                raise ValueError(f"QuantRule({self.module_path!r}): method= and lsq=True "
+                                 "both set the kernel's step sizes; choose one.")
+            self.method.check_rule(self)
 
     @property
     def quantizes(self) -> bool:

@@ -5,7 +5,8 @@ encoding) that holds, for every ``QuantizedArray`` leaf (also inside a served
 ``IntKernel``), only its codes (packed or not), scale and (asymmetric only) zero
 point plus the few fields of its spec (element and scale formats included; E8M0 /
 float8 scales stay one byte each) —
-no float copy of the weights — and float leaves as they are.
+no float copy of the weights — and float leaves as they are (a ``ScaledKernel``:
+its kernel so, and its ``input_scale``).
 ``load_quantized(path)`` rebuilds the tree without needing a target structure.
 Trees are nested ``dict``s (string keys) and ``list``s / ``tuple``s of arrays, which
 is what Flax parameters are.
@@ -23,6 +24,7 @@ from ..core.qarray import QuantizedArray, storage_state
 from ..core.spec import QuantSpec
 from ..core.state import QuantState
 from .int_matmul import IntKernel
+from .scaled_kernel import ScaledKernel
 
 __all__ = ["save_quantized", "load_quantized", "to_bytes", "from_bytes"]
 
@@ -30,6 +32,7 @@ _FORMAT = "pychop-jax/quantized-tree/1"
 _QA = "__quantized_array__"
 _KERNEL = "__int_kernel__"
 _SEQ = "__sequence__"
+_SCALED = "__scaled_kernel__"
 
 
 def _encode_spec(spec: QuantSpec) -> list:
@@ -82,6 +85,9 @@ def _encode(node, path="root"):
         if node.input_spec is not None:
             stored["input_spec"] = _encode_spec(node.input_spec)
         return {_KERNEL: stored}
+    if isinstance(node, ScaledKernel):
+        return {_SCALED: {"kernel": _encode(node.kernel, f"{path}/kernel"),
+                          "input_scale": np.asarray(node.input_scale)}}
     if isinstance(node, dict):
         for k in node:
             if not isinstance(k, str):
@@ -107,6 +113,9 @@ def _decode(node):
         state = _decode_state(d["input_state"]) if "input_state" in d else None
         spec = _decode_spec(d["input_spec"]) if "input_spec" in d else None
         return IntKernel(_decode(d["weights"]), state, spec)
+    if isinstance(node, dict) and _SCALED in node:
+        d = node[_SCALED]
+        return ScaledKernel(_decode(d["kernel"]), jnp.asarray(d["input_scale"]))
     if isinstance(node, dict) and _SEQ in node:
         items = node[_SEQ]
         return [_decode(items[str(i)]) for i in range(len(items))]

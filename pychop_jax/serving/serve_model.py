@@ -37,7 +37,14 @@ How the served layers compute:
   quantizer (if any), the weights dequantized, inside the jitted computation.
 
 Either way the served output equals the QAT model's frozen evaluation up to float
-summation order.  A rule that quantizes only the input cannot be served (an integer
+summation order.
+
+A layer whose rule has a ``method`` (GPTQ, AWQ, SmoothQuant, HQQ; run by
+``calibrate_model``) is served from its ``MethodResult``: the codes of the
+algorithm's kernel on the algorithm's scales (the same ``QuantizedArray`` /
+``IntKernel`` as above), wrapped in a ``ScaledKernel`` when the algorithm gives the
+input a per-channel factor (AWQ, SmoothQuant), which the served layer applies to
+its input first.  A rule that quantizes only the input cannot be served (an integer
 product needs integer weights): ``ValueError``.
 """
 
@@ -51,10 +58,11 @@ from ..core.ops import calibrate, fake_quant
 from ..core.qarray import QuantizedArray
 from ..flax import qat
 from ..flax.operands import LayerPlan, kernel_name, roles
-from ..flax.quantize_model import LSQ_PARAMS, STATS, LinenOperands, QuantizedModel
+from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, QuantizedModel
 from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
+from .scaled_kernel import ScaledKernel, scaled_input
 
-__all__ = ["serve_model", "served_kernel", "served_operands"]
+__all__ = ["serve_model", "served_kernel", "served_operands", "int_operands"]
 
 _INT_OPS = {"dense": ("dot_general", int_dot_general),
             "dense_general": ("dot_general", int_dot_general),
@@ -62,16 +70,22 @@ _INT_OPS = {"dense": ("dot_general", int_dot_general),
 
 
 def served_kernel(path: str, plan: LayerPlan, kernel, *, input_range=None, weight_step=None,
-                  input_step=None):
+                  input_step=None, result=None):
     """The served form of one layer's kernel (``IntKernel`` or ``QuantizedArray``,
-    packed when <= 4 bits).  ``input_range`` / ``weight_step`` / ``input_step``: the
-    layer's observed ``RangeState`` / learned ``(scale, zero_point)`` s."""
+    packed when <= 4 bits; in a ``ScaledKernel`` for a ``result`` with an input
+    scale).  ``input_range`` / ``weight_step`` / ``input_step``: the layer's observed
+    ``RangeState`` / learned ``(scale, zero_point)`` s; ``result``: its method's
+    ``MethodResult``."""
+    if result is not None:
+        served = served_kernel(path, plan, result.kernel, input_range=input_range,
+                               weight_step=(result.state.scale, result.state.zero_point))
+        return served if result.input_scale is None else ScaledKernel(served, result.input_scale)
     if plan.weight is None:
         raise ValueError(f"serve_model: {path!r} quantizes only its input; serving needs "
                          "quantized weights (give its rule a weight spec).")
     if weight_step is None:
         w_state = calibrate(kernel, plan.weight)
-    else:
+    else:  # learned, or a method's (full-shaped) state
         w_state = qat.learned_state(kernel.shape, plan.weight, *weight_step)
     weights = QuantizedArray.quantize(kernel, plan.weight, state=w_state, pack="auto")
     if plan.act is None:
@@ -91,7 +105,7 @@ def served_operands(*args, **kwargs):
     as_tuple = len(args) == 1 and isinstance(args[0], tuple)
     operands = list(args[0] if as_tuple else args)
     i, w = roles(operands)
-    kernel = operands[w]
+    kernel = _unscaled(operands, i, w)
     if isinstance(kernel, IntKernel):
         if i is not None:
             x = operands[i]
@@ -104,11 +118,35 @@ def served_operands(*args, **kwargs):
     return promoted if as_tuple else list(promoted)
 
 
+def _unscaled(operands: list, i, w):
+    """A ``ScaledKernel`` operand's inner kernel, the input multiplied by its
+    ``input_scale`` (in place in ``operands``); other kernels as they are."""
+    kernel = operands[w]
+    if isinstance(kernel, ScaledKernel):
+        if i is not None:
+            operands[i] = scaled_input(operands[i], kernel)
+        operands[w] = kernel = kernel.kernel
+    return kernel
+
+
+def int_operands(*args, **kwargs):
+    """``promote_dtype`` for an integer-path layer whose kernel is a ``ScaledKernel``:
+    the input multiplied by its ``input_scale``, then ``int_matmul.promote_dtype``."""
+    as_tuple = len(args) == 1 and isinstance(args[0], tuple)
+    operands = list(args[0] if as_tuple else args)
+    _unscaled(operands, *roles(operands))
+    if as_tuple:
+        return promote_dtype(tuple(operands), **kwargs)
+    return promote_dtype(*operands, **kwargs)
+
+
 def _slots(kind: str, kernel) -> dict:
     """The field values that make a stock layer serve ``kernel``."""
-    if isinstance(kernel, IntKernel) and kind in _INT_OPS and _integer(kernel.weights.spec):
+    inner = kernel.kernel if isinstance(kernel, ScaledKernel) else kernel
+    if isinstance(inner, IntKernel) and kind in _INT_OPS and _integer(inner.weights.spec):
         op_name, op = _INT_OPS[kind]
-        return {op_name: op, "promote_dtype": promote_dtype}
+        slot = int_operands if isinstance(kernel, ScaledKernel) else promote_dtype
+        return {op_name: op, "promote_dtype": slot}
     return {"promote_dtype": served_operands}
 
 
@@ -118,8 +156,11 @@ def _integer(spec) -> bool:
     return not (spec.is_float or spec.scale_dtype is not None)
 
 
+_SERVED = (QuantizedArray, IntKernel, ScaledKernel)
+
+
 def _unpacked(tree):
-    is_q = lambda a: isinstance(a, (QuantizedArray, IntKernel))  # noqa: E731
+    is_q = lambda a: isinstance(a, _SERVED)  # noqa: E731
     return jax.tree.map(lambda a: a.unpack() if is_q(a) else a, tree, is_leaf=is_q)
 
 
@@ -150,10 +191,10 @@ def _serve_interceptor(next_fun, args, kwargs, context):
     kind = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Einsum: "einsum",
             nn.Conv: "conv", nn.Embed: "embed"}.get(type(module))
     if kind is None or context.method_name not in ("__call__", "attend") \
-            or module.promote_dtype in (promote_dtype, served_operands):
+            or module.promote_dtype in (promote_dtype, served_operands, int_operands):
         return next_fun(*args, **kwargs)
     kernel = module.scope.get_variable("params", kernel_name(kind))
-    if not isinstance(kernel, (IntKernel, QuantizedArray)):
+    if not isinstance(kernel, _SERVED):
         return next_fun(*args, **kwargs)
     clone = module.clone(parent=module.scope.rewound(), **_slots(kind, kernel))
     return getattr(clone, context.method_name)(*args, **kwargs)
@@ -163,6 +204,7 @@ def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
     plans = _linen_plans(qmodel, variables, args, kwargs)
     params = _as_dicts(variables["params"])  # a copy to edit
     stats, lsq = variables.get(STATS, {}), variables.get(LSQ_PARAMS, {})
+    methods = variables.get(METHOD, {})
     for path, plan in plans.items():
         node = _subtree(params, path)
         name = kernel_name(plan.kind)
@@ -170,7 +212,8 @@ def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
         node[name] = served_kernel(
             path, plan, node[name], input_range=_subtree(stats, path).get("input_range"),
             weight_step=_step(learned, "weight") if plan.learns_weight else None,
-            input_step=_step(learned, "input") if plan.learns_input else None)
+            input_step=_step(learned, "input") if plan.learns_input else None,
+            result=_subtree(methods, path).get("result"))
     model = qmodel.float_model
 
     def served_fn(served_vars, *call_args, **call_kwargs):
@@ -208,7 +251,8 @@ def _serve_nnx(qmodel):
             "/".join(map(str, path)), plan, getattr(layer, name)[...],
             input_range=None if slot.input_range is None else slot.input_range.get_value(),
             weight_step=step(slot.weight_scale, slot.weight_zero_point),
-            input_step=step(slot.input_scale, slot.input_zero_point))
+            input_step=step(slot.input_scale, slot.input_zero_point),
+            result=None if slot.method_result is None else slot.method_result.get_value())
         setattr(layer, name, nnx.Param(kernel))
         delattr(layer, "promote_dtype")  # a data node (the OperandQuant) becomes static
         for field, value in _slots(plan.kind, kernel).items():

@@ -1,0 +1,229 @@
+"""A layer's kernel as the 2-D matrix the algorithms work on.
+
+Every covered matmul layer contracts some kernel axes (``in_axes``) with some input
+axes (``x_axes``) and keeps the other kernel axes (``out_axes``).  The algorithms see
+
+* ``W = matrix(kernel)``: shape ``(K, N)``, ``K = prod(in dims)`` rows (one per input
+  channel, in the kernel's order of its in-axes, row-major), ``N = prod(out dims)``;
+* ``X = rows(x)``: shape ``(M, K)``, the input's contracted axes moved last in the
+  same order and flattened, every other axis flattened into ``M``;
+
+so that the layer computes ``X @ W`` (up to the output's layout).  ``kernel(W)``
+undoes ``matrix``.  Per-input-channel vectors (AWQ / SmoothQuant scales) go back to
+the input's layout with ``input_vector``: an array that broadcasts against the input
+from its trailing axes.
+
+Layouts, from the layer (``for_layer``):
+
+* ``Dense`` / ``nnx.Linear``: kernel ``(K, N)``, ``x_axes = (-1,)``;
+* ``DenseGeneral`` / ``LinearGeneral`` (no batch dims): kernel ``(in.., out..)``,
+  ``x_axes`` = the layer's ``axis``, sorted as Flax sorts them (so the attention projections: q/k/v
+  ``(D, H, Dh)``, out ``(H, Dh, D)`` with ``x_axes = (-2, -1)``);
+* ``Einsum``: from the equation ``"lhs,rhs->out"``: kernel letters absent from the
+  output are contracted, the rest are outputs (letters shared by input, kernel and
+  output, i.e. batch axes, are not supported).
+
+Grids (``plan``): the algorithms handle kernels whose scales are constant along the
+contracted axes (per tensor, per output channel: ``"fixed"``) or grouped along the
+*last* in-axis (``"grouped"``: groups of ``g`` consecutive rows of ``W``, one scale
+per group and output column, which is how ``QuantSpec(axis=<in axis>,
+group_size=g)`` lays them out).  Other grids (per input channel, groups along an
+output axis) raise ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+import numpy as np
+
+from ...core.spec import QuantSpec
+from ...core.state import QuantState
+
+__all__ = ["KernelLayout", "for_layer"]
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLayout:
+    """How a kernel of ``shape`` and its layer's input map to ``W (K, N)`` and ``X (M, K)``.
+
+    Attributes:
+      shape: the kernel's shape.
+      in_axes: kernel axes contracted with the input, in flattening order.
+      out_axes: the other kernel axes, in flattening order.
+      x_axes: the input axes contracted with ``in_axes`` (same order), negative.
+    """
+
+    shape: tuple[int, ...]
+    in_axes: tuple[int, ...]
+    out_axes: tuple[int, ...]
+    x_axes: tuple[int, ...]
+
+    def __post_init__(self):
+        if sorted(self.in_axes + self.out_axes) != list(range(len(self.shape))):
+            raise ValueError(f"KernelLayout: in_axes {self.in_axes} and out_axes "
+                             f"{self.out_axes} must split the kernel's {len(self.shape)} axes.")
+        if len(self.x_axes) != len(self.in_axes) or any(a >= 0 for a in self.x_axes):
+            raise ValueError(f"KernelLayout: x_axes {self.x_axes} must be negative, one per "
+                             f"in-axis {self.in_axes}.")
+
+    @classmethod
+    def dense(cls, k: int, n: int) -> KernelLayout:
+        """A ``(K, N)`` kernel applied to the input's last axis."""
+        return cls((int(k), int(n)), (0,), (1,), (-1,))
+
+    @property
+    def in_dims(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.in_axes)
+
+    @property
+    def out_dims(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.out_axes)
+
+    @property
+    def k(self) -> int:
+        return math.prod(self.in_dims)
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.out_dims)
+
+    # -- kernel <-> matrix ---------------------------------------------------------------
+    def matrix(self, kernel):
+        """``(K, N)`` view of ``kernel``."""
+        return jnp.reshape(jnp.transpose(kernel, self.in_axes + self.out_axes), (self.k, self.n))
+
+    def kernel(self, matrix):
+        """Inverse of ``matrix``."""
+        perm = self.in_axes + self.out_axes
+        t = jnp.reshape(matrix, self.in_dims + self.out_dims)
+        return jnp.transpose(t, np.argsort(perm))
+
+    # -- input ----------------------------------------------------------------------------
+    def rows(self, x):
+        """``(M, K)``: the input's contracted axes last (kernel order), flattened."""
+        nd = x.ndim
+        axes = tuple(a % nd for a in self.x_axes)
+        if tuple(x.shape[a] for a in axes) != self.in_dims:
+            raise ValueError(f"KernelLayout: the input's axes {self.x_axes} have sizes "
+                             f"{tuple(x.shape[a] for a in axes)}, the kernel's in-axes "
+                             f"{self.in_dims}.")
+        rest = tuple(d for d in range(nd) if d not in axes)
+        return jnp.reshape(jnp.transpose(x, rest + axes), (-1, self.k))
+
+    def input_vector(self, v):
+        """A per-input-channel vector ``(K,)`` shaped to multiply the input: the
+        contracted axes in the input's order, ``1`` on the others, trailing-aligned."""
+        depth = max(-a for a in self.x_axes)
+        t = jnp.reshape(v, self.in_dims)
+        order = np.argsort(self.x_axes)  # in-axis positions by increasing input axis
+        t = jnp.transpose(t, order)
+        shape = [1] * depth
+        for a, d in zip(self.x_axes, self.in_dims, strict=True):
+            shape[depth + a] = d
+        return jnp.reshape(t, shape)
+
+    # -- grids ------------------------------------------------------------------------------
+    def plan(self, spec: QuantSpec) -> int | None:
+        """``None`` for a grid constant along the contracted axes; ``g`` for groups of
+        ``g`` rows of ``W``.
+
+        Raises:
+          ValueError: any other grid (see the module docstring).
+        """
+        scale_shape = spec.scale_shape(self.shape)
+        axis = spec.resolve_axis(len(self.shape))
+        if spec.group_size is not None and axis == self.in_axes[-1]:
+            # one scale per (other in-axes, group, outputs): groups of g consecutive rows
+            return spec.group_size
+        if (spec.group_size is None or axis not in self.in_axes) and all(
+                scale_shape[a] == 1 for a in self.in_axes):
+            return None
+        raise ValueError(
+            f"{spec} on a kernel of shape {self.shape} (contracted axes {self.in_axes}): the "
+            "algorithms take scales per tensor, per output channel or per group along the "
+            f"last contracted axis (axis={self.in_axes[-1]}, group_size=g); choose one of "
+            "those weight specs.")
+
+    def matrix_spec(self, spec: QuantSpec, group: int | None) -> QuantSpec:
+        """The spec of ``W``'s grid: per output column (``axis=1``) for a fixed grid,
+        groups of ``group`` rows (``axis=0``) otherwise."""
+        fields = dict(bits=spec.bits, symmetric=spec.symmetric, narrow_range=spec.narrow_range)
+        if group is None:
+            return QuantSpec(**fields, axis=1)
+        return QuantSpec(**fields, axis=0, group_size=group)
+
+    def state_from_matrix(self, scale, zero_point, spec: QuantSpec) -> QuantState:
+        """The kernel's ``QuantState`` from a grouped ``W``'s ``(K / g, N)`` qparams."""
+        g = spec.group_size
+        dims = self.in_dims[:-1] + (self.in_dims[-1] // g,) + self.out_dims
+        inverse = np.argsort(self.in_axes + self.out_axes)
+        back = lambda a: jnp.transpose(jnp.reshape(a, dims), inverse)  # noqa: E731
+        return QuantState(back(scale), back(zero_point), spec)
+
+    def column_qparams(self, state: QuantState):
+        """``(scale, zero_point)`` per output column, ``(1, N)`` each, of a state whose
+        scales are constant along the contracted axes."""
+        full = lambda a: self.matrix(jnp.broadcast_to(a, self.shape))[:1]  # noqa: E731
+        return full(state.scale), full(state.zero_point)
+
+
+def _normalized(axes, ndim: int) -> tuple[int, ...]:
+    """Negative and sorted, as Flax's DenseGeneral / LinearGeneral order them."""
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(sorted(int(a) % ndim - ndim for a in axes))
+
+
+def _einsum_layout(equation: str, kernel_shape, x_ndim: int) -> KernelLayout:
+    equation = equation.replace(" ", "")
+    if "->" not in equation or equation.count(",") != 1:
+        raise ValueError(f"Einsum {equation!r}: expected 'lhs,rhs->out'.")
+    inputs, out = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    if "." in rhs:
+        raise ValueError(f"Einsum {equation!r}: a kernel with '...' is not supported.")
+    lhs_letters = lhs.replace("...", "")
+    bad = [c for c in rhs if c in lhs_letters and c in out]
+    if bad or any(c not in lhs_letters and c not in out for c in rhs):
+        raise ValueError(
+            f"Einsum {equation!r}: the algorithms need every kernel axis to be either "
+            "contracted with the input or an output axis (no batch or summed-out axes).")
+    if "..." in lhs:
+        before, after = lhs.split("...")
+        pos = {c: i - x_ndim for i, c in enumerate(before)}
+        pos.update({c: i - len(after) for i, c in enumerate(after)})
+    else:
+        pos = {c: i - len(lhs) for i, c in enumerate(lhs)}
+    in_axes = tuple(i for i, c in enumerate(rhs) if c in lhs_letters)
+    out_axes = tuple(i for i, c in enumerate(rhs) if c not in lhs_letters)
+    return KernelLayout(tuple(kernel_shape), in_axes, out_axes, tuple(pos[rhs[i]] for i in in_axes))
+
+
+def for_layer(kind: str, layer, kernel_shape, x_ndim: int, einsum_str: str | None = None
+              ) -> KernelLayout:
+    """The layout of a covered layer (linen or nnx) called on an input of rank ``x_ndim``.
+
+    Raises:
+      ValueError: a layer the algorithms do not cover (``Conv``, ``Embed``, batch axes).
+    """
+    shape = tuple(int(n) for n in kernel_shape)
+    if kind == "dense":
+        return KernelLayout.dense(*shape)
+    if kind == "dense_general":
+        batch = getattr(layer, "batch_dims", None) or getattr(layer, "batch_axis", None)
+        if batch:
+            raise ValueError("the algorithms do not cover DenseGeneral / LinearGeneral "
+                             "kernels with batch axes.")
+        x_axes = _normalized(layer.axis, x_ndim)
+        n_in = len(x_axes)
+        return KernelLayout(shape, tuple(range(n_in)), tuple(range(n_in, len(shape))), x_axes)
+    if kind == "einsum":
+        equation = einsum_str or layer.einsum_str
+        if equation is None:
+            raise ValueError("Einsum without an einsum_str.")
+        return _einsum_layout(equation, shape, x_ndim)
+    raise ValueError(f"the algorithms cover Dense, DenseGeneral and Einsum layers (and the "
+                     f"attention projections built from them), not {kind!r}; exclude it "
+                     "from the method's rule.")

@@ -1,0 +1,584 @@
+"""pychop_jax.algorithms: GPTQ, AWQ, SmoothQuant, HQQ and calibrate_model.
+
+Each algorithm is checked against a small NumPy reference written here from the
+papers' formulas (float64; the JAX side runs under ``jax.enable_x64``), and against
+round-to-nearest on the objective it optimizes.  The grid's round-to-nearest
+reference is the README's formula, written again in NumPy.  The end-to-end tests
+run tiny linen and nnx models through quantize_model -> calibrate_model ->
+serve_model -> save/load_quantized.
+"""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pychop_jax as pj
+from pychop_jax.algorithms import (
+    KernelLayout,
+    awq_search,
+    for_layer,
+    gptq,
+    hqq,
+    lp_objective,
+    smoothquant_scales,
+)
+from pychop_jax.flax.quantize_model import METHOD, STATS
+
+KEY = jax.random.key(0)
+
+
+# -- NumPy references -------------------------------------------------------------------------
+def np_qparams(w, bits, symmetric, axis):
+    """Round-to-nearest qparams reducing over ``axis`` (README formulas, float64)."""
+    if symmetric:
+        qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        scale = np.max(np.abs(w), axis=axis, keepdims=True) / qmax
+        zp = np.zeros_like(scale)
+    else:
+        qmin, qmax = 0, 2**bits - 1
+        lo = np.minimum(np.min(w, axis=axis, keepdims=True), 0)
+        hi = np.maximum(np.max(w, axis=axis, keepdims=True), 0)
+        scale = (hi - lo) / (qmax - qmin)
+        scale = np.where(scale == 0, 1.0, scale)
+        zp = np.clip(np.round(qmin - lo / scale), qmin, qmax)
+    scale = np.where(scale == 0, 1.0, scale)
+    return scale, zp, qmin, qmax
+
+
+def np_rtn(w, scale, zp, qmin, qmax):
+    """Codes and values of round-to-nearest."""
+    q = np.clip(np.round(w / scale) + zp, qmin, qmax)
+    return q, (q - zp) * scale
+
+
+def np_gptq(w, h, bits, symmetric, group, damp, act_order):
+    """GPTQ's sequential column loop (the paper's Algorithm 1 without lazy batching),
+    rows of ``w (K, N)`` = input channels; groups' qparams when the group starts."""
+    w = w.astype(np.float64).copy()
+    h = h.astype(np.float64).copy()
+    k = w.shape[0]
+    fixed = np_qparams(w, bits, symmetric, axis=0) if group is None else None
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1
+    w[dead] = 0
+    static = None
+    if act_order and group is not None:
+        static = [np_qparams(w[i:i + group], bits, symmetric, axis=0) for i in range(0, k, group)]
+    perm = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(k)
+    w, h = w[perm], h[perm][:, perm]
+    h += damp * np.mean(np.diag(h)) * np.eye(k)
+    u = np.linalg.cholesky(np.linalg.inv(h)).T
+    q = np.zeros_like(w)
+    params = fixed
+    for i in range(k):
+        if group is not None:
+            if act_order:
+                params = static[perm[i] // group]
+            elif i % group == 0:
+                params = np_qparams(w[i:i + group], bits, symmetric, axis=0)
+        q[i] = np_rtn(w[i], *params)[1]
+        err = (w[i] - q[i]) / u[i, i]
+        w[i:] -= np.outer(u[i, i:], err)
+        w[i] = q[i]
+    out = np.zeros_like(q)
+    out[perm] = q
+    return out
+
+
+def np_hqq(w_rows, bits, symmetric, iters, p, beta, kappa, optimize_scale):
+    """HQQ's iterations per row on the integer-zero-point grid (module docstring of
+    hqq.py), keeping each row's best iterate on sum |r|^p."""
+    scale, zp, qmin, qmax = np_qparams(w_rows, bits, symmetric, axis=1)
+    s, zf = scale.copy(), zp.astype(np.float64)
+
+    def evaluate(s, zf):
+        zi = np.clip(np.round(zf), qmin, qmax)
+        q = np.clip(np.round(w_rows / s) + zi, qmin, qmax)
+        r = w_rows - (q - zi) * s
+        return zi, q, r, np.sum(np.abs(r) ** p, axis=1, keepdims=True)
+
+    best_s, best_z = s.copy(), zf.copy()
+    best = evaluate(s, zf)[3]
+    for _ in range(iters):
+        zi, q, r, phi = evaluate(s, zf)
+        better = phi < best
+        best_s, best_z, best = np.where(better, s, best_s), np.where(better, zf, best_z), \
+            np.minimum(phi, best)
+        a = np.abs(r)
+        e = np.sign(r) * np.maximum(a - (a + 1e-8) ** (p - 1) / beta, 0)
+        t = w_rows - e
+        if not symmetric:
+            zf = np.clip(np.mean(q - t / s, axis=1, keepdims=True), qmin, qmax)
+        if optimize_scale:
+            c = q - np.clip(np.round(zf), qmin, qmax)
+            den = np.sum(c * c, axis=1, keepdims=True)
+            new = np.sum(c * t, axis=1, keepdims=True) / np.where(den > 0, den, 1)
+            s = np.where((den > 0) & (new > 0), new, s)
+        beta *= kappa
+    phi = evaluate(s, zf)[3]
+    better = phi < best
+    return np.where(better, s, best_s), np.clip(np.round(np.where(better, zf, best_z)), qmin, qmax)
+
+
+def outlier_inputs(rng, m, k, channels=(0, 5), factor=30.0):
+    x = rng.normal(size=(m, k))
+    x[:, list(channels)] *= factor
+    return x
+
+
+# ==== GPTQ ======================================================================================
+GPTQ_CASES = [  # bits, symmetric, group, act_order, block
+    (4, True, None, False, 16),
+    (3, False, None, True, 16),
+    (4, False, 16, False, 32),    # groups inside a block
+    (4, True, 32, False, 16),     # a group spans two blocks
+    (2, False, 16, True, 32),     # act_order with static groups
+    (4, True, 8, False, 128),     # one block (block > K is cut to K)
+]
+
+
+@pytest.mark.parametrize("bits,symmetric,group,act_order,block", GPTQ_CASES)
+def test_gptq_equals_the_sequential_column_loop(bits, symmetric, group, act_order, block):
+    rng = np.random.default_rng(bits + 10 * (group or 0) + act_order)
+    w = rng.normal(size=(64, 32)) * 0.1
+    x = outlier_inputs(rng, 256, 64)
+    x[:, 7] = 0  # a dead input channel
+    h = 2 * x.T @ x / len(x)
+    axis, g = (1, None) if group is None else (0, group)
+    spec = pj.QuantSpec(bits=bits, symmetric=symmetric, axis=axis, group_size=g)
+    expected = np_gptq(w, h, bits, symmetric, group, 0.01, act_order)
+    with jax.enable_x64(True):
+        values, state, _ = gptq(jnp.asarray(w), jnp.asarray(h), spec, damp=0.01,
+                                act_order=act_order, block_size=block)
+        np.testing.assert_allclose(np.asarray(values), expected, rtol=0, atol=1e-12)
+        # every value is on the returned grid
+        np.testing.assert_array_equal(pj.fake_quant(values, state), values)
+    assert values.shape == (64, 32) and np.all(expected[7] == 0)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 4]),
+       group=st.sampled_from([None, 32]), act_order=st.booleans(),
+       symmetric=st.booleans())
+def test_gptq_output_error_is_below_round_to_nearest(seed, bits, group, act_order, symmetric):
+    rng = np.random.default_rng(seed)
+    w = (rng.normal(size=(128, 48)) * 0.05).astype(np.float32)
+    x = outlier_inputs(rng, 512, 128).astype(np.float32)
+    axis = 1 if group is None else 0
+    spec = pj.QuantSpec(bits=bits, symmetric=symmetric, axis=axis, group_size=group)
+    values, _, _ = gptq(jnp.asarray(w), jnp.asarray(x.T @ x), spec, act_order=act_order)
+    rtn = pj.fake_quant(jnp.asarray(w), pj.calibrate(jnp.asarray(w), spec))
+
+    def err(q):
+        return float(np.sum((x.astype(np.float64) @ (w - np.asarray(q, np.float64))) ** 2))
+
+    assert err(values) < err(rtn)
+
+
+def test_gptq_rejects_a_non_positive_definite_hessian():
+    w = jnp.ones((8, 4))
+    h = -jnp.eye(8)
+    with pytest.raises(ValueError, match="not positive definite.*raise damp"):
+        gptq(w, h, pj.QuantSpec(bits=4, symmetric=True, axis=1), damp=0.0)
+
+
+# ==== HQQ =======================================================================================
+@pytest.mark.parametrize("symmetric,optimize_scale", [(False, False), (False, True),
+                                                      (True, True)])
+def test_hqq_equals_the_reference_iterations(symmetric, optimize_scale):
+    rng = np.random.default_rng(3)
+    w = rng.standard_t(3, size=(64, 48)) * 0.05  # heavy tails
+    spec = pj.QuantSpec(bits=3, symmetric=symmetric, axis=0, group_size=16)
+    rows = w.reshape(4, 16, 48).transpose(0, 2, 1).reshape(-1, 16)  # one row per group
+    s_ref, z_ref = np_hqq(rows, 3, symmetric, 20, 0.7, 10.0, 1.01, optimize_scale)
+    with jax.enable_x64(True):
+        state, phi0, phi = hqq(jnp.asarray(w), spec, optimize_scale=optimize_scale)
+        scale = np.asarray(state.scale).reshape(-1, 1)  # (groups, N): row g * N + n
+        zp = np.asarray(state.zero_point).reshape(-1, 1)
+        np.testing.assert_allclose(scale, s_ref, rtol=1e-12)
+        np.testing.assert_array_equal(zp, z_ref)
+        rtn = pj.calibrate(jnp.asarray(w), spec)
+        np.testing.assert_allclose(phi0, lp_objective(jnp.asarray(w), rtn, 0.7), rtol=1e-12)
+        np.testing.assert_allclose(phi, lp_objective(jnp.asarray(w), state, 0.7), rtol=1e-12)
+    # zero point alone: its least-squares update rarely leaves round-to-nearest's integer
+    phi, phi0 = float(phi), float(phi0)
+    assert (phi < phi0) if optimize_scale else (phi <= phi0 * (1 + 1e-12))
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 4]),
+       group=st.sampled_from([None, 8]), optimize_scale=st.booleans(),
+       dof=st.sampled_from([2.0, 5.0, 50.0]))
+def test_hqq_lp_objective_never_exceeds_round_to_nearest(seed, bits, group, optimize_scale, dof):
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_t(dof, size=(32, 24)).astype(np.float32) * 0.02)
+    axis = -1 if group is None else 0
+    spec = pj.QuantSpec(bits=bits, symmetric=False, axis=axis, group_size=group)
+    state, phi0, phi = hqq(w, spec, optimize_scale=optimize_scale)
+    rtn = pj.calibrate(w, spec)
+    assert float(lp_objective(w, state, 0.7)) <= float(lp_objective(w, rtn, 0.7)) * (1 + 1e-6)
+    assert state.scale.shape == rtn.scale.shape and state.zero_point.dtype == jnp.int32
+    codes = pj.quantize(w, state)  # on the grid: codes in range, zero point integer
+    assert int(codes.min()) >= spec.qmin and int(codes.max()) <= spec.qmax
+
+
+# ==== AWQ =======================================================================================
+def test_awq_search_equals_the_reference_grid_search():
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(48, 16)) * 0.1
+    x = outlier_inputs(rng, 200, 48, channels=(1, 2, 30), factor=40.0)
+    spec = pj.QuantSpec(bits=3, symmetric=True, axis=0, group_size=16)
+    a = np.mean(np.abs(x), axis=0)
+    expected = []
+    for alpha in np.arange(20) / 20:
+        s = np.maximum(a**alpha, 1e-4)
+        s = s / np.sqrt(s.max() * s.min())
+        ws = w * s[:, None]
+        groups = ws.reshape(3, 16, 16)
+        params = np_qparams(groups, 3, True, axis=1)
+        q = np_rtn(groups, *params)[1].reshape(48, 16) / s[:, None]
+        expected.append(np.mean((x @ w - x @ q) ** 2))
+    with jax.enable_x64(True):
+        errors = awq_search(jnp.asarray(w), jnp.asarray(x), jnp.asarray(a), spec,
+                            KernelLayout.dense(48, 16), 20)
+        np.testing.assert_allclose(np.asarray(errors), expected, rtol=1e-9)
+    assert int(np.argmin(expected)) > 0  # the outliers make a non-trivial alpha win
+
+
+def test_awq_result_output_error_is_at_most_round_to_nearest():
+    rng = np.random.default_rng(6)
+    w = jnp.asarray(rng.normal(size=(64, 32)).astype(np.float32) * 0.1)
+    x = jnp.asarray(outlier_inputs(rng, 300, 64).astype(np.float32))
+    spec = pj.QuantSpec(bits=4, symmetric=False, axis=0, group_size=32)
+    layout = KernelLayout.dense(64, 32)
+    stats = pj.algorithms.batch_stats(x, pj.AWQ.statistics, 4096)
+    result, details = pj.AWQ().apply(w, layout, spec, stats)
+    served = (x * result.input_scale) @ result.kernel
+    rtn = x @ pj.fake_quant(w, pj.calibrate(w, spec))
+    err, err_rtn = float(jnp.mean((served - x @ w) ** 2)), float(jnp.mean((rtn - x @ w) ** 2))
+    assert err < err_rtn
+    np.testing.assert_allclose(err, details["error"], rtol=1e-3)
+    np.testing.assert_allclose(err_rtn, details["rtn_error"], rtol=1e-3)
+    # the stored kernel is on its own grid
+    np.testing.assert_array_equal(pj.fake_quant(result.kernel, result.state), result.kernel)
+
+
+# ==== SmoothQuant ================================================================================
+def test_smoothquant_scales_follow_the_paper_and_preserve_the_product():
+    rng = np.random.default_rng(7)
+    w = rng.normal(size=(32, 8)) * 0.1
+    x = outlier_inputs(rng, 100, 32)
+    x[:, 3] = 0
+    amax = np.max(np.abs(x), axis=0)
+    for alpha in (0.0, 0.5, 0.85):
+        expected = np.maximum(amax**alpha / np.maximum(np.abs(w).max(1), 1e-5) ** (1 - alpha), 1e-5)
+        s = np.asarray(smoothquant_scales(jnp.asarray(amax), jnp.asarray(w), alpha))
+        np.testing.assert_allclose(s, expected, rtol=1e-6)
+        np.testing.assert_allclose((x / s) @ (w * s[:, None]), x @ w, rtol=1e-5, atol=1e-9)
+    smoothed = np.max(np.abs(x / s), axis=0)
+    assert smoothed.max() / np.median(smoothed) < amax.max() / np.median(amax)
+
+
+# ==== layouts ====================================================================================
+LAYOUT_LAYERS = {
+    "dense": (nn.Dense(6), (2, 3, 5)),
+    "dense_general_in": (nn.DenseGeneral((2, 3), axis=-1), (2, 4, 5)),
+    "dense_general_out": (nn.DenseGeneral(4, axis=(-2, -1)), (2, 3, 5)),
+    "dense_general_swapped": (nn.DenseGeneral(4, axis=(-1, -2)), (2, 3, 5)),
+    "einsum": (nn.Einsum((5, 2, 3), "btd,dnh->btnh"), (2, 4, 5)),
+    "einsum_middle": (nn.Einsum((4, 3), "bdt,dh->bth"), (2, 4, 5)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_LAYERS))
+def test_layouts_turn_each_layer_into_rows_times_matrix(name):
+    layer, shape = LAYOUT_LAYERS[name]
+    x = jax.random.normal(jax.random.key(1), shape)
+    params = layer.init(KEY, x)["params"]
+    params = {**params, "bias": jnp.zeros_like(params["bias"])} if "bias" in params else params
+    kind = {"Dense": "dense", "DenseGeneral": "dense_general", "Einsum": "einsum"}[
+        type(layer).__name__]
+    lay = for_layer(kind, layer, params["kernel"].shape, x.ndim)
+    y = layer.apply({"params": params}, x)
+    rows, w = lay.rows(x), lay.matrix(params["kernel"])
+    np.testing.assert_allclose(np.sort((rows @ w).ravel()), np.sort(np.ravel(y)), rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_array_equal(lay.kernel(w), params["kernel"])
+    v = jnp.arange(1.0, lay.k + 1)
+    np.testing.assert_allclose(lay.rows(x * lay.input_vector(v)), rows * v, rtol=1e-6)
+
+
+def test_layouts_reject_uncovered_grids_and_layers():
+    lay = KernelLayout.dense(16, 8)
+    assert lay.plan(pj.QuantSpec(bits=4, axis=-1)) is None
+    assert lay.plan(pj.QuantSpec(bits=4)) is None
+    assert lay.plan(pj.QuantSpec(bits=4, axis=0, group_size=8)) == 8
+    with pytest.raises(ValueError, match="per group along the last contracted axis"):
+        lay.plan(pj.QuantSpec(bits=4, axis=0))  # per input channel
+    with pytest.raises(ValueError, match="per group along the last contracted axis"):
+        lay.plan(pj.QuantSpec(bits=4, axis=1, group_size=4))  # groups of outputs
+    heads = KernelLayout((2, 8, 16), (0, 1), (2,), (-2, -1))  # an attention out projection
+    assert heads.plan(pj.QuantSpec(bits=4, axis=1, group_size=8)) == 8
+    with pytest.raises(ValueError, match="last contracted axis"):
+        heads.plan(pj.QuantSpec(bits=4, axis=0, group_size=1))
+    with pytest.raises(ValueError, match="cover Dense, DenseGeneral and Einsum"):
+        for_layer("conv", None, (3, 3, 2, 4), 4)
+    with pytest.raises(ValueError, match="batch"):
+        for_layer("einsum", nn.Einsum((2, 5, 3), "bld,bdh->blh"), (2, 5, 3), 3)
+
+
+# ==== rules =====================================================================================
+def test_rules_validate_methods():
+    with pytest.raises(TypeError, match="QuantMethod"):
+        pj.QuantRule(".*", weight=4, method="gptq")
+    with pytest.raises(ValueError, match="choose one"):
+        pj.QuantRule(".*", weight=4, lsq=True, method=pj.GPTQ())
+    with pytest.raises(ValueError, match="has no weight spec"):
+        pj.QuantRule(".*", act=8, method=pj.AWQ())
+    with pytest.raises(ValueError, match="no act spec"):
+        pj.QuantRule(".*", weight=8, method=pj.SmoothQuant())
+    with pytest.raises(ValueError, match="symmetric grid has no zero point"):
+        pj.QuantRule(".*", weight=4, method=pj.HQQ(optimize_scale=False))
+    with pytest.raises(ValueError, match="alpha"):
+        pj.SmoothQuant(alpha=1.5)
+    rule = pj.QuantRule(".*", weight=4, method=pj.GPTQ(act_order=True))
+    assert hash(rule) == hash(pj.QuantRule(".*", weight=4, method=pj.GPTQ(act_order=True)))
+
+
+# ==== end to end ================================================================================
+class LinenNet(nn.Module):
+    """Dense -> attention (DenseGeneral q/k/v/out) -> Einsum; input outliers."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(16, name="inp")(x)
+        x = x + nn.MultiHeadDotProductAttention(num_heads=2, name="attn", deterministic=True)(x)
+        return nn.Einsum((16, 8), "btf,fd->btd", name="out")(nn.gelu(x))
+
+
+class NnxNet(nnx.Module):
+    def __init__(self, rngs):
+        self.inp = nnx.Linear(12, 16, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False, rngs=rngs)
+        self.out = nnx.Einsum("btf,fd->btd", (16, 8), rngs=rngs)
+
+    def __call__(self, x):
+        x = self.inp(x)
+        x = x + self.attn(x, deterministic=True)
+        return self.out(nnx.gelu(x))
+
+
+def batches(n=3, seed=0):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(outlier_inputs(rng, 2 * 8, 12).reshape(2, 8, 12).astype(np.float32))
+            for _ in range(n)]
+
+
+W4G = pj.QuantSpec(bits=4, symmetric=False, axis=0, group_size=4)
+W3 = pj.QuantSpec(bits=3, symmetric=False, axis=-1)
+METHODS = {  # method, weight spec of the attention / output layers, act
+    "gptq": (pj.GPTQ(act_order=True), W3, None),
+    "awq": (pj.AWQ(), W3, None),
+    "hqq": (pj.HQQ(), W3, None),
+    "smoothquant": (pj.SmoothQuant(), 8, 8),
+}
+
+
+def rules_for(name):
+    method, spec, act = METHODS[name]
+    return [pj.QuantRule(".*attn/(query|key|value|out)", weight=spec, act=act, method=method,
+                         observer="minmax"),
+            pj.QuantRule("inp", weight=W4G if act is None else 8, act=act, method=method,
+                         observer="minmax"),
+            pj.QuantRule("out", weight=spec, act=act, method=method, observer="minmax")]
+
+
+def rtn_rules(rules):
+    return [pj.QuantRule(r.module_path, weight=r.weight, act=r.act, observer="minmax")
+            for r in rules]
+
+
+def mse(a, b):
+    return float(jnp.mean((a - b) ** 2))
+
+
+_LINEN_CACHE: dict = {}
+
+
+def linen_calibrated(name):
+    """``(qmodel, variables, calibrated, report, rtn model, rtn variables)`` of LinenNet
+    under ``rules_for(name)``, computed once per module (the RTN baseline once per
+    rule set: GPTQ, AWQ and HQQ share theirs)."""
+    if name not in _LINEN_CACHE:
+        data = batches()
+        rules = rules_for(name)
+        qmodel = pj.quantize_model(LinenNet(), rules)
+        v = qmodel.init(KEY, data[0])
+        calibrated, report = pj.calibrate_model(qmodel, v, data)
+        key = ("rtn", tuple(rtn_rules(rules)))
+        if key not in _LINEN_CACHE:
+            rtn = pj.quantize_model(LinenNet(), rtn_rules(rules))
+            _LINEN_CACHE[key] = (rtn, *pj.calibrate_model(rtn, v, data))
+        _LINEN_CACHE[name] = (qmodel, v, calibrated, report, *_LINEN_CACHE[key])
+    return _LINEN_CACHE[name]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_linen_end_to_end(name, tmp_path):
+    model = LinenNet()
+    qmodel, v, calibrated, report, rtn, rtn_vars, rtn_report = linen_calibrated(name)
+    assert rtn_report.layers == () and METHOD not in rtn_vars
+    # every method layer was processed; q/k/v share their input, so one pass takes them
+    paths = [e.path for e in report.layers]
+    assert sorted(paths) == sorted(["inp", "attn/query", "attn/key", "attn/value", "attn/out",
+                                    "out"])
+    if name != "hqq":
+        steps = report.by_path()
+        assert steps["attn/query"].step == steps["attn/key"].step == steps["attn/value"].step
+        assert report.passes == 4 and steps["inp"].rows == 3 * 16
+    else:
+        assert report.passes == 0
+    np.testing.assert_array_equal(calibrated["params"]["inp"]["kernel"],
+                                  v["params"]["inp"]["kernel"])  # params stay float
+    x = batches(1, seed=9)[0]  # held-out
+    fp = model.apply({"params": v["params"]}, x)
+    y = qmodel.apply(calibrated, x)
+    assert mse(y, fp) < mse(rtn.apply(rtn_vars, x), fp)
+    served_fn, served = pj.serve_model(qmodel, calibrated, x)
+    kernel = served["params"]["inp"]["kernel"]
+    if name in ("awq", "smoothquant"):
+        assert isinstance(kernel, pj.ScaledKernel)
+    np.testing.assert_allclose(jax.jit(served_fn)(served, x), y, rtol=1e-4, atol=1e-5)
+    path = tmp_path / "served.msgpack"
+    pj.save_quantized(path, served)
+    loaded = pj.load_quantized(path)
+    np.testing.assert_array_equal(jax.jit(served_fn)(loaded, x), jax.jit(served_fn)(served, x))
+
+
+@pytest.mark.parametrize("name", ["gptq", "smoothquant"])
+def test_nnx_end_to_end(name):
+    data = batches()
+    model = NnxNet(nnx.Rngs(0))
+    rules = rules_for(name)
+    x = batches(1, seed=9)[0]
+    fp = model(x)
+    qmodel = pj.quantize_model(model, rules)
+    report = pj.calibrate_model(qmodel, data)
+    assert len(report.layers) == 6 and report.passes == 4
+    rtn = pj.quantize_model(model, rtn_rules(rules))
+    pj.calibrate_model(rtn, data)
+    y = qmodel(x)
+    assert mse(y, fp) < mse(rtn(x), fp)
+    assert qmodel.inp.promote_dtype.method_result is not None
+    served = pj.serve_model(qmodel)
+    np.testing.assert_allclose(served(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_linen_and_nnx_give_the_same_results():
+    """The same weights through both APIs: the same GPTQ kernels."""
+    data = batches()
+    nmodel = NnxNet(nnx.Rngs(0))
+    rules = rules_for("gptq")
+    qn = pj.quantize_model(nmodel, rules)
+    pj.calibrate_model(qn, data)
+
+    class Linen(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            x = nn.Dense(16, name="inp")(x)
+            return nn.Einsum((16, 8), "btf,fd->btd", use_bias=False, name="out")(nn.gelu(x))
+
+    class Nnx(nnx.Module):
+        def __init__(self, src):
+            self.inp, self.out = src.inp, src.out
+
+        def __call__(self, x):
+            return self.out(nnx.gelu(self.inp(x)))
+
+    rules2 = [r for r in rules if "attn" not in r.module_path]
+    params = {"inp": {"kernel": nmodel.inp.kernel[...], "bias": nmodel.inp.bias[...]},
+              "out": {"kernel": nmodel.out.kernel[...]}}
+    ql = pj.quantize_model(Linen(), rules2)
+    v, _ = pj.calibrate_model(ql, {"params": params}, data)
+    qn2 = pj.quantize_model(Nnx(nmodel), rules2)
+    pj.calibrate_model(qn2, data)
+    for name in ("inp", "out"):
+        nnx_result = getattr(qn2, name).promote_dtype.method_result.get_value()
+        np.testing.assert_allclose(v[METHOD][name]["result"].kernel, nnx_result.kernel,
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_calibration_is_sequential_through_quantized_layers():
+    """The second layer's GPTQ Hessian comes from the first layer's GPTQ output."""
+
+    class Two(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(8, use_bias=False, name="b")(nn.Dense(16, use_bias=False, name="a")(x))
+
+    spec = pj.QuantSpec(bits=3, symmetric=True, axis=-1)
+    data = [b.reshape(-1, 12) for b in batches()]
+    qmodel = pj.quantize_model(Two(), pj.QuantRule(".*", weight=spec, method=pj.GPTQ()))
+    v = qmodel.init(KEY, data[0])
+    out, report = pj.calibrate_model(qmodel, v, data)
+    assert [e.path for e in report.layers] == ["a", "b"] and report.passes == 2
+    x = jnp.concatenate(data)
+    wa = out[METHOD]["a"]["result"].kernel
+    np.testing.assert_allclose(wa, gptq(v["params"]["a"]["kernel"], 2 * x.T @ x / len(x),
+                                        spec)[0], rtol=1e-5, atol=1e-6)
+    h = x @ wa  # the quantized first layer's output
+    expected = gptq(v["params"]["b"]["kernel"], 2 * h.T @ h / len(h), spec)[0]
+    np.testing.assert_allclose(out[METHOD]["b"]["result"].kernel, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_smoothquant_observes_the_smoothed_inputs():
+    data = batches()
+    _, _, out, report, *_ = linen_calibrated("smoothquant")
+    entry = report.by_path()["inp"]
+    assert entry.details["outliers"] > 10 > entry.details["outliers_smoothed"]
+    scale = out[METHOD]["inp"]["result"].input_scale
+    xs = jnp.concatenate(data) * scale
+    rng_state = out[STATS]["inp"]["input_range"]
+    np.testing.assert_allclose(rng_state.lo.ravel(), jnp.minimum(xs.min(), 0), rtol=1e-6)
+    np.testing.assert_allclose(rng_state.hi.ravel(), jnp.maximum(xs.max(), 0), rtol=1e-6)
+    assert "SmoothQuant" in str(report)
+
+
+def test_calibrate_model_errors():
+    data = batches()
+
+    class WithConv(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Conv(4, (3,), name="conv")(x)
+
+    qmodel = pj.quantize_model(WithConv(), pj.QuantRule(".*", weight=4, method=pj.GPTQ()))
+    v = qmodel.init(KEY, data[0])
+    with pytest.raises(ValueError, match="'conv'.*cover Dense, DenseGeneral and Einsum"):
+        pj.calibrate_model(qmodel, v, data)
+    bad_grid = pj.QuantRule(".*", weight=pj.QuantSpec(bits=4, axis=0), method=pj.GPTQ())
+    qmodel = pj.quantize_model(nn.Dense(4), bad_grid)
+    v = qmodel.init(KEY, data[0])
+    with pytest.raises(ValueError, match="per group along the last contracted axis"):
+        pj.calibrate_model(qmodel, v, data)
+    qmodel = pj.quantize_model(nn.Dense(4), pj.QuantRule(".*", weight=4, method=pj.GPTQ()))
+    with pytest.raises(ValueError, match="no calibration batches"):
+        pj.calibrate_model(qmodel, v, [])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        pj.calibrate_model(qmodel, v, [data[0].at[0, 0, 0].set(jnp.nan)])
+    with pytest.raises(TypeError, match="variables, batches"):
+        pj.calibrate_model(qmodel, data)
+    with pytest.raises(TypeError, match="not the float model"):
+        pj.calibrate_model(nn.Dense(4), v, data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nq = pj.quantize_model(NnxNet(nnx.Rngs(0)), pj.QuantRule(".*", weight=4))
+    with pytest.raises(TypeError, match="carries its own state"):
+        pj.calibrate_model(nq, v, data)
