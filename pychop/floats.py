@@ -333,8 +333,8 @@ def mx_quantize(data, format="mxfp8_e4m3", block_size: int = 32, scale_exp_bits=
     zeros); each block gets the scale ``2**(floor(log2(amax)) - emax_elem)`` (E8M0:
     exponents -127..127) and its elements are rounded to the element format (nearest,
     ties to even, saturating): ``pychop_jax.core.numerics.mx_fake_quant`` with the
-    matching MX ``QuantSpec`` (blocks along the last axis of the flattened array).  Returns the values
-    ``element * scale`` in ``data``'s array type and shape (float32 for float16 /
+    matching MX ``QuantSpec`` (blocks along the last axis of the flattened array).
+    Returns the values ``element * scale`` in ``data``'s array type and shape (float32 for float16 /
     bfloat16 input, else ``data``'s dtype).  A block holding NaN or +-inf is all NaN.
 
     Args:
