@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import floatgrid
+from . import floatgrid, xla_cpu
 
 __all__ = [
     "floor_log2",
@@ -56,6 +56,9 @@ __all__ = [
     "tensor_scale",
     "two_level_scales",
     "min_scale_exponent",
+    "ldexp",
+    "mx_block_exponents",
+    "mx_fake_quant_blocks",
 ]
 
 # (fraction bits, bias, int type name) of the compute dtypes
@@ -88,12 +91,63 @@ def min_scale_exponent(dtype_name: str) -> int:
     return -127 if dtype_name == "float64" else -126
 
 
+def _int_type(xp, x):
+    name = _name(x)
+    if name not in _F:
+        raise TypeError(f"blockscale works on float32 / float64 arrays; got {name}. "
+                        f"Widen float16 / bfloat16 input to float32 first.")
+    M, B, ity = _F[name]
+    return M, B, getattr(xp, ity), getattr(xp, name)
+
+
+def _normalised(xp, a, M, B, F, Ity):
+    """``(e, frac)`` with ``|x| = 2**(e - B) * (1 + frac / 2**M)`` for nonzero magnitude
+    bits ``a`` of finite ``x``: ``e`` is the biased exponent field for normal numbers and
+    ``floor(log2 a) + 1 - M`` (<= 0) for subnormals, read exactly from ``float(a)``
+    (``a < 2**M`` is an integer a float holds exactly, and normal)."""
+    E = a >> M
+    fa = _bits(xp, xp.astype(a, F), _name(a).replace("uint", "int"))
+    sub = E == 0
+    e = xp.where(sub, (fa >> M) + (1 - B - M), E)
+    frac = xp.where(sub, fa, a) & ((1 << M) - 1)
+    return e, frac
+
+
 def floor_log2(xp, a):
-    """``floor(log2(a))`` of positive normal floats ``a`` (float32 / float64), exactly,
-    as int32: the unbiased exponent field.  (Zero and subnormals give ``-bias``.)"""
-    M, B, ity = _F[_name(a)]
-    e = (_bits(xp, a, ity) >> M) & ((1 << (63 - M if ity == "int64" else 31 - M)) - 1)
+    """``floor(log2(|a|))`` of nonzero finite floats ``a`` (float32 / float64) as int32,
+    exactly, subnormals included (read from the bits, no float arithmetic: XLA:CPU
+    would flush them).  Zero gives a number below every subnormal's exponent."""
+    M, B, Ity, F = _int_type(xp, a)
+    W = 32 if F == xp.float32 else 64
+    mag = _bits(xp, a, _name(a).replace("float", "int")) & ((1 << (W - 1)) - 1)
+    e, _ = _normalised(xp, mag, M, B, F, Ity)
     return xp.astype(e - B, xp.int32)
+
+
+def ldexp(xp, x, k):
+    """``x * 2**k`` on the bit pattern, for float32 / float64 ``x`` and an integer array
+    (or int) ``k`` broadcastable to it: the one power-of-two scaling of the MX rule.
+
+    Exact whenever the result is a normal number, zero, or a subnormal whose bits fit;
+    a subnormal result with more bits than the subnormal grid holds is truncated toward
+    zero; beyond the largest finite value it is ``+-inf``.  Subnormal ``x`` is read
+    exactly.  ``+-0``, ``+-inf`` and NaN are returned unchanged.  The same bits on every
+    backend (no float arithmetic touches a subnormal).
+    """
+    M, B, Ity, F = _int_type(xp, x)
+    W = 32 if F == xp.float32 else 64
+    bits = _bits(xp, x, _name(x).replace("float", "int"))
+    a = bits & ((1 << (W - 1)) - 1)
+    inf = ((1 << (W - 1 - M)) - 1) << M
+    e, frac = _normalised(xp, a, M, B, F, Ity)
+    e2 = e + k if isinstance(k, int) else e + xp.astype(xp.asarray(k), Ity)
+    normal = (e2 << M) | frac
+    shift = xp.clip(1 - e2, 0, M + 1)
+    subnormal = (frac | (1 << M)) >> shift
+    out = xp.where(e2 >= 1, normal, subnormal)
+    out = xp.where(e2 >= 2 * B + 1, inf, out)
+    out = xp.where((a == 0) | (a >= inf), a, out)
+    return _from_bits(xp, out | (bits & -(1 << (W - 1))), _name(x))
 
 
 def pow2(xp, k, like):
@@ -105,36 +159,39 @@ def pow2(xp, k, like):
 
 
 def mx_shared_exponent(xp, amax, emax_elem: int, *, rounding: str = "floor",
-                       max_value: float | None = None):
+                       max_value: float | None = None, kmin: int | None = None,
+                       kmax: int = 127):
     """The MX shared exponent ``k`` (int32, ``amax``'s shape), see the module docstring.
 
     Args:
-      amax: block maxima ``max|x| >= 0`` (float32 / float64; 0 and subnormals count as 0).
+      amax: block maxima ``max|x| >= 0`` (float32 / float64, finite; subnormals are read
+        exactly, zero gets ``kmin``).
       emax_elem: ``floor(log2(max_value))`` of the element grid (``QuantSpec.emax_elem``).
       rounding: ``'floor'`` (OCP MX v1.0) or ``'ceil'`` (no element clips).
       max_value: the element grid's largest value; needed by ``'ceil'``.
+      kmin, kmax: the scale's exponent range (default ``min_scale_exponent`` of
+        ``amax``'s dtype and E8M0's 127).
 
     Returns:
-      ``clip(k, kmin, 127)`` (``kmin`` = ``min_scale_exponent``); zero blocks get ``kmin``.
+      ``clip(floor(log2(amax)) - emax_elem (+1 for 'ceil' where needed), kmin, kmax)``.
     """
     if rounding not in ("floor", "ceil"):
         raise ValueError("mx_shared_exponent: rounding must be 'floor' or 'ceil'; "
                          f"got {rounding!r}.")
     name = _name(amax)
-    M, B, ity = _F[name]
-    bits = _bits(xp, amax, ity)
-    e = xp.astype((bits >> M) - B, xp.int32)
-    k = e - emax_elem
+    M, B, Ity, F = _int_type(xp, amax)
+    k = floor_log2(xp, amax) - emax_elem
     if rounding == "ceil":
         if max_value is None:
             raise ValueError("mx_shared_exponent(rounding='ceil') needs max_value.")
         # amax and max_value * 2^k share the binade: compare the fraction fields
-        frac_max = int(np.array(max_value, name).view(ity)) & ((1 << M) - 1)
-        k = k + xp.astype((bits & ((1 << M) - 1)) > frac_max, xp.int32)
-    kmin = min_scale_exponent(name)
-    zero = (bits >> M) == 0  # 0 (and subnormals, flushed by the callers)
-    k = xp.where(zero, xp.asarray(kmin, dtype=xp.int32, **_device(xp, amax)), k)
-    return xp.clip(k, kmin, 127)
+        frac_max = int(np.array(max_value, name).view(_F[name][2])) & ((1 << M) - 1)
+        mag = _bits(xp, amax, _F[name][2]) & ((1 << (31 if M == 23 else 63)) - 1)
+        _, frac = _normalised(xp, mag, M, B, F, Ity)
+        k = k + xp.astype(frac > frac_max, xp.int32)
+    if kmin is None:
+        kmin = min_scale_exponent(name)
+    return xp.clip(k, kmin, kmax)
 
 
 def _device(xp, like) -> dict:
@@ -193,3 +250,81 @@ def two_level_scales(xp, amax, spec, to_grid):
                                   overflow="saturate")
     smallest = xp.asarray(fmt.min_subnormal, dtype=F, **_device(xp, amax))
     return xp.maximum(s, smallest), t
+
+
+# -- MX values: the OCP rule on blocks, exact ---------------------------------------------
+def _scale_range(scale_bits: int):
+    bias = (1 << (scale_bits - 1)) - 1
+    return -bias, bias
+
+
+def mx_block_exponents(xp, blocks, emax_elem: int, *, scale_bits: int = 8):
+    """``(k, nan_block)`` of each block (the last axis; int32 and bool of shape
+    ``blocks.shape[:-1] + (1,)``): the OCP MX v1.0 shared exponent
+    ``clip(floor(log2(amax)) - emax_elem, -bias, bias)`` (``bias = 2**(scale_bits-1) - 1``:
+    E8M0's -127..127), and whether the scale is NaN (E8M0 code 255): the block holds
+    NaN / +-inf, or its exponent exceeds ``bias`` (the OCP rule's "X = NaN"; as the
+    authors' reference, ``microsoft/microxcaling``).
+
+    ``amax`` is an integer max of the magnitude bits: exact (NaN's bits lie above
+    inf's, subnormals are read as they are) on every backend.
+    """
+    M, B, Ity, F = _int_type(xp, blocks)
+    W = 32 if F == xp.float32 else 64
+    kmin, kmax = _scale_range(scale_bits)
+    inf = ((1 << (W - 1 - M)) - 1) << M
+    abits = xp.max(_bits(xp, blocks, _F[_name(blocks)][2]) & ((1 << (W - 1)) - 1), axis=-1,
+                   keepdims=True)
+    finite = xp.where(abits >= inf, xp.zeros_like(abits), abits)
+    amax = _from_bits(xp, finite, _name(blocks))
+    k = floor_log2(xp, amax) - emax_elem
+    nan_block = (abits >= inf) | (k > kmax)
+    return xp.clip(k, kmin, kmax), nan_block
+
+
+def mx_fake_quant_blocks(xp, blocks, element, emax_elem: int, *, scale_bits: int = 8,
+                         round_elements):
+    """The MX value of every element of ``blocks`` (float32 / float64, the last axis is
+    the block; same shape and dtype)::
+
+        k, nan = mx_block_exponents(blocks)
+        value  = ldexp(round_elements(ldexp(V, -k)), k)      (NaN where nan)
+
+    ``round_elements(xp, v)`` rounds onto the element grid (nearest-even, saturating);
+    ``element`` is its ``FloatFormat`` / ``FixedFormat`` (for the cheap branch below).
+    Both scalings are exact (``ldexp``): subnormal inputs and results keep their value
+    on every backend.
+
+    On XLA:CPU a cheaper form runs when no block needs the exact ``ldexp`` (a
+    ``lax.cond`` on the smallest shared exponent; the same bits): with ``q`` the
+    exponent of the element format's smallest positive value, every block whose shared
+    exponent ``k >= 2 - B - q`` has its scaled elements either normal (``bits - (k << M)``
+    is exact) or below ``Q/2`` (they round to 0 whatever their low bits), and its
+    results ``P * 2**k`` normal (``bits + (k << M)``).
+    """
+    M, B, Ity, F = _int_type(xp, blocks)
+    W = 32 if F == xp.float32 else 64
+    iname = _F[_name(blocks)][2]
+    k, nan_block = mx_block_exponents(xp, blocks, emax_elem, scale_bits=scale_bits)
+    k = xp.astype(k, Ity)
+    q = (-element.fbits if hasattr(element, "fbits")
+         else element.emin - (element.man_bits if element.subnormals else 0))
+
+    def exact():
+        return ldexp(xp, round_elements(xp, ldexp(xp, blocks, -k)), k)
+
+    def cheap():
+        bits = _bits(xp, blocks, iname)
+        E = (bits & ((1 << (W - 1)) - 1)) >> M
+        shift = k << M
+        y = xp.where((E >= 1) & (E > k), bits - shift, bits & -(1 << (W - 1)))
+        pb = _bits(xp, round_elements(xp, _from_bits(xp, y, _name(blocks))), iname)
+        out = xp.where((pb & ((1 << (W - 1)) - 1)) == 0, pb, pb + shift)
+        return _from_bits(xp, out, _name(blocks))
+
+    if xp.__name__.startswith("jax") and q >= 2 - B:
+        needs_exact = xp.min(xp.where(nan_block, xp.full_like(k, B), k)) < 2 - B - q
+        out = xla_cpu.cond(needs_exact, exact, cheap)
+    else:
+        out = exact()
+    return xp.where(nan_block, xp.full_like(out, float("nan")), out)

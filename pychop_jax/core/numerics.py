@@ -123,6 +123,7 @@ __all__ = [
     "code_dtype",
     "encode_float_bits",
     "decode_float_bits",
+    "mx_fake_quant",
 ]
 
 #: scales above this use the power-of-two pre-scale of rule 4
@@ -770,6 +771,80 @@ def _element_values(xp, v, sv):
     big = _const(xp, fi.max, F, sv)
     out = xp.clip(v * sv, -big, big)
     return xp.where(xp.abs(out) < _const(xp, fi.tiny, F, sv), _const(xp, 0.0, F, sv), out)
+
+
+# -- MX values without a state -----------------------------------------------------------------
+def mx_fake_quant(xp, x, spec: QuantSpec, *, element=None, scale_bits: int = 8):
+    """The OCP MX v1.0 value of every element of ``x`` for an E8M0 ``spec`` (blocks of
+    ``spec.group_size`` along ``spec.axis``; ``x``'s shape, float32 / float64), in one pass
+    without a state: ``blockscale.mx_fake_quant_blocks``::
+
+        k     = clip(floor(log2(amax)) - emax_elem, -127, 127)   (exact, subnormals too)
+        value = round_elem(x * 2^-k) * 2^k                        (exact ldexp on bits)
+
+    and a block holding NaN / +-inf, or whose exponent exceeds 127, is all NaN (E8M0's
+    NaN scale; ``microsoft/microxcaling``).  This is the rule ``pychop.mx_quantize`` runs.
+    It differs from ``calibrate`` + ``fake_quant`` (whose state keeps the scale as a
+    float) only where that path flushes: float32 blocks below ``2^-126`` (there
+    ``kmin = -126``, subnormal inputs and results are 0) and non-finite input (left out
+    of ``amax``, NaN -> 0, +-inf saturate).
+
+    Args:
+      spec: ``scale_dtype="float8_e8m0fnu"`` with ``group_size``: the element grid
+        (float format, or the integer grid ``[qmin, qmax]`` with ``emax_elem =
+        floor(log2(qmax))``, MXINT8's ``[-127, 127] * 2^-6``), ``axis``, ``group_size``.
+      element: optional ``floatgrid.FloatFormat`` / ``fixedpoint.FixedFormat`` that
+        replaces the spec's element grid (pychop's custom formats; its two's complement
+        MXINT, ``[-128, 127] * 2^-6``); ``emax_elem`` is then its ``emax``.
+      scale_bits: exponent bits of the scale (E8M0: 8; ``2**(scale_bits-1) - 1`` bounds
+        ``|k|``).
+    """
+    if spec.scale_dtype != "float8_e8m0fnu" or spec.group_size is None:
+        raise ValueError("numerics.mx_fake_quant needs an MX spec: scale_dtype="
+                         "'float8_e8m0fnu' and a group_size (e.g. pychop_jax.formats.MXFP4).")
+    if spec.dtype == "nf4" and element is None:
+        raise ValueError("numerics.mx_fake_quant: nf4 has no power-of-two grid; use an "
+                         "MX float or integer element format.")
+    shape = tuple(x.shape)
+    view, _, _ = layout(spec, shape)
+    axis = spec.resolve_axis(len(shape))
+    xv = xp.reshape(x, view)
+    last = axis + 1 == len(view) - 1
+    if not last:
+        xv = xp.moveaxis(xv, axis + 1, -1)
+    if element is not None:
+        from . import fixedpoint
+
+        if isinstance(element, fixedpoint.FixedFormat):
+            emax = element.emax
+
+            def round_elements(xp, v):
+                return fixedpoint.round_to_fixed(xp, v, element)
+        else:
+            element = floatgrid.get_format(element)
+            emax = element.emax
+
+            def round_elements(xp, v):
+                return floatgrid.round_to_format(xp, v, element, overflow="saturate")
+    elif spec.dtype is not None:
+        element, emax = spec.element_format, spec.emax_elem
+
+        def round_elements(xp, v):
+            return floatgrid.round_to_format(xp, v, element, overflow="saturate")
+    else:
+        from . import fixedpoint
+
+        emax = spec.emax_elem
+        element = fixedpoint.FixedFormat(emax + 2, 0)  # the integers (for the cheap path)
+        lo, hi = float(spec.qmin), float(spec.qmax)
+
+        def round_elements(xp, v):
+            return xp.clip(xp.round(v), _const(xp, lo, v.dtype, v), _const(xp, hi, v.dtype, v))
+    y = blockscale.mx_fake_quant_blocks(xp, xv, element, emax, scale_bits=scale_bits,
+                                        round_elements=round_elements)
+    if not last:
+        y = xp.moveaxis(y, -1, axis + 1)
+    return xp.reshape(y, shape)
 
 
 # -- learned step size (LSQ, LSQ+) ---------------------------------------------------------

@@ -1,10 +1,10 @@
 """Float, fixed-point and MX grids on NumPy, Torch and JAX arrays.
 
-The pipelines compose ``core.floatgrid`` / ``core.fixedpoint`` / ``core.mx_blocks``
-against ``xp``; ``engine.run`` runs them as one jitted XLA kernel on NumPy arrays and
-Torch CPU tensors (or with ``array_api_compat`` op by op elsewhere), and the JAX
-functions call the same pipelines jitted with ``jax.numpy`` (traceable: they work
-inside ``jax.jit``).  Every framework gets the same bits.
+The pipelines compose ``core.floatgrid`` / ``core.fixedpoint`` / ``core.numerics``
+(``mx_fake_quant``, the core's MX rule) against ``xp``; ``engine.run`` runs them as one
+jitted XLA kernel on NumPy arrays and Torch CPU tensors (or with ``array_api_compat`` op by
+op elsewhere), and the JAX functions call the same pipelines jitted with ``jax.numpy``
+(traceable: they work inside ``jax.jit``).  Every framework gets the same bits.
 
 * ``round_float(fw, x, fmt, rounding=, overflow=, key=)``: ``floatgrid.round_to_format``
   (``fmt`` a ``FloatFormat``) or ``fixedpoint.round_to_fixed`` (``fmt`` a
@@ -12,9 +12,9 @@ inside ``jax.jit``).  Every framework gets the same bits.
   of ``x``'s dtype (``ValueError`` otherwise, naming the dtype to convert to): no double
   rounding.
 * ``mx(fw, x, grid)``: flatten, pad with zeros to a multiple of ``grid.block_size``,
-  ``mx_blocks.quantize_blocks`` then ``dequantize_blocks`` (values, not codes), back to
-  ``x``'s shape; float32 for float16 / bfloat16 input (an MX value needs float32's
-  range), else ``x``'s dtype.
+  ``numerics.mx_fake_quant`` with the grid's MX spec (``grid.spec``: blocks along the last
+  axis, E8M0 scales) and element format, back to ``x``'s shape; float32 for float16 /
+  bfloat16 input (an MX value needs float32's range), else ``x``'s dtype.
 
 Stochastic roundings draw their uint32 noise from a JAX PRNG key inside the kernel:
 ``jax.random.bits(key, x.shape, uint32)``, so a key gives the same bits on every
@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import fixedpoint, floatgrid, mx_blocks, validation
+from ..core import fixedpoint, floatgrid, numerics, validation
+from ..core.spec import QuantSpec
 from . import engine
 
 __all__ = [
@@ -69,6 +70,18 @@ class MXGrid:
         if not isinstance(sb, (int, np.integer)) or isinstance(sb, bool) or not 2 <= sb <= 10:
             raise ValueError(f"scale exponent bits must be an integer in [2, 10] (E8M0: 8); "
                              f"got {sb!r}.")
+
+    @property
+    def spec(self) -> QuantSpec:
+        """The core's MX ``QuantSpec`` of this grid (blocks of ``block_size`` along the last
+        axis, E8M0 scales); a named OCP element format is its ``dtype``, any other
+        element is passed to ``numerics.mx_fake_quant`` as ``element=``."""
+        name = getattr(self.element, "name", None)
+        if name in floatgrid.FORMATS and floatgrid.FORMATS[name] == self.element:
+            return QuantSpec(dtype=name, axis=-1, group_size=int(self.block_size),
+                             scale_dtype="float8_e8m0fnu")
+        return QuantSpec(bits=8, symmetric=True, axis=-1, group_size=int(self.block_size),
+                         scale_dtype="float8_e8m0fnu")
 
 
 def _grid(fmt):
@@ -133,7 +146,9 @@ def mx_pipeline(xp, x, grid: MXGrid):
     if pad:
         flat = xp.concat([flat, xp.zeros((pad,), dtype=flat.dtype)])
     blocks = xp.reshape(flat, (-1, bs))
-    y = mx_blocks.fake_quantize_blocks(xp, blocks, grid.element, scale_bits=grid.scale_bits)
+    spec = grid.spec
+    element = None if spec.dtype is not None else grid.element
+    y = numerics.mx_fake_quant(xp, blocks, spec, element=element, scale_bits=grid.scale_bits)
     y = xp.reshape(y, (-1,))
     if pad:
         y = y[:n]

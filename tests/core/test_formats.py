@@ -437,3 +437,80 @@ def test_adapters_give_the_same_bits(spec):
         q2 = fw.quantize(xs, s2)
         np.testing.assert_array_equal(as_bits(q2), q)
         np.testing.assert_array_equal(as_bits(fw.dequantize(q2, s2)), y)
+
+
+# -- the stateless MX value rule (numerics.mx_fake_quant; pychop.mx_quantize runs it) -----------
+MX_NAMES = ["MXFP8_E4M3", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2", "MXFP4", "MXINT8"]
+
+
+def ref_mx_values(x, spec):
+    """OCP MX v1.0 in float64, block by block along the last axis: the shared exponent by
+    ``math.frexp`` (clamped to E8M0's -127..127; NaN / inf blocks and exponents > 127:
+    NaN), elements by ml_dtypes' cast after clipping, MXINT8 by ``np.rint`` in [-127, 127]."""
+    xb = x.astype(np.float64).reshape(-1, spec.group_size)
+    out = np.empty_like(xb)
+    for i, b in enumerate(xb):
+        amax = np.max(np.abs(b))
+        if not np.isfinite(amax):
+            out[i] = np.nan
+            continue
+        e = math.frexp(amax)[1] - 1 - spec.emax_elem if amax > 0 else -127
+        if e > 127:
+            out[i] = np.nan
+            continue
+        e = max(e, -127)
+        v = b / 2.0**e
+        if spec.dtype is None:
+            p = np.clip(np.rint(v), -127, 127)
+        else:
+            m = spec.max_value
+            p = np.clip(v, -m, m).astype(getattr(ml_dtypes, spec.dtype)).astype(np.float64)
+        out[i] = p * 2.0**e
+    return out.reshape(x.shape).astype(x.dtype)
+
+
+@pytest.mark.parametrize("name", MX_NAMES)
+def test_mx_fake_quant_matches_the_ocp_reference_on_every_backend(name):
+    spec = F.PRESETS[name]
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((6, 64)) * np.exp2(rng.integers(-8, 8, (6, 64)))).astype(np.float32)
+    x[1, :32] = rng.standard_normal(32) * 2.0**-135  # float32 subnormals: scale 2^-127
+    x[2, :32] = rng.standard_normal(32) * 2.0**-122  # results below float32's normals
+    x[3, :32] = 0.0
+    x[4, 5] = np.nan
+    x[5, 40] = -np.inf
+    want = ref_mx_values(x, spec)
+    assert np.all(np.isnan(want[4, :32])) and np.all(np.isnan(want[5, 32:]))
+    got = jax.jit(lambda v: numerics.mx_fake_quant(jnp, v, spec))(jnp.asarray(x))
+    np.testing.assert_array_equal(as_bits(got), as_bits(want))
+    np.testing.assert_array_equal(as_bits(numerics.mx_fake_quant(xnp, x, spec)), as_bits(want))
+    got_t = numerics.mx_fake_quant(xtorch, torch.from_numpy(x.copy()), spec)
+    np.testing.assert_array_equal(as_bits(got_t), as_bits(want))
+    x64 = x.astype(np.float64) * 2.0**200  # float64: exponents above 127 -> NaN blocks
+    np.testing.assert_array_equal(as_bits(numerics.mx_fake_quant(xnp, x64, spec)),
+                                  as_bits(ref_mx_values(x64, spec)))
+
+
+@pytest.mark.parametrize("name", MX_NAMES)
+@pytest.mark.parametrize("axis", [-1, 0])
+def test_mx_fake_quant_is_the_state_path_on_normal_data(name, axis):
+    """On finite data whose blocks stay in float32's normal range, the stateless rule and
+    calibrate + fake_quant are the same quantizer (one shared exponent, one grid); they
+    differ in the sign of zero only (the state path writes +0.0 below ``tiny``)."""
+    spec = dataclasses.replace(F.PRESETS[name], axis=axis)
+    x = rand((64, 96), seed=11) * 7
+    want = np.asarray(pj.fake_quant(x, pj.calibrate(x, spec)))
+    got = jax.jit(lambda v: numerics.mx_fake_quant(jnp, v, spec))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), want)  # -0.0 == +0.0
+    ref = ref_mx_values(np.moveaxis(x, axis, -1).copy(), dataclasses.replace(spec, axis=-1))
+    np.testing.assert_array_equal(as_bits(got), as_bits(np.moveaxis(ref, -1, axis)))
+
+
+def test_mx_fake_quant_errors():
+    x = np.ones((2, 32), np.float32)
+    with pytest.raises(ValueError, match="float8_e8m0fnu"):
+        numerics.mx_fake_quant(xnp, x, F.NVFP4)
+    with pytest.raises(ValueError, match="float8_e8m0fnu"):
+        numerics.mx_fake_quant(xnp, x, pj.QuantSpec(dtype="float8_e4m3fn"))
+    with pytest.raises(TypeError, match="float32 / float64"):
+        numerics.mx_fake_quant(xnp, x.astype(np.float16), F.MXFP4)
