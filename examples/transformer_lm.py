@@ -1,30 +1,49 @@
-"""A byte-level transformer language model on the Python standard library's source.
+"""A byte-level transformer language model on the Python standard library's source,
+trained in fp32 and then quantized by rules: PTQ, QAT, LSQ, integer serving.
 
-    python examples/transformer_lm.py [--steps 800] [--batch 32] [--seq-len 64] ...
-    python examples/transformer_lm.py --quick          # seconds; for tests
+    python examples/transformer_lm.py [--steps 800] [--qat-steps 150] ...
+    python examples/transformer_lm.py --quick          # tiny model, a few steps; for tests
 
-The fp32 half of the quantization example: a small decoder-only transformer written with
-stock ``flax.linen`` layers only (``transformer_lm_model.TransformerLM``; no
-``pychop_jax`` import anywhere) is trained with optax AdamW (linear warmup, cosine
-decay) on the bytes of the interpreter's own standard-library ``.py`` files, and scored
-by held-out bits per byte (mean cross-entropy in nats / ln 2) on fixed windows of the
-held-out files.  See ``transformer_lm_model`` for exactly which files, the split, and
-the parameter paths.
+A small decoder-only transformer written with stock ``flax.linen`` layers only
+(``transformer_lm_model.TransformerLM``; no ``pychop_jax`` import there) is trained
+with optax AdamW (linear warmup, cosine decay) on the bytes of the interpreter's own
+standard-library ``.py`` files, and scored by held-out bits per byte (mean
+cross-entropy in nats / ln 2) on fixed windows of the held-out files.  See
+``transformer_lm_model`` for exactly which files, the split, and the parameter paths.
 
-Prints a table with one row per entry of ``ROWS``: held-out bits/byte, number of
-parameters (array elements in the row's variables), their bytes, and the median
-forward time of a jitted call on a 64 x 256 batch.  A row is a function
-``row(ctx) -> (name, apply_fn, variables)`` where ``apply_fn(variables, tokens)`` returns
-logits; quantized rows are added by appending to ``ROWS`` (or passing a longer list to
-``run``), and are measured by the same ``evaluate_bpb`` and ``forward_time``.  Saves a
-plot of the training loss to ``examples/out/transformer_lm.png``.
+Then the same model, whose code never mentions quantization, is quantized with
+``pj.quantize_model(model, rules)``: a list of ``QuantRule`` s (module-path regex ->
+weight / input specs, first match wins).  One list per row drives everything that
+row does -- the fake-quantized evaluation, PTQ calibration of input ranges (observers
+updated while ``quant_stats`` is mutable), the QAT fine-tune (``train(..., state=)``
+carries ``quant_stats``; LSQ's ``quant_params`` are trained with the params) and
+``pj.serve_model`` (codes + scales, int8 x int8 -> int32 matmuls where inputs are
+quantized too).  The rows (``ROWS``):
+
+* fp32;
+* int8 weight-only PTQ, per output channel (q/k/v: per head and head_dim);
+* w8a8 PTQ: int8 weights and int8 per-tensor inputs with static ranges from
+  ``--calib-batches`` training batches (minmax observers), and the same model served
+  on the integer path;
+* int4 weight-only PTQ, round to nearest, groups of 32 and of 128 inputs;
+* int4 g32 QAT: ``--qat-steps`` AdamW steps from fp32 through the fake-quantized model,
+  and the same with LSQ (learned step sizes, initialised from the round-to-nearest
+  scales, learning at ``--lsq-lr-scale`` times the rate); an fp32 control fine-tuned
+  the same way tells how much of QAT's gain is just more training;
+* served rows (``pj.serve_model``): checkpoint bytes (``pj.save_quantized``) and the
+  forward time of a 64 x 256 batch against fp32, timed interleaved.
+
+Prints the rules' reports (which rule took which layer), one table (held-out
+bits/byte, change vs fp32, checkpoint bytes, forward time) and the wall and process
+CPU time; saves a plot (training curves and bits/byte per row) to
+``examples/out/transformer_lm.png``.  A row is a function ``row(ctx) -> Row``; add one
+by appending to ``ROWS`` (or pass a list to ``run``).
 
 The model's ``max_len`` is ``max(--seq-len, --fwd-seq)`` so that the 64 x 256 timing
 batch fits; with the default ``--seq-len 64`` the position embeddings past 64 are never
 trained, so held-out bits/byte are measured at the training context only (windows of
-65 bytes, all 64 predictions counted).  Costs on 2 CPU cores, roughly: training
-800 x 32 x 64 bytes ~100-115 s (~130 ms/step), one ``evaluate_bpb`` over 1024 windows
-~1.5 s, one ``forward_time`` ~4 s (six 64 x 256 calls, compilation aside).
+65 bytes, all 64 predictions counted).  fp32 training is ~225 s of process CPU time
+(800 x 32 x 64 bytes; ~100-115 s wall on 2 idle cores).
 """
 
 from __future__ import annotations
@@ -35,6 +54,7 @@ import functools
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -46,6 +66,11 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import transformer_lm_model as lm  # noqa: E402
+
+import pychop_jax as pj  # noqa: E402
+from pychop_jax import QuantRule, QuantSpec  # noqa: E402
+
+STATS, LSQ_PARAMS = "quant_stats", "quant_params"  # quantize_model's linen collections
 
 SEED = 0
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out",
@@ -67,30 +92,54 @@ class TrainResult:
     step_s: float  # mean time of the other steps
     total_s: float  # the whole loop, batches and compilation included
     cpu_s: float  # process CPU time of the loop (all threads): a check on a shared machine
+    state: object = None  # the carried, non-differentiated state (``state=``), updated
 
 
 def train(apply_fn: Callable, params, data: np.ndarray, *, steps: int, batch: int,
           seq_len: int, lr: float = 6e-3, warmup: int = 100, weight_decay: float = 0.01,
-          seed: int = SEED, desc: str = "train") -> TrainResult:
-    """AdamW with linear warmup and cosine decay on ``cross_entropy(apply_fn(params, x), y)``.
+          decay_mask=None, lr_scale: dict | None = None, state=None, seed: int = SEED,
+          desc: str = "train") -> TrainResult:
+    """AdamW with linear warmup and cosine decay on ``cross_entropy(logits, y)``.
 
-    ``apply_fn(params, tokens) -> logits`` is differentiated with respect to ``params``;
-    batches come from ``lm.batches(data, batch, seq_len, seed)``.  One jitted step;
-    parameters and optimizer state are donated.
+    Without ``state``: ``apply_fn(params, tokens) -> logits``, differentiated with respect
+    to ``params``.  With ``state`` (a pytree carried from step to step but not
+    differentiated: a quantized model's ``quant_stats``): ``apply_fn(params, state,
+    tokens) -> (logits, state)``, the returned state feeding the next step and
+    ``TrainResult.state``.  A QAT fine-tune of a ``quantize_model`` model passes its
+    ``params`` (and, for LSQ, its ``quant_params``) as ``params`` and its
+    ``quant_stats`` as ``state``.  ``decay_mask``: optax's ``mask`` of the weight decay
+    (e.g. to leave learned step sizes alone); ``None`` decays every leaf.  ``lr_scale``:
+    ``{key: factor}`` multiplies the updates of ``params[key]`` (a dict of subtrees,
+    e.g. ``{"quant_params": 0.1}``: step sizes learn at a tenth of the rate).
+
+    Batches come from ``lm.batches(data, batch, seq_len, seed)``.  One jitted step;
+    parameters, state and optimizer state are donated.
     """
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, lr, warmup_steps=min(warmup, max(steps - 1, 1)), decay_steps=max(steps, 2),
         end_value=lr / 20)
     tx = optax.chain(optax.clip_by_global_norm(1.0),
-                     optax.adamw(schedule, b2=0.98, weight_decay=weight_decay))
+                     optax.adamw(schedule, b2=0.98, weight_decay=weight_decay,
+                                 mask=decay_mask))
+    carried = state is not None
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params, opt_state, x, y):
-        loss, grads = jax.value_and_grad(lambda p: cross_entropy(apply_fn(p, x), y))(params)
+    def loss_fn(params, state, x, y):
+        if carried:
+            logits, state = apply_fn(params, state, x)
+        else:
+            logits = apply_fn(params, x)
+        return cross_entropy(logits, y), state
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+    def step(params, state, opt_state, x, y):
+        (loss, state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, state, x, y)
         updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        for key, factor in (lr_scale or {}).items():
+            updates[key] = jax.tree_util.tree_map(lambda u, f=factor: u * f, updates[key])
+        return optax.apply_updates(params, updates), state, opt_state, loss
 
-    params = jax.tree_util.tree_map(jnp.array, params)  # a copy: the caller's stays valid
+    params = jax.tree_util.tree_map(jnp.array, params)  # copies: the caller's stay valid
+    state = jax.tree_util.tree_map(jnp.array, state) if carried else {}
     opt_state = tx.init(params)
     data_iter = lm.batches(data, batch, seq_len, seed)
     losses = []
@@ -99,7 +148,7 @@ def train(apply_fn: Callable, params, data: np.ndarray, *, steps: int, batch: in
     with tqdm(range(steps), desc=desc, leave=False, mininterval=1.0) as bar:
         for i in bar:
             x, y = next(data_iter)
-            params, opt_state, loss = step(params, opt_state, x, y)
+            params, state, opt_state, loss = step(params, state, opt_state, x, y)
             losses.append(loss)
             if i == 0:
                 loss.block_until_ready()
@@ -111,7 +160,7 @@ def train(apply_fn: Callable, params, data: np.ndarray, *, steps: int, batch: in
     cpu_s = time.process_time() - cpu_start
     step_s = (total_s - compile_s) / max(steps - 1, 1)
     return TrainResult(params, np.asarray(jax.device_get(losses), np.float64), compile_s,
-                       step_s, total_s, cpu_s)
+                       step_s, total_s, cpu_s, state if carried else None)
 
 
 # -- measurements -------------------------------------------------------------------------------
@@ -165,7 +214,10 @@ def forward_time(apply_fn: Callable, variables, *, batch: int = 64, seq_len: int
 # -- rows ---------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Context:
-    """What a row may use: the trained fp32 model and the data."""
+    """What a row may use: the trained fp32 model and the data, and what earlier rows
+    left behind (``quantized``: row name -> (quantized model, variables), for the
+    served rows; ``reports``: rule-set name -> ``QuantReport``; ``curves``: row name
+    -> fine-tuning losses)."""
     args: argparse.Namespace
     config: lm.Config
     model: lm.TransformerLM
@@ -173,64 +225,323 @@ class Context:
     train_data: np.ndarray
     heldout: np.ndarray
     fp32: TrainResult
+    quantized: dict = dataclasses.field(default_factory=dict)
+    reports: dict = dataclasses.field(default_factory=dict)
+    curves: dict = dataclasses.field(default_factory=dict)
 
 
-Row = tuple[str, Callable, object]  # (name, apply_fn(variables, tokens) -> logits, variables)
+@dataclasses.dataclass
+class Row:
+    """One model of the table: ``apply_fn(variables, tokens) -> logits``.
+
+    ``deployed``: a model as it would ship (fp32, or a ``serve_model`` output): its
+    checkpoint is written with ``pj.save_quantized`` and its forward pass is timed.
+    Unpacks as the ``(name, apply_fn, variables)`` tuple rows used to be.
+    """
+    name: str
+    apply_fn: Callable
+    variables: object
+    deployed: bool = False
+
+    def __iter__(self):
+        return iter((self.name, self.apply_fn, self.variables))
 
 
 def fp32_row(ctx: Context) -> Row:
-    return "fp32", ctx.model.apply, {"params": ctx.params}
+    return Row("fp32", ctx.model.apply, {"params": ctx.params}, deployed=True)
 
 
-ROWS: list[Callable[[Context], Row]] = [fp32_row]
+# -- quantization rules: the same rules drive QAT, PTQ calibration and serving ---------------------
+def per_channel_rules(c: lm.Config, bits: int = 8, act: int | None = None,
+                      observer: str = "minmax") -> list[QuantRule]:
+    """Weights symmetric per output channel (``bits``); inputs ``act``-bit affine per
+    tensor, or float.  Embeddings are weight-only (their input is token ids), per row.
+
+    The q/k/v kernels are ``(d, heads, head_dim)``: one scale per (head, head_dim) is a
+    single group spanning the whole input axis (``axis=0, group_size=d``); the ``int``
+    shorthand would give one scale per head_dim index, shared by the heads.
+    """
+    qkv = QuantSpec(bits=bits, symmetric=True, axis=0, group_size=c.d_model)
+    return [QuantRule(".*_embed", weight=bits),
+            QuantRule(".*attn/(query|key|value)", weight=qkv, act=act, observer=observer),
+            QuantRule(".*", weight=bits, act=act, observer=observer)]
+
+
+def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False
+                ) -> list[QuantRule]:
+    """Weight-only, symmetric, one scale per ``group`` consecutive inputs of each output.
+
+    Dense / q,k,v kernels are grouped along their input axis 0; the attention output
+    kernel ``(heads, head_dim, d)`` along head_dim (a group cannot span two heads), or
+    per output channel when ``group >= d`` (all of its d inputs in one group);
+    embedding tables ``(rows, d)`` along d.
+    """
+    d, hd = c.d_model, c.d_model // c.num_heads
+
+    def spec(axis, n):
+        return QuantSpec(bits=bits, symmetric=True, axis=axis, group_size=min(group, n))
+
+    if group >= d:
+        out = QuantSpec(bits=bits, symmetric=True, axis=-1)
+    elif group <= hd:
+        out = spec(1, hd)
+    else:
+        raise ValueError(f"group={group}: the attention output's groups must fit in one "
+                         f"head ({hd}) or span all {d} inputs")
+    return [QuantRule(".*_embed", weight=spec(1, d), lsq=lsq),
+            QuantRule(".*attn/out", weight=out, lsq=lsq),
+            QuantRule(".*mlp_out", weight=spec(0, c.mlp_ratio * d), lsq=lsq),
+            QuantRule(".*", weight=spec(0, d), lsq=lsq)]
+
+
+def quantized_variables(qmodel, ctx: Context):
+    """The quantized model's variables around the trained fp32 ``params``: empty
+    observer ranges, and LSQ step sizes (``quant_params``) computed from the fp32
+    kernels and one training batch (created by a call with ``quant_params`` mutable)."""
+    sample = next(lm.batches(ctx.train_data, ctx.args.batch, ctx.args.seq_len,
+                             ctx.args.seed + 1))[0]
+    fresh = jax.eval_shape(qmodel.init, jax.random.key(0), sample[:1])
+    variables = {"params": ctx.params}
+    if STATS in fresh:
+        variables[STATS] = jax.jit(qmodel.init)(jax.random.key(0), sample[:1])[STATS]
+    if LSQ_PARAMS in fresh:
+        _, made = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=[LSQ_PARAMS]))(
+            variables, sample)
+        variables = {**variables, **made}
+    return variables
+
+
+_KINDS = {"Dense": "dense", "DenseGeneral": "dense_general", "Einsum": "einsum",
+          "Conv": "conv", "Embed": "embed"}
+
+
+def rtn_step_sizes(ctx: Context, rules: list[QuantRule], variables):
+    """``variables`` with every learned kernel step size (``quant_params/.../weight_scale``)
+    set to the round-to-nearest scale of the fp32 kernel (``pj.calibrate`` under the
+    rule's spec): LSQ then starts from the PTQ model instead of Esser et al.'s
+    ``2 mean|w| / sqrt(Q_P)``, which for 4-bit groups clips far more of each group."""
+    report = pj.quantization_report(ctx.model, rules, jnp.zeros((1, 8), jnp.int32))
+    steps = jax.tree_util.tree_map(lambda a: a, variables[LSQ_PARAMS])  # a copy to edit
+    for layer in report.layers:
+        if layer.rule is None or not rules[layer.rule].lsq or rules[layer.rule].weight is None:
+            continue
+        kind = _KINDS[layer.layer]
+        node, step = variables["params"], steps
+        for key in layer.path.split("/"):
+            node, step = node[key], step[key]
+        kernel = node["embedding" if kind == "embed" else "kernel"]
+        scale = pj.calibrate(kernel, rules[layer.rule].weight_spec(kind)).scale
+        step["weight_scale"] = jnp.reshape(scale, step["weight_scale"].shape)
+    return {**variables, LSQ_PARAMS: steps}
+
+
+def calibrate(qmodel, variables, ctx: Context, batches: int):
+    """PTQ calibration: ``batches`` training batches through the quantized model with
+    ``quant_stats`` mutable, so that the observers record the input ranges."""
+    observe = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=[STATS])[1])
+    data = lm.batches(ctx.train_data, ctx.args.batch, ctx.args.seq_len, ctx.args.seed + 2)
+    for _ in range(batches):
+        variables = {**variables, **observe(variables, next(data)[0])}
+    return variables
+
+
+def quantized_model(ctx: Context, rules_name: str, rules: list[QuantRule]):
+    sample = jnp.zeros((1, 8), jnp.int32)
+    ctx.reports.setdefault(rules_name, pj.quantization_report(ctx.model, rules, sample))
+    qmodel = pj.quantize_model(ctx.model, rules)
+    return qmodel, quantized_variables(qmodel, ctx)
+
+
+def ptq_row(name: str, rules_name: str, make_rules: Callable[[lm.Config], list]):
+    """Post-training quantization of the fp32 params; input ranges (if any rule
+    quantizes inputs) from ``--calib-batches`` training batches."""
+    def row(ctx: Context) -> Row:
+        qmodel, variables = quantized_model(ctx, rules_name, make_rules(ctx.config))
+        if STATS in variables:
+            variables = calibrate(qmodel, variables, ctx, ctx.args.calib_batches)
+        ctx.quantized[name] = (qmodel, variables)
+        return Row(name, qmodel.apply, variables)
+    return row
+
+
+def qat_row(name: str, rules_name: str, make_rules: Callable[[lm.Config], list]):
+    """QAT fine-tune from fp32: ``--qat-steps`` AdamW steps (peak ``--qat-lr``) through the
+    fake-quantized model; ``quant_params`` (LSQ step sizes, from ``rtn_step_sizes``) are
+    trained with the params (no weight decay, ``--lsq-lr-scale`` times the rate),
+    ``quant_stats`` (observer ranges) are carried."""
+    def row(ctx: Context) -> Row:
+        rules = make_rules(ctx.config)
+        qmodel, variables = quantized_model(ctx, rules_name, rules)
+        if LSQ_PARAMS in variables:
+            variables = rtn_step_sizes(ctx, rules, variables)
+        a = ctx.args
+        trainable = {k: variables[k] for k in ("params", LSQ_PARAMS) if k in variables}
+        stats = {k: variables[k] for k in (STATS,) if k in variables}
+
+        def apply_fn(trainable, state, x):
+            return qmodel.apply({**trainable, **state}, x, mutable=list(state))
+
+        mask = {k: jax.tree_util.tree_map(lambda _, k=k: k == "params", v)
+                for k, v in trainable.items()}
+        result = train(apply_fn, trainable, ctx.train_data, steps=a.qat_steps, batch=a.batch,
+                       seq_len=a.seq_len, lr=a.qat_lr, warmup=max(1, a.qat_steps // 10),
+                       weight_decay=a.weight_decay, decay_mask=mask, state=stats,
+                       lr_scale={LSQ_PARAMS: a.lsq_lr_scale} if LSQ_PARAMS in trainable else None,
+                       seed=a.seed + 3, desc=name)
+        ctx.curves[name] = result
+        variables = {**result.params, **result.state}
+        ctx.quantized[name] = (qmodel, variables)
+        return Row(name, qmodel.apply, variables)
+    return row
+
+
+def fp32_control_row(ctx: Context) -> Row:
+    """The fp32 model fine-tuned exactly as the QAT rows are (same steps, schedule and
+    batches), without quantization: QAT's gain over round-to-nearest also contains
+    this much further training."""
+    a = ctx.args
+    result = train(lambda p, x: ctx.model.apply({"params": p}, x), ctx.params,
+                   ctx.train_data, steps=a.qat_steps, batch=a.batch, seq_len=a.seq_len,
+                   lr=a.qat_lr, warmup=max(1, a.qat_steps // 10),
+                   weight_decay=a.weight_decay, seed=a.seed + 3, desc="fp32 control")
+    ctx.curves["fp32 control"] = result
+    return Row("fp32, same fine-tune (control)", ctx.model.apply, {"params": result.params})
+
+
+def served_row(source: str, name: str | None = None):
+    """Row ``source``'s model after ``pj.serve_model``: codes + scales (``IntKernel`` s
+    on the integer path for rules with weights and inputs, ``QuantizedArray`` s for
+    weight-only rules), run by the stock layers."""
+    def row(ctx: Context) -> Row:
+        qmodel, variables = ctx.quantized[source]
+        served_fn, served_vars = pj.serve_model(qmodel, variables, jnp.zeros((1, 8), jnp.int32))
+        return Row(name or f"{source}, served", served_fn, served_vars, deployed=True)
+    return row
+
+
+W8 = "int8 weights per channel"
+W8A8 = "int8 weights, int8 inputs (static)"
+W4G32, W4G128, W4G32_LSQ = "int4 weights g32", "int4 weights g128", "int4 weights g32, LSQ"
+
+ROWS: list[Callable[[Context], Row]] = [
+    fp32_row,
+    ptq_row("int8 weight-only PTQ", W8, per_channel_rules),
+    ptq_row("w8a8 PTQ (static ranges)", W8A8, functools.partial(per_channel_rules, act=8)),
+    ptq_row("int4 g32 PTQ (RTN)", W4G32, group_rules),
+    ptq_row("int4 g128 PTQ (RTN)", W4G128, functools.partial(group_rules, group=128)),
+    fp32_control_row,
+    qat_row("int4 g32 QAT", W4G32, group_rules),
+    qat_row("int4 g32 QAT, LSQ", W4G32_LSQ, functools.partial(group_rules, lsq=True)),
+    served_row("int8 weight-only PTQ"),
+    served_row("w8a8 PTQ (static ranges)", "w8a8 PTQ, served (int8 matmuls)"),
+    served_row("int4 g128 PTQ (RTN)"),
+    served_row("int4 g32 QAT"),
+]
 
 
 @dataclasses.dataclass
 class Result:
     name: str
     bpb: float
-    params: int
-    param_bytes: int
-    forward_ms: float
+    params: int  # array elements in the row's variables
+    param_bytes: int  # their bytes (codes, scales and float leaves)
+    forward_ms: float | None = None  # deployed rows: median jitted forward time
+    checkpoint_bytes: int | None = None  # deployed rows: pj.save_quantized's file
 
 
 def measure(row: Row, ctx: Context) -> Result:
+    """Held-out bits/byte of a row; a deployed row's checkpoint size too (its forward
+    time is measured for all deployed rows together, ``forward_times``)."""
     name, apply_fn, variables = row
     a = ctx.args
     bpb = evaluate_bpb(apply_fn, variables, ctx.heldout, seq_len=a.seq_len,
                        n_windows=a.eval_windows)
-    fwd = forward_time(apply_fn, variables, batch=a.fwd_batch, seq_len=a.fwd_seq)
-    return Result(name, bpb, lm.count_params(variables), lm.tree_bytes(variables),
-                  1e3 * fwd)
+    result = Result(name, bpb, lm.count_params(variables), lm.tree_bytes(variables))
+    if getattr(row, "deployed", False):
+        with tempfile.TemporaryDirectory() as tmp:
+            result.checkpoint_bytes = pj.save_quantized(os.path.join(tmp, "ckpt.msgpack"),
+                                                        variables)
+    return result
+
+
+def forward_times(rows: list[Row], *, batch: int = 64, seq_len: int = 256,
+                  rounds: int = 5, seed: int = SEED) -> list[float]:
+    """Median seconds of each row's jitted forward pass on one ``(batch, seq_len)``
+    batch of random bytes, the rows timed in turn, ``rounds`` times (interleaved, so
+    that a slow spell of a shared machine hits every row alike), after a warm-up call
+    each."""
+    tokens = jnp.asarray(np.random.default_rng(seed).integers(0, 256, (batch, seq_len)),
+                         jnp.int32)
+    fns = [(jax.jit(r.apply_fn), r.variables) for r in rows]
+    for fn, v in fns:
+        jax.block_until_ready(fn(v, tokens))
+    times = [[] for _ in rows]
+    for _ in range(rounds):
+        for (fn, v), ts in zip(fns, times, strict=True):
+            t = time.perf_counter()
+            jax.block_until_ready(fn(v, tokens))
+            ts.append(time.perf_counter() - t)
+    return [float(np.median(ts)) for ts in times]
 
 
 def table(results: list[Result], fwd_shape: tuple[int, int] = (64, 256)) -> str:
+    base = next((r for r in results if r.name == "fp32"), None)
     head = f"forward {fwd_shape[0]}x{fwd_shape[1]}"
-    lines = [f"{'model':<28} {'bits/byte':>9} {'params':>10} {'param bytes':>12} {head:>16}"]
+    lines = [f"| {'model':<36} | {'bits/byte':>9} | {'vs fp32':>8} | {'checkpoint bytes':>22} "
+             f"| {head:>20} |",
+             f"|{'-' * 38}|{'-' * 11}|{'-' * 10}|{'-' * 24}|{'-' * 22}|"]
     for r in results:
-        lines.append(f"{r.name:<28} {r.bpb:>9.4f} {r.params:>10,} {r.param_bytes:>12,} "
-                     f"{r.forward_ms:>13.1f} ms")
+        delta = f"{100 * (r.bpb / base.bpb - 1):+7.2f}%" if base else ""
+        ckpt = fwd = ""
+        if r.checkpoint_bytes is not None:
+            ckpt = f"{r.checkpoint_bytes:,}"
+            if base and base.checkpoint_bytes:
+                ckpt += f" ({r.checkpoint_bytes / base.checkpoint_bytes:.3f}x)"
+        if r.forward_ms is not None:
+            fwd = f"{r.forward_ms:.1f} ms"
+            if base and base.forward_ms:
+                fwd += f" ({r.forward_ms / base.forward_ms:.2f}x)"
+        lines.append(f"| {r.name:<36} | {r.bpb:>9.4f} | {delta:>8} | {ckpt:>22} | {fwd:>20} |")
     return "\n".join(lines)
 
 
-def plot(fp32: TrainResult, results: list[Result], path: str) -> None:
+def plot(fp32: TrainResult, results: list[Result], path: str, curves=None) -> None:
+    """Left: training loss of fp32 and of the QAT fine-tunes (appended after it);
+    right: held-out bits/byte of every row."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def smooth(losses):
+        bits = np.asarray(losses) / math.log(2)
+        k = max(1, len(bits) // 50)
+        return np.arange(k - 1, len(bits)), np.convolve(bits, np.ones(k) / k, mode="valid")
+
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5),
+                                 gridspec_kw={"width_ratios": [1, 1.3]})
     bits = fp32.losses / math.log(2)
-    k = max(1, len(bits) // 50)
-    smooth = np.convolve(bits, np.ones(k) / k, mode="valid")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(np.arange(len(bits)), bits, color="0.8", lw=0.8, label="training batch")
-    ax.plot(np.arange(k - 1, len(bits)), smooth, color="C0", label=f"mean of {k} steps")
-    for i, r in enumerate(results):
-        ax.axhline(r.bpb, color=f"C{i + 1}", ls="--", lw=1, label=f"held-out: {r.name}")
+    ax.plot(np.arange(len(bits)), bits, color="0.85", lw=0.8, label="fp32 training batch")
+    ax.plot(*smooth(fp32.losses), color="C0", label="fp32 (running mean)")
+    for i, (name, res) in enumerate((curves or {}).items()):
+        x, y = smooth(res.losses)
+        ax.plot(len(bits) + x, y, color=f"C{i + 1}", label=f"{name} fine-tune")
     ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte")
-    ax.set_ylim(0, min(8.5, float(bits.max()) + 0.2))
+    ax.set_ylabel("training bits per byte")
+    ax.set_ylim(max(0.0, float(np.median(bits[-50:])) - 0.5),
+                min(8.5, float(np.median(bits[-50:])) + 1.5))
     ax.set_title("byte-level transformer on the Python standard library")
-    ax.legend()
+    ax.legend(fontsize=8)
+    names = [r.name for r in results][::-1]
+    values = [r.bpb for r in results][::-1]
+    colors = ["C0" if r.name == "fp32" else ("C2" if "served" in r.name else "C1")
+              for r in results][::-1]
+    bx.barh(names, values, color=colors)
+    lo = min(values)
+    bx.set_xlim(lo - 0.05 * lo, max(values) + 0.02 * lo)
+    for y, v in enumerate(values):
+        bx.text(v, y, f" {v:.4f}", va="center", fontsize=8)
+    bx.set_xlabel("held-out bits per byte (lower is better)")
+    bx.tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -249,11 +560,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=6e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--qat-steps", type=int, default=150, help="QAT fine-tuning steps")
+    p.add_argument("--qat-lr", type=float, default=1e-3, help="QAT peak learning rate")
+    p.add_argument("--lsq-lr-scale", type=float, default=0.1,
+                   help="LSQ step sizes learn at this times the QAT learning rate")
+    p.add_argument("--calib-batches", type=int, default=16,
+                   help="training batches that set the PTQ input ranges")
     p.add_argument("--seed", type=int, default=SEED)
     p.add_argument("--eval-windows", type=int, default=1024,
                    help="held-out windows of seq-len+1 bytes (0: all of them)")
     p.add_argument("--fwd-batch", type=int, default=64)
     p.add_argument("--fwd-seq", type=int, default=256)
+    p.add_argument("--fwd-rounds", type=int, default=5,
+                   help="interleaved timed forward calls per deployed row")
     p.add_argument("--max-bytes", type=int, default=None, help="truncate both streams")
     p.add_argument("--out", default=DEFAULT_OUT, help="plot path ('' for none)")
     p.add_argument("--quick", action="store_true",
@@ -263,6 +582,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.steps, args.batch, args.seq_len = 30, 8, 32
         args.d_model, args.layers, args.heads, args.warmup = 32, 1, 2, 5
         args.eval_windows, args.fwd_batch, args.fwd_seq = 16, 4, 64
+        args.qat_steps, args.calib_batches, args.fwd_rounds = 4, 2, 2
         args.max_bytes = args.max_bytes or 200_000
     if args.eval_windows == 0:
         args.eval_windows = None
@@ -292,17 +612,46 @@ def setup(args: argparse.Namespace) -> Context:
     return Context(args, config, model, fp32.params, train_data, heldout, fp32)
 
 
+def rule_report(reports: dict) -> str:
+    """Each rule set's ``QuantReport.summary()``, under its name."""
+    return "\n".join(f"rules '{name}':\n" + "\n".join(
+        "  " + line for line in report.summary().splitlines())
+        for name, report in reports.items())
+
+
 def run(rows: list[Callable[[Context], Row]] | None = None, argv=None):
     """Train fp32, build and measure every row; returns ``(ctx, results)``."""
+    start, cpu_start = time.perf_counter(), time.process_time()
     args = parse_args(argv)
     ctx = setup(args)
-    results = []
-    for make_row in rows if rows is not None else ROWS:
-        results.append(measure(make_row(ctx), ctx))
+    results, deployed = [], []
+    rows = rows if rows is not None else ROWS
+    with tqdm(rows, desc="rows", unit="row", leave=False) as bar:
+        for make_row in bar:
+            row = make_row(ctx)
+            if not isinstance(row, Row):
+                row = Row(*row, deployed=not results)  # a plain (name, fn, variables) tuple
+            bar.set_postfix_str(row.name)
+            results.append(measure(row, ctx))
+            if row.deployed:
+                deployed.append((row, results[-1]))
+    if deployed:
+        times = forward_times([r for r, _ in deployed], batch=args.fwd_batch,
+                              seq_len=args.fwd_seq, rounds=args.fwd_rounds, seed=args.seed)
+        for (_, result), seconds in zip(deployed, times, strict=True):
+            result.forward_ms = 1e3 * seconds
+    if ctx.reports:
+        print(rule_report(ctx.reports))
+    for name, res in ctx.curves.items():
+        print(f"{name}: {len(res.losses)} fine-tuning steps in {res.total_s:.1f} s "
+              f"(first step {res.compile_s:.1f} s, then {1e3 * res.step_s:.1f} ms/step)")
     print(table(results, (args.fwd_batch, args.fwd_seq)))
     if args.out:
-        plot(ctx.fp32, results, args.out)
+        plot(ctx.fp32, results, args.out, ctx.curves)
         print(f"plot: {args.out}")
+    print(f"total {time.perf_counter() - start:.0f} s wall, process CPU "
+          f"{time.process_time() - cpu_start:.0f} s on {os.cpu_count()} cores "
+          f"(jax {jax.__version__}, {jax.default_backend()})")
     return ctx, results
 
 

@@ -170,16 +170,46 @@ def test_nnx_model_trains():
     assert losses[-1] < losses[0]
 
 
+def mixed_rules(config):
+    """int4 group weights everywhere; the MLP's learned (LSQ, quant_params), the rest
+    calibrated with observed int8 inputs (quant_stats): a fine-tune carries both."""
+    import pychop_jax as pj
+
+    ex = _load("transformer_lm")
+    g = ex.group_rules(config)
+    return [g[0], g[1], pj.QuantRule(".*mlp_(in|out)", weight=g[2].weight, lsq=True),
+            pj.QuantRule(".*", weight=g[-1].weight, act=8)]
+
+
 def test_quick_script_run_lowers_the_loss(tmp_path):
     ex = _load("transformer_lm")
     out = tmp_path / "lm.png"
-    ctx, results = ex.run(argv=["--quick", "--out", str(out)])
-    [fp32] = results
+    rows = [ex.fp32_row,
+            ex.ptq_row("w8a8 PTQ", "w8a8", lambda c: ex.per_channel_rules(c, act=8)),
+            ex.served_row("w8a8 PTQ"),
+            ex.qat_row("mixed QAT", "mixed", mixed_rules)]
+    ctx, results = ex.run(rows, argv=["--quick", "--out", str(out)])
+    fp32, ptq, served, qat = results
     losses = ctx.fp32.losses
     assert len(losses) == ctx.args.steps and losses[-5:].mean() < losses[:5].mean() - 0.5
     assert fp32.name == "fp32" and fp32.bpb < 8.0  # below the uniform 8 bits/byte
     assert fp32.params == lm.count_params(ctx.params) and fp32.param_bytes == 4 * fp32.params
     assert fp32.forward_ms > 0 and out.stat().st_size > 1000
+    # PTQ int8: close to fp32, and served on the integer path it scores the same
+    assert abs(ptq.bpb - fp32.bpb) < 0.01 * fp32.bpb and ptq.forward_ms is None
+    assert served.bpb == pytest.approx(ptq.bpb, rel=1e-3)
+    assert served.checkpoint_bytes < 0.35 * fp32.checkpoint_bytes and served.forward_ms > 0
+    # the QAT fine-tune carried the observers' ranges and learned the LSQ step sizes
+    qmodel, variables = ctx.quantized["mixed QAT"]
+    steps = ctx.args.qat_steps
+    assert len(ctx.curves["mixed QAT"].losses) == steps and np.isfinite(qat.bpb)
+    assert int(variables["quant_stats"]["blocks_0"]["attn"]["query"]["input_range"].count) == steps
+    _, fresh = ex.quantized_model(ctx, "mixed", mixed_rules(ctx.config))
+    learned = variables["quant_params"]["blocks_0"]["mlp_in"]["weight_scale"]
+    fresh = ex.rtn_step_sizes(ctx, mixed_rules(ctx.config), fresh)  # where LSQ started
+    start = fresh["quant_params"]["blocks_0"]["mlp_in"]["weight_scale"]
+    assert learned.shape == start.shape and not np.allclose(learned, start)
+    assert "weight int4 symmetric, axis 0, groups of 32" in ex.rule_report(ctx.reports)
     # the row machinery: the same numbers for the same apply_fn and variables
     name, apply_fn, variables = ex.fp32_row(ctx)
     bpb = ex.evaluate_bpb(apply_fn, variables, ctx.heldout, seq_len=ctx.args.seq_len,

@@ -182,9 +182,15 @@ def observed_fake_quant(x, stats: RangeState, spec: QuantSpec, observer: Callabl
 # -- learned step sizes --------------------------------------------------------------------
 def init_lsq(x, spec: QuantSpec):
     """LSQ's initial ``(scale, zero_point)`` from ``x``, compact; ``zero_point`` is
-    ``None`` for symmetric grids (fixed at 0, not a parameter)."""
+    ``None`` for symmetric grids (fixed at 0, not a parameter).
+
+    A per-group spec (a kernel's, ``quantize_model``) keeps the state's own shape,
+    ``spec.scale_shape(x.shape)``: one step size per group and per other index."""
     state = ops.lsq_init(x, spec)
-    shape = compact_shape(spec, _num_features(spec, x.shape))
+    if spec.group_size is not None:
+        shape = spec.scale_shape(x.shape)
+    else:
+        shape = compact_shape(spec, _num_features(spec, x.shape))
     zero_point = None if spec.symmetric else jnp.reshape(state.zero_point, shape)
     return jnp.reshape(state.scale, shape), zero_point
 

@@ -50,7 +50,7 @@ from ..core import observers
 from ..core.spec import QuantSpec
 
 __all__ = ["QuantRule", "QuantMethod", "LayerMatch", "QuantReport", "OBSERVERS", "first_match",
-           "output_axis", "uncoverable_error"]
+           "output_axis", "uncoverable_error", "describe_spec"]
 
 #: observer names a rule accepts
 OBSERVERS: dict[str, Callable] = {
@@ -169,6 +169,27 @@ class QuantRule:
         return OBSERVERS[self.observer] if isinstance(self.observer, str) else self.observer
 
 
+def describe_spec(spec: QuantSpec | int | None, act: bool = False) -> str:
+    """A rule's ``weight`` / ``act`` in words: ``"float"``, ``"int8 symmetric per output
+    channel"`` (the ``int`` weight shorthand), ``"int4 symmetric, axis 0, groups of
+    32"``, ``"int8 affine per tensor"``, ..."""
+    if spec is None:
+        return "float"
+    if isinstance(spec, int):
+        return f"int{spec} affine per tensor" if act else \
+            f"int{spec} symmetric per output channel"
+    grid = "symmetric" if spec.symmetric else "affine"
+    if spec.narrow_range:
+        grid += " narrow"
+    if spec.axis is None:
+        where = "per tensor"
+    elif spec.group_size is None:
+        where = f"per channel (axis {spec.axis})"
+    else:
+        where = f"axis {spec.axis}, groups of {spec.group_size}"
+    return f"int{spec.bits} {grid}, {where}"
+
+
 def uncoverable_error(path: str, layer: object, index: int) -> ValueError:
     """The error for a layer that rule ``index`` matches but that quantize_model
     cannot quantize."""
@@ -229,6 +250,42 @@ class QuantReport:
 
     def by_path(self) -> dict[str, LayerMatch]:
         return {m.path: m for m in self.layers}
+
+    def summary(self, max_paths: int = 3) -> str:
+        """The report as text: one line per rule (its pattern, what it quantizes, and
+        the layers it took), then the layers no rule took (float) and the skipped
+        normalization layers.  At most ``max_paths`` paths per line, then a count."""
+        def paths(items):
+            items = list(items)
+            shown = ", ".join(items[:max_paths])
+            more = len(items) - max_paths
+            return shown + (f", ... (+{more})" if more > 0 else "")
+
+        def kinds(i):
+            return {m.layer for m in self.layers if m.rule == i}
+
+        lines = []
+        for i, rule in enumerate(self.rules):
+            took = [m.path for m in self.layers if m.rule == i]
+            if not rule.quantizes:
+                what = "float (excluded)"
+            else:
+                what = (f"weight {describe_spec(rule.weight)}, input "
+                        f"{describe_spec(rule.act, act=True)}")
+                if rule.act is not None and not rule.lsq:
+                    name = rule.observer if isinstance(rule.observer, str) else \
+                        getattr(rule.observer, "__name__", "custom")
+                    what += f" ({name} observer)"
+                what += ", LSQ" if rule.lsq else ""
+            layers = f"{len(took)} layer(s) [{', '.join(sorted(kinds(i)))}]: {paths(took)}" \
+                if took else "no layer (unmatched)"
+            lines.append(f"#{i} {rule.module_path!r}: {what} -> {layers}")
+        free = [m.path for m in self.layers if m.rule is None]
+        if free:
+            lines.append(f"no rule, float: {paths(free)}")
+        if self.skipped:
+            lines.append(f"normalization layers, float: {paths(p for p, _ in self.skipped)}")
+        return "\n".join(lines)
 
     def warning(self) -> str | None:
         """A message naming the rules that took no layer, or ``None``."""
