@@ -71,11 +71,13 @@ def as_float(x, what: str):
 
 
 def widen_scale(scale):
-    """A scale held in a narrow scale format (E8M0, float8) as float32 (exact)."""
-    scale = jnp.asarray(scale)
-    if scale.dtype in (jnp.float32, jnp.float64):
+    """A scale held in a narrow scale format (E8M0, float8) as float32 (exact).
+
+    float32 / float64 scales pass as they are (``jnp.asarray`` of an array costs an
+    eager call tens of microseconds)."""
+    if getattr(scale, "dtype", None) in (jnp.float32, jnp.float64):
         return scale
-    return scale.astype(jnp.float32)
+    return jnp.asarray(scale).astype(jnp.float32)
 
 
 def _fitted(x_shape, state: QuantState, what: str):
