@@ -15,8 +15,8 @@ QuantizedArray), ``flax`` (QAT functions and the linen / nnx skins), ``serving``
 algorithms) and ``interop`` (the same numerics on NumPy and Torch arrays).  Public
 modules: ``observers``, ``formats`` (MX / NVFP4 / NF4 presets), ``qat``,
 ``algorithms`` (GPTQ, AWQ, SmoothQuant, HQQ for ``QuantRule(method=...)``, run by
-``calibrate_model``), ``linen``, ``nnx`` and ``serving``; the last three are imported
-on first access, so that ``import pychop_jax`` does not load ``flax.nnx``.
+``calibrate_model``), ``serving``, ``linen`` and ``nnx``; the last two are imported on
+first access, so that ``import pychop_jax`` does not load ``flax.nnx``.
 (``pychop_jax.ptq`` is the flat layout's name of ``serving.ptq``, ``quantize_params``;
 the algorithms are therefore ``pychop_jax.algorithms``.)
 """
@@ -92,7 +92,7 @@ __all__ = [
 # does not import them: access them as ``pychop_jax.linen`` / ``pychop_jax.nnx``)
 
 #: modules imported on first access (``pychop_jax.nnx`` loads ``flax.nnx``)
-_LAZY = {"linen": ".linen", "nnx": ".nnx", "serving": ".serving"}
+_LAZY = {"linen": ".linen", "nnx": ".nnx"}
 #: where the modules of the flat layout (before the subpackages) live now
 _MOVED = {
     "spec": ".core.spec", "numerics": ".core.numerics", "state": ".core.state",
@@ -100,7 +100,6 @@ _MOVED = {
     "packing": ".core.packing", "qarray": ".core.qarray",
     "int_matmul": ".serving.int_matmul", "ptq": ".serving.ptq",
     "checkpoint": ".serving.checkpoint", "adapter": ".interop.engine",
-    "float_matmul": ".serving.float_matmul",
     "numpy_backend": ".interop.numpy", "torch_backend": ".interop.torch",
 }
 
