@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +49,7 @@ __all__ = [
     "DEFAULT_INPUT_SPEC",
     "DEFAULT_WEIGHT_SPEC",
     "IntKernel",
+    "KernelWrapper",
     "int_dot_general",
     "int_conv_general_dilated",
     "make_int_dot_general",
@@ -60,9 +62,39 @@ DEFAULT_INPUT_SPEC = QuantSpec(bits=8, symmetric=False)
 DEFAULT_WEIGHT_SPEC = QuantSpec(bits=8, symmetric=True, axis=-1)
 
 
+class KernelWrapper:
+    """What a served kernel parameter that wraps a quantized array (the field named
+    by ``wrapped``) shows Flax: that array's ``shape`` and ``dtype``, ``pack`` /
+    ``unpack`` of it, and ``k[...]`` (itself), which is how ``nnx`` layers read a
+    parameter."""
+
+    wrapped: ClassVar[str]
+
+    @property
+    def shape(self):
+        return getattr(self, self.wrapped).shape
+
+    @property
+    def dtype(self):
+        return getattr(self, self.wrapped).dtype
+
+    def pack(self):
+        """The wrapped array packed for storage (2- and 4-bit codes); ``unpack()``
+        before serving: Flax checks a kernel parameter's shape against the layer's."""
+        return dataclasses.replace(self, **{self.wrapped: getattr(self, self.wrapped).pack()})
+
+    def unpack(self):
+        return dataclasses.replace(self, **{self.wrapped: getattr(self, self.wrapped).unpack()})
+
+    def __getitem__(self, index):
+        if index is Ellipsis:
+            return self
+        raise TypeError(f"{type(self).__name__} supports only [...] indexing.")
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class IntKernel:
+class IntKernel(KernelWrapper):
     """A served layer's kernel: quantized weights and the static quantizer of its input.
 
     Pass it as the ``kernel`` parameter of a ``flax.linen.Dense`` / ``Conv`` (or
@@ -76,27 +108,7 @@ class IntKernel:
     input_state: QuantState | None = None
     input_spec: QuantSpec | None = dataclasses.field(default=None, metadata=dict(static=True))
 
-    @property
-    def shape(self):
-        return self.weights.shape
-
-    @property
-    def dtype(self):
-        return self.weights.dtype
-
-    def pack(self) -> IntKernel:
-        """Weights packed for storage (2- and 4-bit codes); ``unpack()`` before serving:
-        Flax checks a kernel parameter's shape against the layer's."""
-        return dataclasses.replace(self, weights=self.weights.pack())
-
-    def unpack(self) -> IntKernel:
-        return dataclasses.replace(self, weights=self.weights.unpack())
-
-    def __getitem__(self, index):
-        """Only ``k[...]`` (itself), which is how ``nnx`` layers read a parameter."""
-        if index is Ellipsis:
-            return self
-        raise TypeError("IntKernel supports only [...] indexing.")
+    wrapped = "weights"
 
 
 def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):

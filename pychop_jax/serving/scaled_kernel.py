@@ -21,14 +21,14 @@ from typing import Any
 import jax
 
 from ..core.qarray import QuantizedArray
-from .int_matmul import IntKernel
+from .int_matmul import IntKernel, KernelWrapper
 
 __all__ = ["ScaledKernel", "scaled_input"]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class ScaledKernel:
+class ScaledKernel(KernelWrapper):
     """An ``IntKernel`` / ``QuantizedArray`` and the factor its layer's input is
     multiplied by first.
 
@@ -41,25 +41,7 @@ class ScaledKernel:
     kernel: IntKernel | QuantizedArray
     input_scale: Any
 
-    @property
-    def shape(self):
-        return self.kernel.shape
-
-    @property
-    def dtype(self):
-        return self.kernel.dtype
-
-    def pack(self) -> ScaledKernel:
-        return dataclasses.replace(self, kernel=self.kernel.pack())
-
-    def unpack(self) -> ScaledKernel:
-        return dataclasses.replace(self, kernel=self.kernel.unpack())
-
-    def __getitem__(self, index):
-        """Only ``k[...]`` (itself), which is how ``nnx`` layers read a parameter."""
-        if index is Ellipsis:
-            return self
-        raise TypeError("ScaledKernel supports only [...] indexing.")
+    wrapped = "kernel"
 
 
 def scaled_input(x, kernel: ScaledKernel):
