@@ -3,6 +3,7 @@ trained in fp32 and then quantized by rules: PTQ, QAT, LSQ, integer serving.
 
     python examples/transformer_lm.py [--steps 800] [--qat-steps 150] ...
     python examples/transformer_lm.py --quick          # tiny model, a few steps; for tests
+    python examples/transformer_lm.py --rows main ...  # row suites (``SUITES``), or "all"
 
 A small decoder-only transformer written with stock ``flax.linen`` layers only
 (``transformer_lm_model.TransformerLM``; no ``pychop_jax`` import there) is trained
@@ -438,6 +439,20 @@ ROWS: list[Callable[[Context], Row]] = [
     served_row("int4 g32 QAT"),
 ]
 
+# Row suites, chosen with ``--rows``: each is run after the same fp32 training.  "main" is
+# the table above; other suites add their own lists here (each starting with ``fp32_row``).
+SUITES: dict[str, list[Callable[[Context], Row]]] = {"main": ROWS}
+
+
+def suite_rows(names: list[str]) -> list[Callable[[Context], Row]]:
+    """The rows of the named suites in order, ``"all"`` for every suite; a row shared by
+    two suites (``fp32_row``) runs once."""
+    names = list(SUITES) if "all" in names else names
+    rows = []
+    for name in names:
+        rows += [r for r in SUITES[name] if r not in rows]
+    return rows
+
 
 @dataclasses.dataclass
 class Result:
@@ -575,6 +590,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interleaved timed forward calls per deployed row")
     p.add_argument("--max-bytes", type=int, default=None, help="truncate both streams")
     p.add_argument("--out", default=DEFAULT_OUT, help="plot path ('' for none)")
+    p.add_argument("--rows", nargs="+", default=["main"], choices=[*SUITES, "all"],
+                   help="row suites to run after fp32 training (default: main)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and data, a few steps (for tests)")
     args = p.parse_args(argv)
@@ -625,7 +642,7 @@ def run(rows: list[Callable[[Context], Row]] | None = None, argv=None):
     args = parse_args(argv)
     ctx = setup(args)
     results, deployed = [], []
-    rows = rows if rows is not None else ROWS
+    rows = rows if rows is not None else suite_rows(args.rows)
     with tqdm(rows, desc="rows", unit="row", leave=False) as bar:
         for make_row in bar:
             row = make_row(ctx)
