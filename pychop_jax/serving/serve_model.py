@@ -61,6 +61,7 @@ from ..flax.operands import LayerPlan, kernel_name, roles
 from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, QuantizedModel
 from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
 from .scaled_kernel import ScaledKernel, scaled_input
+from .served_embed import embed_lookup
 
 __all__ = ["serve_model", "served_kernel", "served_operands", "int_operands"]
 
@@ -196,6 +197,10 @@ def _serve_interceptor(next_fun, args, kwargs, context):
     kernel = module.scope.get_variable("params", kernel_name(kind))
     if not isinstance(kernel, _SERVED):
         return next_fun(*args, **kwargs)
+    if kind == "embed" and context.method_name == "__call__" \
+            and not isinstance(kernel, ScaledKernel):
+        return embed_lookup(kernel, *args, dtype=module.dtype,
+                            num_embeddings=module.num_embeddings)
     clone = module.clone(parent=module.scope.rewound(), **_slots(kind, kernel))
     return getattr(clone, context.method_name)(*args, **kwargs)
 
@@ -238,6 +243,7 @@ def _serve_nnx(qmodel):
     from flax import nnx
 
     from ..flax.nnx_model import OperandQuant
+    from .served_nnx_embed import ServedEmbed
 
     served = nnx.clone(qmodel)
     layers = [(p, m) for p, m in nnx.iter_modules(served)
@@ -254,6 +260,9 @@ def _serve_nnx(qmodel):
             input_step=step(slot.input_scale, slot.input_zero_point),
             result=None if slot.method_result is None else slot.method_result.get_value())
         setattr(layer, name, nnx.Param(kernel))
+        if plan.kind == "embed" and type(layer) is nnx.Embed \
+                and not isinstance(kernel, ScaledKernel):
+            layer.__class__ = ServedEmbed  # its __call__ gathers codes
         delattr(layer, "promote_dtype")  # a data node (the OperandQuant) becomes static
         for field, value in _slots(plan.kind, kernel).items():
             if field != "promote_dtype":
