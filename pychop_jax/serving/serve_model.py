@@ -160,9 +160,17 @@ def _integer(spec) -> bool:
 _SERVED = (QuantizedArray, IntKernel, ScaledKernel)
 
 
-def _unpacked(tree):
+def _unpacked(tree, keep=frozenset()):
+    """``tree`` with its served kernels unpacked, except those at the key paths in
+    ``keep`` (tuples of dict keys: linen ``Embed`` tables, gathered while packed)."""
     is_q = lambda a: isinstance(a, _SERVED)  # noqa: E731
-    return jax.tree.map(lambda a: a.unpack() if is_q(a) else a, tree, is_leaf=is_q)
+
+    def unpack(path, a):
+        if not is_q(a) or tuple(getattr(k, "key", k) for k in path) in keep:
+            return a
+        return a.unpack()
+
+    return jax.tree_util.tree_map_with_path(unpack, tree, is_leaf=is_q)
 
 
 # ==== linen ===================================================================================
@@ -191,6 +199,8 @@ def _serve_interceptor(next_fun, args, kwargs, context):
     module = context.module
     kind = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Einsum: "einsum",
             nn.Conv: "conv", nn.Embed: "embed"}.get(type(module))
+    if kind == "embed" and context.method_name == "setup":
+        return _served_embed_setup(next_fun, args, kwargs, module)
     if kind is None or context.method_name not in ("__call__", "attend") \
             or module.promote_dtype in (promote_dtype, served_operands, int_operands):
         return next_fun(*args, **kwargs)
@@ -203,6 +213,19 @@ def _serve_interceptor(next_fun, args, kwargs, context):
                             num_embeddings=module.num_embeddings)
     clone = module.clone(parent=module.scope.rewound(), **_slots(kind, kernel))
     return getattr(clone, context.method_name)(*args, **kwargs)
+
+
+def _served_embed_setup(next_fun, args, kwargs, module):
+    """``nn.Embed.setup`` with a served table: the table as it is stored (packed codes
+    too; ``Embed.setup``'s ``self.param`` would check the packed codes' shape against
+    the table's), else the stock setup."""
+    scope = module.scope
+    if scope.has_variable("params", "embedding"):
+        table = scope.get_variable("params", "embedding")
+        if isinstance(table, _SERVED):
+            module.embedding = table
+            return None
+    return next_fun(*args, **kwargs)
 
 
 def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
@@ -220,10 +243,12 @@ def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
             input_step=_step(learned, "input") if plan.learns_input else None,
             result=_subtree(methods, path).get("result"))
     model = qmodel.float_model
+    tables = frozenset(("params", *filter(None, path.split("/")), "embedding")
+                       for path, plan in plans.items() if plan.kind == "embed")
 
     def served_fn(served_vars, *call_args, **call_kwargs):
         with nn.intercept_methods(_serve_interceptor):
-            return model.apply(_unpacked(served_vars), *call_args, **call_kwargs)
+            return model.apply(_unpacked(served_vars, tables), *call_args, **call_kwargs)
 
     return served_fn, {"params": params}
 

@@ -15,19 +15,25 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from quantize_model_fixtures import (
+    A8,
+    IDS,
+    KEY,
+    LINEN_LAYERS,
+    W8,
+    NnxSingle,
+    NnxTinyLM,
+    Single,
+    TinyLM,
+    fq,
+    nnx_forward,
+    nnx_layers,
+    normal,
+)
 
 import pychop_jax as pj
 from pychop_jax.flax.quantize_model import LSQ_PARAMS, STATS, quantization_report, quantize_model
 from pychop_jax.flax.rules import QuantRule
-
-KEY = jax.random.key(0)
-W8 = pj.QuantSpec(bits=8, symmetric=True, axis=-1)
-A8 = pj.QuantSpec(bits=8)
-
-
-def fq(x, spec):
-    """Reference fake quantization: calibrated on ``x`` itself."""
-    return pj.fake_quant(x, pj.calibrate(x, spec))
 
 
 def fq_with(x, calib, spec):
@@ -35,30 +41,7 @@ def fq_with(x, calib, spec):
     return pj.fake_quant(x, pj.calibrate(calib, spec))
 
 
-def normal(seed, shape, scale=1.0):
-    return scale * jax.random.normal(jax.random.key(seed), shape)
-
-
 # -- one stock layer, by hand --------------------------------------------------------------
-class Single(nn.Module):
-    """The layer under test at path ``layer`` (method ``attend`` for Embed.attend)."""
-
-    layer: nn.Module
-    method: str = "__call__"
-
-    @nn.compact
-    def __call__(self, x):
-        return getattr(self.layer, self.method)(x)  # a Module field: the child "layer"
-
-
-LINEN_LAYERS = {
-    "dense": (nn.Dense(6), (3, 5)),
-    "dense_general": (nn.DenseGeneral((2, 3), axis=-1), (2, 4, 5)),
-    "einsum": (nn.Einsum((5, 2, 3), "btd,dnh->btnh"), (2, 4, 5)),
-    "conv": (nn.Conv(4, (3, 3), padding="SAME"), (2, 6, 6, 3)),
-}
-
-
 def kernel_reference(layer, params, x, w_spec, a_spec, calib=None):
     """The stock layer on the hand-quantized kernel and input."""
     p = dict(params)
@@ -116,33 +99,6 @@ def test_linen_embed_lookup_and_attend():
 
 
 # -- a small transformer from stock layers ----------------------------------------------------
-class Block(nn.Module):
-    heads: int = 2
-
-    @nn.compact
-    def __call__(self, x, deterministic: bool = True):
-        mask = nn.make_causal_mask(jnp.ones(x.shape[:2]))
-        h = nn.MultiHeadDotProductAttention(self.heads, dropout_rate=0.1, name="attn")(
-            nn.LayerNorm()(x), mask=mask, deterministic=deterministic)
-        x = x + h
-        h = nn.Dense(4 * x.shape[-1], name="mlp_in")(nn.LayerNorm()(x))
-        return x + nn.Dense(x.shape[-1], name="mlp_out")(nn.gelu(h))
-
-
-class TinyLM(nn.Module):
-    vocab: int = 32
-    dim: int = 16
-
-    @nn.compact
-    def __call__(self, ids, deterministic: bool = True):
-        embed = nn.Embed(self.vocab, self.dim, name="embed")
-        x = embed(ids)
-        for i in range(2):
-            x = Block(name=f"blocks_{i}")(x, deterministic)
-        return embed.attend(nn.LayerNorm(name="ln_f")(x))
-
-
-IDS = jax.random.randint(jax.random.key(5), (4, 8), 0, 32)
 LM_RULES = [QuantRule(".*attn/out"),  # leave the attention output projection float
             QuantRule(".*", weight=8, act=8),
             QuantRule("decoder/.*", weight=4)]  # matches nothing
@@ -333,27 +289,6 @@ from pychop_jax.flax.nnx_model import OperandQuant  # noqa: E402
 from pychop_jax.nnx import QuantStats  # noqa: E402
 
 
-class NnxSingle(nnx.Module):
-    """The layer under test at path ``layer``."""
-
-    def __init__(self, layer, method="__call__"):
-        self.layer = layer
-        self.method = method
-
-    def __call__(self, x):
-        return getattr(self.layer, self.method)(x)
-
-
-def nnx_layers():
-    rngs = nnx.Rngs(0)
-    return {
-        "dense": (nnx.Linear(5, 6, rngs=rngs), (3, 5)),
-        "dense_general": (nnx.LinearGeneral(5, (2, 3), rngs=rngs), (2, 4, 5)),
-        "einsum": (nnx.Einsum("btd,dnh->btnh", (5, 2, 3), (2, 3), rngs=rngs), (2, 4, 5)),
-        "conv": (nnx.Conv(3, 4, (3, 3), padding="SAME", rngs=rngs), (2, 6, 6, 3)),
-    }
-
-
 def nnx_reference(layer, x, w_spec, a_spec, calib=None):
     """A copy of the float layer on the hand-quantized kernel and input."""
     ref = nnx.clone(layer)
@@ -390,33 +325,6 @@ def test_nnx_embed_lookup_and_attend():
     np.testing.assert_allclose(attend(query), fq(query, A8) @ table.T, rtol=1e-5, atol=1e-5)
 
 
-class NnxBlock(nnx.Module):
-    def __init__(self, dim, rngs):
-        self.ln1 = nnx.LayerNorm(dim, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(2, dim, dropout_rate=0.1, decode=False, rngs=rngs)
-        self.ln2 = nnx.LayerNorm(dim, rngs=rngs)
-        self.mlp_in = nnx.Linear(dim, 4 * dim, rngs=rngs)
-        self.mlp_out = nnx.Linear(4 * dim, dim, rngs=rngs)
-
-    def __call__(self, x):
-        mask = nnx.make_causal_mask(jnp.ones(x.shape[:2]))
-        x = x + self.attn(self.ln1(x), mask=mask)
-        return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln2(x))))
-
-
-class NnxTinyLM(nnx.Module):
-    def __init__(self, rngs, vocab=32, dim=16):
-        self.embed = nnx.Embed(vocab, dim, rngs=rngs)
-        self.blocks = nnx.List([NnxBlock(dim, rngs) for _ in range(2)])
-        self.ln_f = nnx.LayerNorm(dim, rngs=rngs)
-
-    def __call__(self, ids):
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.embed.attend(self.ln_f(x))
-
-
 NNX_RULES = [QuantRule(".*attn/out"), QuantRule(".*", weight=8, act=8),
              QuantRule("decoder/.*", weight=4)]
 
@@ -427,11 +335,6 @@ def nnx_lm():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return model, quantize_model(model, NNX_RULES)
-
-
-@nnx.jit
-def nnx_forward(model, ids):
-    return model(ids)
 
 
 def test_nnx_model_unchanged_and_params_kept():
@@ -569,71 +472,3 @@ def test_nnx_end_to_end_qat_training():
     assert int(slot.input_range.get_value().count) == 8
     qmodel.eval()
     assert bool(jnp.all(jnp.isfinite(nnx_forward(qmodel, IDS))))
-
-
-# ==== serving ==================================================================================
-from pychop_jax.serving.serve_model import serve_model  # noqa: E402
-
-SERVE_RULES = [
-    QuantRule(".*mlp_out", weight=pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)),
-    QuantRule(".*attn/out", weight=8),        # weight-only int8 per channel
-    QuantRule(".*", weight=8, act=8),         # integer path (Einsum/Embed.attend: float)
-]
-IS_Q = (pj.IntKernel, pj.QuantizedArray)
-
-
-def test_linen_served_equals_frozen_qat_and_round_trips(tmp_path):
-    qmodel = quantize_model(TinyLM(), SERVE_RULES)
-    v = jax.jit(qmodel.init)(KEY, IDS)
-    _, upd = jax.jit(lambda v: qmodel.apply(v, IDS, mutable=[STATS]))(v)
-    v = {**v, **upd}
-    other = 7 * IDS % 32
-    expected = jax.jit(lambda v: qmodel.apply(v, other))(v)
-    served_fn, served = serve_model(qmodel, v, IDS)
-    block = served["params"]["blocks_0"]
-    assert isinstance(block["mlp_in"]["kernel"], pj.IntKernel)
-    assert block["mlp_in"]["kernel"].input_state is not None  # the observed range
-    assert isinstance(block["attn"]["out"]["kernel"], pj.QuantizedArray)
-    assert block["mlp_out"]["kernel"].packed  # int4 codes stored packed
-    assert isinstance(served["params"]["embed"]["embedding"], pj.IntKernel)
-    assert STATS not in served
-    logits = jax.jit(served_fn)(served, other)
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    assert bool(jnp.all(logits.argmax(-1) == expected.argmax(-1)))
-    path = tmp_path / "served.msgpack"
-    pj.save_quantized(path, served)
-    loaded = pj.load_quantized(path)
-    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(served), strict=True):
-        np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(jax.jit(served_fn)(loaded, other), logits)
-
-
-def test_nnx_served_equals_frozen_qat():
-    model = NnxTinyLM(nnx.Rngs(0))
-    model.eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qmodel = quantize_model(model, SERVE_RULES)
-    qmodel.train()
-    qmodel.set_attributes(deterministic=True)
-    nnx_forward(qmodel, IDS)  # observe one batch
-    qmodel.eval()
-    other = 7 * IDS % 32
-    expected = nnx_forward(qmodel, other)
-    served = serve_model(qmodel)
-    assert isinstance(served.blocks[0].mlp_in.kernel[...], pj.IntKernel)
-    assert served.blocks[0].mlp_in.dot_general is pj.int_dot_general
-    assert served.blocks[0].mlp_out.kernel[...].packed
-    assert isinstance(qmodel.blocks[0].mlp_in.promote_dtype, OperandQuant)  # untouched
-    logits = nnx_forward(served, other)
-    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
-    assert bool(jnp.all(logits.argmax(-1) == expected.argmax(-1)))
-
-
-def test_serving_an_input_only_rule_raises():
-    layer, shape = LINEN_LAYERS["dense"]
-    x = normal(1, shape)
-    qmodel = quantize_model(Single(layer), QuantRule("layer", act=8))
-    v = qmodel.init(KEY, x)
-    with pytest.raises(ValueError, match="'layer' quantizes only its input"):
-        serve_model(qmodel, v, x)

@@ -1,0 +1,222 @@
+"""pychop_jax.serving.serve_model: served linen / nnx models equal the QAT model's
+frozen evaluation (same codes x scales), and serve from codes + scales only.
+
+References: the QAT model's own frozen evaluation (what serving must reproduce), and
+for the Embed lookup also ``take(fake_quant(table), ids)`` with the table quantized
+by hand (``pj.calibrate`` + ``pj.fake_quant``)."""
+
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from quantize_model_fixtures import (
+    IDS,
+    KEY,
+    LINEN_LAYERS,
+    NnxTinyLM,
+    Single,
+    TinyLM,
+    fq,
+    nnx_forward,
+    normal,
+)
+
+import pychop_jax as pj
+from pychop_jax.flax.nnx_model import OperandQuant
+from pychop_jax.flax.quantize_model import STATS, quantize_model
+from pychop_jax.flax.rules import QuantRule
+from pychop_jax.serving.serve_model import serve_model
+
+SERVE_RULES = [
+    QuantRule(".*mlp_out", weight=pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)),
+    QuantRule(".*attn/out", weight=8),        # weight-only int8 per channel
+    QuantRule(".*", weight=8, act=8),         # integer path (Einsum/Embed.attend: float)
+]
+IS_Q = (pj.IntKernel, pj.QuantizedArray)
+
+
+def test_linen_served_equals_frozen_qat_and_round_trips(tmp_path):
+    qmodel = quantize_model(TinyLM(), SERVE_RULES)
+    v = jax.jit(qmodel.init)(KEY, IDS)
+    _, upd = jax.jit(lambda v: qmodel.apply(v, IDS, mutable=[STATS]))(v)
+    v = {**v, **upd}
+    other = 7 * IDS % 32
+    expected = jax.jit(lambda v: qmodel.apply(v, other))(v)
+    served_fn, served = serve_model(qmodel, v, IDS)
+    block = served["params"]["blocks_0"]
+    assert isinstance(block["mlp_in"]["kernel"], pj.IntKernel)
+    assert block["mlp_in"]["kernel"].input_state is not None  # the observed range
+    assert isinstance(block["attn"]["out"]["kernel"], pj.QuantizedArray)
+    assert block["mlp_out"]["kernel"].packed  # int4 codes stored packed
+    assert isinstance(served["params"]["embed"]["embedding"], pj.IntKernel)
+    assert STATS not in served
+    logits = jax.jit(served_fn)(served, other)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(logits.argmax(-1) == expected.argmax(-1)))
+    path = tmp_path / "served.msgpack"
+    pj.save_quantized(path, served)
+    loaded = pj.load_quantized(path)
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(served), strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(jax.jit(served_fn)(loaded, other), logits)
+
+
+def test_nnx_served_equals_frozen_qat():
+    model = NnxTinyLM(nnx.Rngs(0))
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qmodel = quantize_model(model, SERVE_RULES)
+    qmodel.train()
+    qmodel.set_attributes(deterministic=True)
+    nnx_forward(qmodel, IDS)  # observe one batch
+    qmodel.eval()
+    other = 7 * IDS % 32
+    expected = nnx_forward(qmodel, other)
+    served = serve_model(qmodel)
+    assert isinstance(served.blocks[0].mlp_in.kernel[...], pj.IntKernel)
+    assert served.blocks[0].mlp_in.dot_general is pj.int_dot_general
+    assert served.blocks[0].mlp_out.kernel[...].packed
+    assert isinstance(qmodel.blocks[0].mlp_in.promote_dtype, OperandQuant)  # untouched
+    logits = nnx_forward(served, other)
+    np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(logits.argmax(-1) == expected.argmax(-1)))
+
+
+def test_serving_an_input_only_rule_raises():
+    layer, shape = LINEN_LAYERS["dense"]
+    x = normal(1, shape)
+    qmodel = quantize_model(Single(layer), QuantRule("layer", act=8))
+    v = qmodel.init(KEY, x)
+    with pytest.raises(ValueError, match="'layer' quantizes only its input"):
+        serve_model(qmodel, v, x)
+
+
+# -- Embed: a gather of codes ---------------------------------------------------------------
+VOCAB, DIM = 96, 64
+EMBED_IDS = jax.random.randint(jax.random.key(3), (3, 5), 0, VOCAB)
+TABLE_SPECS = {
+    "int4 per row (packed)": 4,
+    "int8 per row": 8,
+    "int4 rows x groups of 16 along d": pj.QuantSpec(bits=4, symmetric=True, axis=1,
+                                                     group_size=16),
+    "int4 groups of 16 tokens": pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=16),
+    "int8 affine per tensor": pj.QuantSpec(bits=8, symmetric=False),
+    "int8 affine per feature": pj.QuantSpec(bits=8, symmetric=False, axis=1),
+    "MXFP4": pj.formats.MXFP4,
+    "NVFP4": pj.formats.NVFP4,
+    "NF4": pj.formats.NF4,
+}
+
+
+def table_spec(weight):
+    """The rule's table spec as a QuantSpec (the int shorthand: symmetric per row)."""
+    if isinstance(weight, int):
+        return pj.QuantSpec(bits=weight, symmetric=True, axis=0)
+    return weight
+
+
+def float_shapes(jaxpr) -> set:
+    """Shapes of every floating intermediate of ``jaxpr``, sub-jaxprs included."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        for var in eqn.outvars:
+            if jnp.issubdtype(var.aval.dtype, jnp.floating):
+                shapes.add(tuple(var.aval.shape))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    shapes |= float_shapes(sub)
+    return shapes
+
+
+class LookupAttend(nn.Module):
+    """An Embed used for a lookup and, with ``attend``, as the tied output projection."""
+
+    attend: bool = False
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(VOCAB, DIM, name="layer")
+        x = embed(ids)
+        return embed.attend(x) if self.attend else x
+
+
+class NnxLookupAttend(nnx.Module):
+    def __init__(self, attend=False):
+        self.layer = nnx.Embed(VOCAB, DIM, rngs=nnx.Rngs(0))
+        self.attend = attend
+
+    def __call__(self, ids):
+        x = self.layer(ids)
+        return self.layer.attend(x) if self.attend else x
+
+
+@pytest.mark.parametrize("name", list(TABLE_SPECS))
+def test_linen_served_embed_gathers_codes_and_equals_qat_exactly(name):
+    weight = TABLE_SPECS[name]
+    qmodel = quantize_model(LookupAttend(), QuantRule("layer", weight=weight))
+    v = qmodel.init(KEY, EMBED_IDS)
+    expected = jax.jit(qmodel.apply)(v, EMBED_IDS)
+    table = v["params"]["layer"]["embedding"]
+    reference = jnp.take(fq(table, table_spec(weight)), EMBED_IDS, axis=0)
+    np.testing.assert_array_equal(expected, reference)  # QAT = the hand-quantized rows
+    served_fn, served = serve_model(qmodel, v, EMBED_IDS)
+    stored = served["params"]["layer"]["embedding"]
+    assert isinstance(stored, pj.QuantizedArray)
+    assert stored.packed == (name != "int8 per row" and "int8" not in name)
+    np.testing.assert_array_equal(jax.jit(served_fn)(served, EMBED_IDS), expected)
+    np.testing.assert_array_equal(served_fn(served, EMBED_IDS), expected)  # eager too
+    # the lookup never builds the dequantized (vocab, d) table
+    assert (VOCAB, DIM) not in float_shapes(jax.make_jaxpr(served_fn)(served, EMBED_IDS).jaxpr)
+
+
+def test_linen_served_embed_lookup_and_attend_with_input_quantizer():
+    """weight + act: the lookup gathers codes; attend (tied projection) dequantizes the
+    table in its matmul -- the detector above sees that (vocab, d) table there."""
+    qmodel = quantize_model(LookupAttend(attend=True),
+                            QuantRule("layer", weight=4, act=8, observer="minmax"))
+    v = qmodel.init(KEY, EMBED_IDS)
+    _, upd = qmodel.apply(v, EMBED_IDS, mutable=[STATS])
+    v = {**v, **upd}
+    other = (7 * EMBED_IDS + 1) % VOCAB
+    expected = jax.jit(qmodel.apply)(v, other)
+    served_fn, served = serve_model(qmodel, v, EMBED_IDS)
+    assert isinstance(served["params"]["layer"]["embedding"], pj.IntKernel)
+    np.testing.assert_allclose(jax.jit(served_fn)(served, other), expected,
+                               rtol=1e-5, atol=1e-5)
+    assert (VOCAB, DIM) in float_shapes(jax.make_jaxpr(served_fn)(served, other).jaxpr)
+
+
+@pytest.mark.parametrize("name", ["int4 per row (packed)", "int4 groups of 16 tokens",
+                                  "int4 rows x groups of 16 along d", "NVFP4"])
+def test_nnx_served_embed_gathers_codes_and_equals_qat_exactly(name):
+    weight = TABLE_SPECS[name]
+    model = NnxLookupAttend()
+    qmodel = quantize_model(model, QuantRule("layer", weight=weight))
+    qmodel.eval()
+    expected = qmodel(EMBED_IDS)
+    reference = jnp.take(fq(model.layer.embedding[...], table_spec(weight)), EMBED_IDS, axis=0)
+    np.testing.assert_array_equal(expected, reference)
+    served = serve_model(qmodel)
+    assert isinstance(served.layer.embedding[...], pj.QuantizedArray)
+    assert served.layer.embedding[...].packed
+    assert type(qmodel.layer) is nnx.Embed  # the QAT copy is untouched
+    np.testing.assert_array_equal(nnx_forward(served, EMBED_IDS), expected)
+    graphdef, state = nnx.split(served)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(EMBED_IDS))(state).jaxpr
+    assert (VOCAB, DIM) not in float_shapes(jaxpr)
+
+
+def test_nnx_served_embed_attend_still_works():
+    model = NnxLookupAttend(attend=True)
+    qmodel = quantize_model(model, QuantRule("layer", weight=4))
+    qmodel.eval()
+    expected = nnx_forward(qmodel, EMBED_IDS)
+    served = serve_model(qmodel)
+    np.testing.assert_allclose(nnx_forward(served, EMBED_IDS), expected, rtol=1e-5, atol=1e-5)
