@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from ..core import observers
 from ..core.ops import calibrate, fake_quant
@@ -59,15 +60,23 @@ from ..core.qarray import QuantizedArray
 from ..flax import qat
 from ..flax.operands import LayerPlan, kernel_name, roles
 from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, QuantizedModel
-from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
+from .int_matmul import IntKernel, promote_dtype
 from .scaled_kernel import ScaledKernel, scaled_input
 from .served_embed import embed_lookup
+from .served_ops import (
+    einsum_dimension_numbers,
+    int_ready,
+    served_conv_general_dilated,
+    served_dot_general,
+    served_einsum,
+)
 
 __all__ = ["serve_model", "served_kernel", "served_operands", "int_operands"]
 
-_INT_OPS = {"dense": ("dot_general", int_dot_general),
-            "dense_general": ("dot_general", int_dot_general),
-            "conv": ("conv_general_dilated", int_conv_general_dilated)}
+_INT_OPS = {"dense": ("dot_general", served_dot_general),
+            "dense_general": ("dot_general", served_dot_general),
+            "conv": ("conv_general_dilated", served_conv_general_dilated),
+            "einsum": ("einsum_op", served_einsum)}  # nnx; linen: _linen_einsum
 
 
 def served_kernel(path: str, plan: LayerPlan, kernel, *, input_range=None, weight_step=None,
@@ -211,8 +220,44 @@ def _serve_interceptor(next_fun, args, kwargs, context):
             and not isinstance(kernel, ScaledKernel):
         return embed_lookup(kernel, *args, dtype=module.dtype,
                             num_embeddings=module.num_embeddings)
-    clone = module.clone(parent=module.scope.rewound(), **_slots(kind, kernel))
+    if kind == "einsum":  # no op slot: the integer path here, or the float path
+        y = _linen_einsum(module, kernel, *args, **kwargs)
+        if y is not None:
+            return y
+        slots = {"promote_dtype": served_operands}
+    else:
+        slots = _slots(kind, kernel)
+    clone = module.clone(parent=module.scope.rewound(), **slots)
     return getattr(clone, context.method_name)(*args, **kwargs)
+
+
+def _linen_einsum(module, kernel, inputs, einsum_str=None):
+    """A linen ``Einsum`` (which has no op slot) with an ``IntKernel`` on the integer
+    path (``served_ops.served_einsum``), computed here as ``Einsum.__call__`` does:
+    promote, contract, add the bias.  ``None`` when the kernel or the einsum cannot
+    take the integer path (the caller serves it on the float path)."""
+    inner = kernel.kernel if isinstance(kernel, ScaledKernel) else kernel
+    if not isinstance(inner, IntKernel):
+        return None
+    if einsum_str is not None and module.einsum_str is not None:
+        raise ValueError("Einsum: einsum_str given both as an attribute and an argument.")
+    equation = (einsum_str or module.einsum_str or "").replace(" ", "")
+    parsed = einsum_dimension_numbers(equation, jnp.ndim(inputs), len(inner.shape))
+    if parsed is None or not int_ready(inner, parsed[0][0][1]):
+        return None
+    bias = module.scope.get_variable("params", "bias") if module.use_bias else None
+    operands = [inputs, kernel, bias]
+    if isinstance(kernel, ScaledKernel):
+        operands = list(int_operands(*operands, dtype=module.dtype))
+    else:
+        operands = list(promote_dtype(*operands, dtype=module.dtype))
+    y = served_einsum(equation, operands[0], operands[1], precision=module.precision,
+                      preferred_element_type=module.preferred_element_type)
+    if bias is not None:  # Einsum's bias: the output axes that come from the kernel
+        rhs, out = equation.split("->")[0].split(",")[1], equation.split("->")[1]
+        shape = [inner.shape[rhs.index(c)] if c in rhs else 1 for c in out]
+        y = y + jnp.reshape(operands[2], shape)
+    return y
 
 
 def _served_embed_setup(next_fun, args, kwargs, module):

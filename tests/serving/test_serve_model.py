@@ -17,6 +17,7 @@ from quantize_model_fixtures import (
     IDS,
     KEY,
     LINEN_LAYERS,
+    NnxSingle,
     NnxTinyLM,
     Single,
     TinyLM,
@@ -30,11 +31,12 @@ from pychop_jax.flax.nnx_model import OperandQuant
 from pychop_jax.flax.quantize_model import STATS, quantize_model
 from pychop_jax.flax.rules import QuantRule
 from pychop_jax.serving.serve_model import serve_model
+from pychop_jax.serving.served_ops import served_dot_general
 
 SERVE_RULES = [
     QuantRule(".*mlp_out", weight=pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)),
     QuantRule(".*attn/out", weight=8),        # weight-only int8 per channel
-    QuantRule(".*", weight=8, act=8),         # integer path (Einsum/Embed.attend: float)
+    QuantRule(".*", weight=8, act=8),         # integer path (Embed.attend: float)
 ]
 IS_Q = (pj.IntKernel, pj.QuantizedArray)
 
@@ -79,7 +81,7 @@ def test_nnx_served_equals_frozen_qat():
     expected = nnx_forward(qmodel, other)
     served = serve_model(qmodel)
     assert isinstance(served.blocks[0].mlp_in.kernel[...], pj.IntKernel)
-    assert served.blocks[0].mlp_in.dot_general is pj.int_dot_general
+    assert served.blocks[0].mlp_in.dot_general is served_dot_general  # int path when it can
     assert served.blocks[0].mlp_out.kernel[...].packed
     assert isinstance(qmodel.blocks[0].mlp_in.promote_dtype, OperandQuant)  # untouched
     logits = nnx_forward(served, other)
@@ -220,3 +222,80 @@ def test_nnx_served_embed_attend_still_works():
     expected = nnx_forward(qmodel, EMBED_IDS)
     served = serve_model(qmodel)
     np.testing.assert_allclose(nnx_forward(served, EMBED_IDS), expected, rtol=1e-5, atol=1e-5)
+
+
+# -- integer path or float path, by what the kernel's quantizer allows -----------------------
+G4_IN = pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)  # groups along the input
+
+
+def int_products(jaxpr) -> int:
+    """How many dot_general / conv ops of ``jaxpr`` (sub-jaxprs included) give int32."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name in ("dot_general", "conv_general_dilated") \
+                and eqn.outvars[0].aval.dtype == jnp.int32:
+            count += 1
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else [param]:
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    count += int_products(sub)
+    return count
+
+
+SERVED_LAYERS = {  # name: (linen layer, nnx layer, input shape, weight spec, integer path?)
+    "dense int4 g32 (input groups)": (lambda: nn.Dense(8),
+                                      lambda r: nnx.Linear(64, 8, rngs=r), (4, 64), G4_IN, False),
+    "dense int8 per channel": (lambda: nn.Dense(8),
+                               lambda r: nnx.Linear(64, 8, rngs=r), (4, 64), 8, True),
+    "conv int4 g32 (input channels)": (
+        lambda: nn.Conv(4, (3, 3)), lambda r: nnx.Conv(64, 4, (3, 3), rngs=r), (2, 5, 5, 64),
+        pj.QuantSpec(bits=4, symmetric=True, axis=2, group_size=32), False),
+    "einsum int8 per (n, h)": (
+        lambda: nn.Einsum((64, 2, 3), "btd,dnh->btnh"),
+        lambda r: nnx.Einsum("btd,dnh->btnh", (64, 2, 3), (2, 3), rngs=r), (2, 4, 64),
+        pj.QuantSpec(bits=8, symmetric=True, axis=2), True),
+    "einsum transposed kernel, int8 per h": (
+        lambda: nn.Einsum((3, 64), "btd,hd->bht"),
+        lambda r: nnx.Einsum("btd,hd->bht", (3, 64), (3, 1), rngs=r), (2, 4, 64),
+        pj.QuantSpec(bits=8, symmetric=True, axis=0), True),
+    "einsum int4 g32 (input groups)": (
+        lambda: nn.Einsum((64, 2, 3), "btd,dnh->btnh"),
+        lambda r: nnx.Einsum("btd,dnh->btnh", (64, 2, 3), (2, 3), rngs=r), (2, 4, 64),
+        G4_IN, False),
+}
+
+
+@pytest.mark.parametrize("name", list(SERVED_LAYERS))
+def test_linen_weight_and_input_rules_serve_on_the_right_path(name):
+    make, _, shape, weight, integer = SERVED_LAYERS[name]
+    x1, x2 = normal(1, shape), normal(2, shape, 1.5)
+    qmodel = quantize_model(Single(make()), QuantRule("layer", weight=weight, act=8))
+    v = qmodel.init(KEY, x1)
+    _, upd = qmodel.apply(v, x1, mutable=[STATS])
+    v = {**v, **upd}
+    expected = qmodel.apply(v, x2)  # frozen range of x1
+    served_fn, served = serve_model(qmodel, v, x1)
+    kernel = served["params"]["layer"]["kernel"]
+    assert isinstance(kernel, pj.IntKernel) and kernel.input_state is not None
+    assert kernel.weights.packed == (kernel.weights.spec.bits == 4)
+    np.testing.assert_allclose(jax.jit(served_fn)(served, x2), expected, rtol=1e-5, atol=1e-5)
+    products = int_products(jax.make_jaxpr(served_fn)(served, x2).jaxpr)
+    assert (products > 0) == integer
+
+
+@pytest.mark.parametrize("name", list(SERVED_LAYERS))
+def test_nnx_weight_and_input_rules_serve_on_the_right_path(name):
+    _, make, shape, weight, integer = SERVED_LAYERS[name]
+    x1, x2 = normal(1, shape), normal(2, shape, 1.5)
+    qmodel = quantize_model(NnxSingle(make(nnx.Rngs(0))),
+                            QuantRule("layer", weight=weight, act=8))
+    nnx_forward(qmodel, x1)  # observe x1
+    qmodel.eval()
+    expected = nnx_forward(qmodel, x2)
+    served = serve_model(qmodel)
+    assert isinstance(served.layer.kernel[...], pj.IntKernel)
+    np.testing.assert_allclose(nnx_forward(served, x2), expected, rtol=1e-5, atol=1e-5)
+    graphdef, state = nnx.split(served)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x2))(state).jaxpr
+    assert (int_products(jaxpr) > 0) == integer
