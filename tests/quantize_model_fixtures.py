@@ -118,3 +118,21 @@ class NnxTinyLM(nnx.Module):
 @nnx.jit
 def nnx_forward(model, ids):
     return model(ids)
+
+
+class EncDec(nn.Module):
+    """A model with methods besides __call__ (the Embed is also the tied projection)."""
+
+    def setup(self):
+        self.embed = nn.Embed(32, 16)
+        self.enc = nn.Dense(16)
+        self.dec = nn.Dense(16)
+
+    def encode(self, ids):
+        return self.enc(self.embed(ids))
+
+    def decode(self, h):
+        return self.embed.attend(self.dec(h))
+
+    def __call__(self, ids):
+        return self.decode(self.encode(ids))

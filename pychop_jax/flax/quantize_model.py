@@ -236,10 +236,21 @@ class QuantizedModel(nn.Module):
         return self.held.module
 
     def __call__(self, *args, **kwargs):
+        return self.quantized_call(None, *args, **kwargs)
+
+    def quantized_call(self, method, *args, **kwargs):
+        """The float model's ``method`` (``None``: ``__call__``; a name; or a function
+        ``f(model, *args, **kwargs)``, such as ``Model.decode``) on ``args``, with the
+        layers it reaches quantized.  ``apply`` / ``init`` with ``method=`` call this."""
         interceptor = _LinenInterceptor(self.rules, tuple(self.path))
         inner = self.float_model.clone(parent=self.scope)
         with nn.intercept_methods(interceptor):
-            y = inner(*args, **kwargs)
+            if method is None:
+                y = inner(*args, **kwargs)
+            elif isinstance(method, str):
+                y = getattr(inner, method)(*args, **kwargs)
+            else:
+                y = method(inner, *args, **kwargs)
         recorder = _REPORTS.get()
         if recorder is not None:
             recorder.extend(interceptor.entries)
@@ -248,6 +259,42 @@ class QuantizedModel(nn.Module):
             if message:
                 warnings.warn(message, stacklevel=2)
         return y
+
+
+    def apply(self, variables, *args, method=None, **kwargs):
+        """``Module.apply``; ``method`` names a method of the float model (a string, or
+        ``Model.decode``-style function / any ``f(model, *args)``), run with the same
+        layers quantized as ``__call__``."""
+        return super().apply(variables, *args, method=self._method(method), **kwargs)
+
+    def init(self, rngs, *args, method=None, **kwargs):
+        """``Module.init``; ``method`` as for ``apply``."""
+        return super().init(rngs, *args, method=self._method(method), **kwargs)
+
+    def _method(self, method):
+        """``apply`` / ``init``'s ``method`` for the float model, as a function of this
+        module (``None``: ``__call__``).
+
+        Raises:
+          AttributeError: a name that is not a method of the float model.
+        """
+        if method is None or method == "__call__" or method is QuantizedModel.__call__:
+            return None
+        if getattr(method, "__func__", None) is QuantizedModel.__call__:
+            return None
+        if isinstance(method, str):
+            if not callable(getattr(type(self.float_model), method, None)):
+                raise AttributeError(
+                    f"quantize_model: {type(self.float_model).__name__} has no method "
+                    f"{method!r} (apply(..., method=...) names a method of the float model).")
+        elif not callable(method):
+            raise TypeError(f"apply(method=...) takes a method name or a function; "
+                            f"got {method!r}.")
+
+        def run(module, *args, **kwargs):
+            return module.quantized_call(method, *args, **kwargs)
+
+        return run
 
 
 @contextlib.contextmanager

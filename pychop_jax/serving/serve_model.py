@@ -50,6 +50,8 @@ product needs integer weights): ``ValueError``.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -60,6 +62,7 @@ from ..core.qarray import QuantizedArray
 from ..flax import qat
 from ..flax.operands import LayerPlan, kernel_name, roles
 from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, QuantizedModel
+from ..flax.rules import first_match
 from .int_matmul import IntKernel, promote_dtype
 from .scaled_kernel import ScaledKernel, scaled_input
 from .served_embed import embed_lookup
@@ -204,7 +207,7 @@ def _linen_plans(qmodel: QuantizedModel, variables, args, kwargs) -> dict[str, L
     return plans
 
 
-def _serve_interceptor(next_fun, args, kwargs, context):
+def _serve_interceptor(next_fun, args, kwargs, context, rules=()):
     module = context.module
     kind = {nn.Dense: "dense", nn.DenseGeneral: "dense_general", nn.Einsum: "einsum",
             nn.Conv: "conv", nn.Embed: "embed"}.get(type(module))
@@ -215,6 +218,7 @@ def _serve_interceptor(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     kernel = module.scope.get_variable("params", kernel_name(kind))
     if not isinstance(kernel, _SERVED):
+        _require_not_quantized(rules, "/".join(module.path))
         return next_fun(*args, **kwargs)
     if kind == "embed" and context.method_name == "__call__" \
             and not isinstance(kernel, ScaledKernel):
@@ -229,6 +233,19 @@ def _serve_interceptor(next_fun, args, kwargs, context):
         slots = _slots(kind, kernel)
     clone = module.clone(parent=module.scope.rewound(), **slots)
     return getattr(clone, context.method_name)(*args, **kwargs)
+
+
+def _require_not_quantized(rules, path: str) -> None:
+    """A served call that reaches a float layer that a rule quantizes: serve_model's
+    sample call did not reach it (another method, another branch), so it has no
+    served kernel -- raise rather than run it in float."""
+    index = first_match(rules, path)
+    if index is not None and rules[index].quantizes:
+        raise ValueError(
+            f"serve_model: the served model reached {path!r}, which rule #{index} "
+            "quantizes, but serve_model's sample call did not (so it has no served "
+            "kernel). Serve with a sample call that reaches it, e.g. "
+            "serve_model(qmodel, variables, *args, method=...) for another method.")
 
 
 def _linen_einsum(module, kernel, inputs, einsum_str=None):
@@ -292,7 +309,7 @@ def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
                        for path, plan in plans.items() if plan.kind == "embed")
 
     def served_fn(served_vars, *call_args, **call_kwargs):
-        with nn.intercept_methods(_serve_interceptor):
+        with nn.intercept_methods(functools.partial(_serve_interceptor, rules=qmodel.rules)):
             return model.apply(_unpacked(served_vars, tables), *call_args, **call_kwargs)
 
     return served_fn, {"params": params}

@@ -21,6 +21,7 @@ from quantize_model_fixtures import (
     KEY,
     LINEN_LAYERS,
     W8,
+    EncDec,
     NnxSingle,
     NnxTinyLM,
     Single,
@@ -472,3 +473,27 @@ def test_nnx_end_to_end_qat_training():
     assert int(slot.input_range.get_value().count) == 8
     qmodel.eval()
     assert bool(jnp.all(jnp.isfinite(nnx_forward(qmodel, IDS))))
+
+
+# -- apply(method=...) ----------------------------------------------------------------------
+def test_linen_apply_method_quantizes_the_same_layers():
+    qmodel = quantize_model(EncDec(), QuantRule(".*", weight=W8, act=A8, observer="minmax"))
+    v = qmodel.init(KEY, IDS)
+    h = qmodel.apply(v, IDS, method="encode")
+    p = v["params"]
+    table = p["embed"]["embedding"]
+    rows = pj.QuantSpec(bits=8, symmetric=True, axis=-1)  # W8 on the (vocab, d) table
+    emb = jnp.take(fq(table, rows), IDS, axis=0)
+    ref_h = fq(emb, A8) @ fq(p["enc"]["kernel"], W8) + p["enc"]["bias"]
+    np.testing.assert_allclose(h, ref_h, rtol=1e-5, atol=1e-5)
+    y = qmodel.apply(v, h, method=EncDec.decode)
+    d = fq(h, A8) @ fq(p["dec"]["kernel"], W8) + p["dec"]["bias"]
+    np.testing.assert_allclose(y, fq(d, A8) @ fq(table, rows).T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(qmodel.apply(v, h, method=lambda m, h: m.decode(h)), y,
+                               rtol=0, atol=0)
+    np.testing.assert_allclose(qmodel.apply(v, IDS), y, rtol=1e-6, atol=1e-6)
+    _, upd = qmodel.apply(v, IDS, method="encode", mutable=[STATS])
+    counts = {k: int(s["input_range"].count) for k, s in upd[STATS].items()}
+    assert counts == {"embed": 0, "enc": 1, "dec": 0}  # only the layers encode reaches observe
+    with pytest.raises(AttributeError, match="EncDec has no method 'decoder'"):
+        qmodel.apply(v, h, method="decoder")

@@ -17,6 +17,7 @@ from quantize_model_fixtures import (
     IDS,
     KEY,
     LINEN_LAYERS,
+    EncDec,
     NnxSingle,
     NnxTinyLM,
     Single,
@@ -299,3 +300,23 @@ def test_nnx_weight_and_input_rules_serve_on_the_right_path(name):
     graphdef, state = nnx.split(served)
     jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(x2))(state).jaxpr
     assert (int_products(jaxpr) > 0) == integer
+
+
+# -- another method of the model ------------------------------------------------------------
+def test_linen_serve_a_method_and_refuse_layers_its_sample_call_missed():
+    qmodel = quantize_model(EncDec(), QuantRule(".*", weight=8, act=8, observer="minmax"))
+    v = qmodel.init(KEY, IDS)
+    _, upd = qmodel.apply(v, IDS, mutable=[STATS])
+    v = {**v, **upd}
+    h = normal(4, (4, 8, 16))
+    expected = qmodel.apply(v, h, method="decode")
+    served_fn, served = serve_model(qmodel, v, h, method="decode")
+    assert isinstance(served["params"]["dec"]["kernel"], pj.IntKernel)
+    assert not isinstance(served["params"]["enc"]["kernel"], pj.IntKernel)  # not reached
+    np.testing.assert_allclose(served_fn(served, h, method="decode"), expected,
+                               rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reached 'enc', which rule #0 quantizes"):
+        served_fn(served, IDS)
+    served_fn, served = serve_model(qmodel, v, IDS)  # __call__ reaches every layer
+    np.testing.assert_allclose(served_fn(served, h, method=EncDec.decode), expected,
+                               rtol=1e-5, atol=1e-5)
