@@ -21,23 +21,34 @@ Every quantized layer's kernel becomes (``served_kernel``)
   MXFP4, NVFP4, NF4 (``pychop_jax.formats``), ...).
 
 Codes of 4 bits or fewer are stored packed and unpacked inside the computation
-(``served_fn`` unpacks the variables first: linen checks a kernel's shape against
-the layer's).
+(``served_fn`` unpacks the variables first, ``Embed`` tables excepted: linen checks a
+kernel's shape against the layer's).
 
 How the served layers compute:
 
-* ``Dense`` / ``DenseGeneral`` / ``Conv`` (linen and nnx) with an ``IntKernel``:
-  the integer path, their op slot set to ``int_dot_general`` /
-  ``int_conv_general_dilated`` and ``promote_dtype`` to ``promote_dtype``.
+* ``Dense`` / ``DenseGeneral`` / ``Conv`` / ``Einsum`` (linen and nnx) with an
+  ``IntKernel`` of integer codes: their op slot set to ``served_ops``'
+  ``served_dot_general`` / ``served_conv_general_dilated`` / ``served_einsum`` (linen
+  ``Einsum`` has no op slot: the interceptor computes it) and ``promote_dtype`` to
+  ``int_matmul.promote_dtype``.  Those take the integer path (``int_dot_general``,
+  int32 accumulation) when the kernel's scales are constant along the contracted
+  axes, else -- e.g. int4 groups along the input axis -- the float path with the
+  input fake-quantized by the stored quantizer and the kernel dequantized.
+* ``Embed.__call__`` (a lookup): a gather of the rows' codes and scales, only those
+  rows dequantized (``served_embed.embed_lookup``; nnx: the served copy's ``Embed``
+  is a ``ServedEmbed``; linen keeps the table packed: its ``setup`` is intercepted).
 * everything else -- weight-only layers, float / block-scaled weight formats (an
-  ``IntKernel`` of those keeps its input quantizer), ``Einsum`` and ``Embed.attend``
-  with an
-  ``IntKernel`` (linen's ``Einsum`` has no op slot) -- keeps its float op with
-  ``promote_dtype`` = ``served_operands``: the input fake-quantized with the stored
-  quantizer (if any), the weights dequantized, inside the jitted computation.
+  ``IntKernel`` of those keeps its input quantizer), ``Embed.attend`` -- keeps its
+  float op with ``promote_dtype`` = ``served_operands``: the input fake-quantized
+  with the stored quantizer (if any), the weights dequantized, inside the jitted
+  computation.
+
+linen: the sample call decides which layers are served (pass ``method=`` to serve
+another method; ``served_fn`` takes ``method=`` too); a served call that reaches a
+layer a rule quantizes but the sample call did not raises ``ValueError``.
 
 Either way the served output equals the QAT model's frozen evaluation up to float
-summation order.
+summation order (an ``Embed`` lookup: exactly).
 
 A layer whose rule has a ``method`` (GPTQ, AWQ, SmoothQuant, HQQ; run by
 ``calibrate_model``) is served from its ``MethodResult``: the codes of the
