@@ -64,6 +64,12 @@ def _take_rows(a, flat_ids, vocab: int, what: str):
                      "expected 1, vocab or vocab / group_size.")
 
 
+def _zero_by_construction(spec) -> bool:
+    """Whether ``spec``'s zero point is 0 by construction (a symmetric integer grid);
+    its rows need no gather."""
+    return spec.symmetric and not spec.is_float
+
+
 def gather_rows(kernel, ids) -> QuantizedArray:
     """The rows ``ids`` (any integer shape, flattened) of a served table as a
     ``QuantizedArray`` of shape ``(ids.size, d)``: gathered codes (packed if the table
@@ -74,7 +80,11 @@ def gather_rows(kernel, ids) -> QuantizedArray:
     codes = jnp.take(table.codes, flat, axis=0)
     state = table.state
     scale, g_scale = _take_rows(jnp.asarray(state.scale), flat, vocab, "scale")
-    zero_point, _ = _take_rows(jnp.asarray(state.zero_point), flat, vocab, "zero point")
+    zero_point = jnp.asarray(state.zero_point)
+    if _zero_by_construction(state.spec) and zero_point.shape == jnp.shape(state.scale):
+        zero_point = jnp.zeros(scale.shape, zero_point.dtype)  # 0 by construction
+    else:
+        zero_point, _ = _take_rows(zero_point, flat, vocab, "zero point")
     spec = state.spec
     if g_scale is not None and g_scale > 1:  # groups of tokens: one scale per gathered row
         spec = dataclasses.replace(spec, group_size=1)
