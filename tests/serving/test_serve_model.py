@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from quantize_model_fixtures import (
     IDS,
     KEY,
@@ -32,7 +34,7 @@ from pychop_jax.flax.nnx_model import OperandQuant
 from pychop_jax.flax.quantize_model import STATS, quantize_model
 from pychop_jax.flax.rules import QuantRule
 from pychop_jax.serving.serve_model import serve_model
-from pychop_jax.serving.served_ops import served_dot_general
+from pychop_jax.serving.served_ops import einsum_dimension_numbers, served_dot_general
 
 SERVE_RULES = [
     QuantRule(".*mlp_out", weight=pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32)),
@@ -320,3 +322,36 @@ def test_linen_serve_a_method_and_refuse_layers_its_sample_call_missed():
     served_fn, served = serve_model(qmodel, v, IDS)  # __call__ reaches every layer
     np.testing.assert_allclose(served_fn(served, h, method=EncDec.decode), expected,
                                rtol=1e-5, atol=1e-5)
+
+
+# -- einsum -> dot_general ------------------------------------------------------------------
+@st.composite
+def einsums(draw):
+    """A random plain two-operand einsum and operand shapes."""
+    letters = iter("abcdefgh")
+    groups = {k: [next(letters) for _ in range(draw(st.integers(lo, 2)))]
+              for k, lo in (("contract", 1), ("batch", 0), ("lhs", 0), ("rhs", 0))}
+    lhs = draw(st.permutations(groups["contract"] + groups["batch"] + groups["lhs"]))
+    rhs = draw(st.permutations(groups["contract"] + groups["batch"] + groups["rhs"]))
+    out = draw(st.permutations(groups["batch"] + groups["lhs"] + groups["rhs"]))
+    sizes = {c: draw(st.integers(1, 3)) for g in groups.values() for c in g}
+    spec = f"{''.join(lhs)},{''.join(rhs)}->{''.join(out)}"
+    return spec, tuple(sizes[c] for c in lhs), tuple(sizes[c] for c in rhs)
+
+
+@settings(max_examples=30, deadline=None)
+@given(einsums())
+def test_einsum_dimension_numbers_equal_jnp_einsum(case):
+    spec, lhs_shape, rhs_shape = case
+    a = np.random.default_rng(0).normal(size=lhs_shape)
+    b = np.random.default_rng(1).normal(size=rhs_shape)
+    dn, perm = einsum_dimension_numbers(spec, a.ndim, b.ndim)
+    got = np.transpose(jax.lax.dot_general(a, b, dn, precision="highest"), perm)
+    np.testing.assert_allclose(got, np.einsum(spec, a, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["...d,dh->...h", "bii,ih->bh", "btd,dh->h", "bd,dh->bhx",
+                                  "btd,dh"])
+def test_einsum_dimension_numbers_refuse_what_is_not_a_plain_contraction(spec):
+    assert einsum_dimension_numbers(spec, 3 if spec.startswith(("bii", "btd")) else 2, 2) \
+        is None
