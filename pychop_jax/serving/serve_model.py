@@ -37,8 +37,10 @@ How the served layers compute:
 * ``Embed.__call__`` (a lookup): a gather of the rows' codes and scales, only those
   rows dequantized (``served_embed.embed_lookup``; nnx: the served copy's ``Embed``
   is a ``ServedEmbed``; linen keeps the table packed: its ``setup`` is intercepted).
-* everything else -- weight-only layers, float / block-scaled weight formats (an
-  ``IntKernel`` of those keeps its input quantizer), ``Embed.attend`` -- keeps its
+  ``Embed.attend`` with an ``IntKernel`` table: ``served_embed.embed_attend``, the
+  integer path for per-row (per-token) scales.
+* everything else -- weight-only layers (``Embed.attend`` too), float / block-scaled
+  weight formats (an ``IntKernel`` of those keeps its input quantizer) -- keeps its
   float op with ``promote_dtype`` = ``served_operands``: the input fake-quantized
   with the stored quantizer (if any), the weights dequantized, inside the jitted
   computation.
@@ -76,7 +78,7 @@ from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, Quan
 from ..flax.rules import first_match
 from .int_matmul import IntKernel, promote_dtype
 from .scaled_kernel import ScaledKernel, scaled_input
-from .served_embed import embed_lookup
+from .served_embed import embed_attend, embed_lookup
 from .served_ops import (
     einsum_dimension_numbers,
     int_ready,
@@ -235,6 +237,8 @@ def _serve_interceptor(next_fun, args, kwargs, context, rules=()):
             and not isinstance(kernel, ScaledKernel):
         return embed_lookup(kernel, *args, dtype=module.dtype,
                             num_embeddings=module.num_embeddings)
+    if kind == "embed" and isinstance(kernel, IntKernel):  # attend
+        return embed_attend(kernel, *args, dtype=module.dtype)
     if kind == "einsum":  # no op slot: the integer path here, or the float path
         y = _linen_einsum(module, kernel, *args, **kwargs)
         if y is not None:

@@ -24,8 +24,10 @@ codes (filled), as the float lookup does on the values; don't pass them.
 ``nnx.Embed`` whose ``__call__`` uses it (``serve_model`` gives a served nnx ``Embed``
 that class), and ``serve_model``'s linen interceptor calls it for
 ``nn.Embed.__call__``.
-``Embed.attend`` (a tied output projection) needs the whole table and keeps the
-dequantize-in-matmul path.
+``Embed.attend`` (a tied output projection, ``query @ table.T``) needs the whole
+table: ``embed_attend`` serves an ``IntKernel`` table (a rule with ``weight`` and
+``act``) with ``served_dot_general``, so per-row (per-token) scales take the integer
+path; a weight-only table keeps the dequantize-in-matmul path.
 """
 
 from __future__ import annotations
@@ -37,8 +39,9 @@ from flax.linen import dtypes
 
 from ..core.qarray import QuantizedArray
 from .int_matmul import IntKernel
+from .served_ops import served_dot_general
 
-__all__ = ["gather_rows", "embed_lookup"]
+__all__ = ["gather_rows", "embed_lookup", "embed_attend"]
 
 
 def _table(kernel) -> QuantizedArray:
@@ -111,3 +114,16 @@ def embed_lookup(kernel, ids, *, dtype=None, num_embeddings: int | None = None):
     rows = gather_rows(table, ids).dequantize()
     (rows,) = dtypes.promote_dtype(rows, dtype=dtype, inexact=False)
     return jnp.reshape(rows, ids.shape + (d,))
+
+
+def embed_attend(kernel: IntKernel, query, *, dtype=None):
+    """``Embed.attend`` on a served ``IntKernel`` table: ``query @ table.T`` by
+    ``served_ops.served_dot_general`` (int8 x int8 -> int32 when the table's scales are
+    constant along ``d``: per row or per tensor; else the float path), shape
+    ``query.shape[:-1] + (vocab,)``.  The query is promoted as ``Embed.attend`` promotes
+    it with the float32 table (to ``dtype`` if given)."""
+    query = jnp.asarray(query)
+    dtype = dtype or jnp.promote_types(query.dtype, jnp.float32)
+    (query,) = dtypes.promote_dtype(query, dtype=dtype)
+    dn = (((query.ndim - 1,), (1,)), ((), ()))
+    return served_dot_general(query, kernel, dn, preferred_element_type=dtype)

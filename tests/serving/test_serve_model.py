@@ -181,9 +181,10 @@ def test_linen_served_embed_gathers_codes_and_equals_qat_exactly(name):
     assert (VOCAB, DIM) not in float_shapes(jax.make_jaxpr(served_fn)(served, EMBED_IDS).jaxpr)
 
 
-def test_linen_served_embed_lookup_and_attend_with_input_quantizer():
-    """weight + act: the lookup gathers codes; attend (tied projection) dequantizes the
-    table in its matmul -- the detector above sees that (vocab, d) table there."""
+def test_linen_served_embed_attend_int_path_with_input_quantizer():
+    """weight + act: the lookup gathers codes, attend (the tied projection) multiplies
+    int8 codes; weight-only, attend dequantizes the table in its matmul -- which the
+    (vocab, d) detector sees."""
     qmodel = quantize_model(LookupAttend(attend=True),
                             QuantRule("layer", weight=4, act=8, observer="minmax"))
     v = qmodel.init(KEY, EMBED_IDS)
@@ -195,7 +196,15 @@ def test_linen_served_embed_lookup_and_attend_with_input_quantizer():
     assert isinstance(served["params"]["layer"]["embedding"], pj.IntKernel)
     np.testing.assert_allclose(jax.jit(served_fn)(served, other), expected,
                                rtol=1e-5, atol=1e-5)
-    assert (VOCAB, DIM) in float_shapes(jax.make_jaxpr(served_fn)(served, other).jaxpr)
+    jaxpr = jax.make_jaxpr(served_fn)(served, other).jaxpr
+    assert int_products(jaxpr) > 0 and (VOCAB, DIM) not in float_shapes(jaxpr)
+    weight_only = quantize_model(LookupAttend(attend=True), QuantRule("layer", weight=4))
+    v = weight_only.init(KEY, EMBED_IDS)
+    served_fn, served = serve_model(weight_only, v, EMBED_IDS)
+    np.testing.assert_allclose(served_fn(served, other), weight_only.apply(v, other),
+                               rtol=1e-5, atol=1e-5)
+    jaxpr = jax.make_jaxpr(served_fn)(served, other).jaxpr
+    assert int_products(jaxpr) == 0 and (VOCAB, DIM) in float_shapes(jaxpr)
 
 
 @pytest.mark.parametrize("name", ["int4 per row (packed)", "int4 groups of 16 tokens",
@@ -218,13 +227,19 @@ def test_nnx_served_embed_gathers_codes_and_equals_qat_exactly(name):
     assert (VOCAB, DIM) not in float_shapes(jaxpr)
 
 
-def test_nnx_served_embed_attend_still_works():
-    model = NnxLookupAttend(attend=True)
-    qmodel = quantize_model(model, QuantRule("layer", weight=4))
+@pytest.mark.parametrize("act", [None, 8])
+def test_nnx_served_embed_attend(act):
+    qmodel = quantize_model(NnxLookupAttend(attend=True),
+                            QuantRule("layer", weight=4, act=act, observer="minmax"))
+    nnx_forward(qmodel, EMBED_IDS)  # observe
     qmodel.eval()
-    expected = nnx_forward(qmodel, EMBED_IDS)
+    other = (7 * EMBED_IDS + 1) % VOCAB
+    expected = nnx_forward(qmodel, other)
     served = serve_model(qmodel)
-    np.testing.assert_allclose(nnx_forward(served, EMBED_IDS), expected, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(nnx_forward(served, other), expected, rtol=1e-5, atol=1e-5)
+    graphdef, state = nnx.split(served)
+    jaxpr = jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(other))(state).jaxpr
+    assert (int_products(jaxpr) > 0) == (act is not None)
 
 
 # -- integer path or float path, by what the kernel's quantizer allows -----------------------
