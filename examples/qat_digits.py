@@ -26,7 +26,9 @@ symmetric weights and a per-tensor affine input quantizer (``pychop_jax.linen``)
   so no axis holds a block of 32: there each output channel's whole window shares one
   E8M0 scale (``MX_CONV``: a "block" of 9 / 72 elements), and the conv inputs get one
   E8M0 scale per tensor (observed like the integer rows' inputs).  The table labels
-  these rows "MX dense, E8M0/channel conv".
+  these rows "MX dense, E8M0/ch conv".  The MXFP8 QAT model is also served
+  (``to_served``: e4m3 codes + E8M0 scales, run on the float path by the same stock
+  layers).
 
 Prints one table and saves a plot of accuracy vs bits.  Each row of the table is a
 function returning a ``Row``, so a row can be added by appending to ``ROWS`` (or by
@@ -254,8 +256,13 @@ class ServedCNN(nn.Module):
         return CNN.layers(x, serving.IntConv, serving.IntDense, lambda layer, x: layer(x))
 
 
-def served_row(source: str) -> Callable[[Context], Row]:
-    """The model of row ``source`` served with integer matmuls / convolutions."""
+def served_row(source: str, *, fmt: tuple[int, str] | None = None
+               ) -> Callable[[Context], Row]:
+    """The model of row ``source`` served with integer matmuls / convolutions; for a
+    float-format row, ``fmt = (bits, label)``: its fp8 / MX codes and scales served by
+    the same layers on the float path (``float_dot_general``)."""
+    how = "integer ops" if fmt is None else f"{fmt[1]} codes"
+
     def row(ctx: Context) -> Row:
         model, variables = ctx.trained[source]
         params, _ = serving.to_served(model, variables, ctx.data.x_test[:1])
@@ -263,10 +270,12 @@ def served_row(source: str) -> Callable[[Context], Row]:
         fake = jax.jit(lambda v, x: model.apply(v, x))(variables, ctx.data.x_test)
         same = int(jnp.sum(jnp.argmax(served, -1) == jnp.argmax(fake, -1)))
         ctx.notes.append(
-            f"{source} served with integer ops: same prediction as its fake-quant "
+            f"{source} served with {how}: same prediction as its fake-quant "
             f"evaluation on {same}/{len(ctx.data.y_test)} test images, "
             f"max |logit difference| {float(jnp.abs(served - fake).max()):.1e}")
         acc = float(jnp.mean(jnp.argmax(served, -1) == ctx.data.y_test)) * 100
+        if fmt is not None:
+            return Row(f"{source.split(' (')[0]}, served ({how})", fmt[0], "formats", acc)
         bits = next(r for r in ROW_BITS if source.startswith(f"{r}-bit"))
         return Row(f"{bits}-bit QAT, served (int ops)", bits, "served", acc)
     return row
@@ -324,6 +333,7 @@ FORMAT_ROWS: list[Callable[[Context], Row]] = [
     format_row(MXFP8_PTQ, 8, MXFP8),
     format_row(MXFP4_PTQ, 4, MXFP4_W),
     format_row(MXFP8_QAT, 8, MXFP8, qat=True),
+    served_row(MXFP8_QAT, fmt=(8, "MXFP8")),
 ]
 
 
