@@ -518,3 +518,21 @@ def test_mx_fake_quant_errors():
         numerics.mx_fake_quant(xnp, x, pj.QuantSpec(dtype="float8_e4m3fn"))
     with pytest.raises(TypeError, match="float32 / float64"):
         numerics.mx_fake_quant(xnp, x.astype(np.float16), F.MXFP4)
+
+
+@pytest.mark.parametrize("spec", [pj.QuantSpec(dtype="float8_e4m3fn"), F.MXFP4, F.MXFP6_E3M2,
+                                  F.NF4])
+def test_codes_as_bits_are_the_ml_dtypes_bytes(spec):
+    """The uint8 form of codes (Torch's fp4 codes): ml_dtypes' storage byte of each code,
+    decoded back to the same values by dequantize, in JAX and NumPy."""
+    x = rand((4, 64), seed=11) * 3
+    state = pj.calibrate(x, spec)
+    q = pj.quantize(x, state)
+    bits = numerics.codes_as_bits(jnp, q, spec)
+    assert bits.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(bits), np.asarray(q).view(np.uint8))
+    assert int(bits.max()) < 2 ** spec.bits
+    s, z = np.asarray(state.scale), np.asarray(state.zero_point)
+    for xp, b in ((jnp, bits), (xnp, np.asarray(bits))):
+        np.testing.assert_array_equal(as_bits(numerics.dequantize(xp, b, s, z, spec)),
+                                      as_bits(pj.dequantize(q, state)))
