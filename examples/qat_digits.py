@@ -15,6 +15,20 @@ symmetric weights and a per-tensor affine input quantizer (``pychop_jax.linen``)
   (``pychop_jax.serving.to_served``) and run by stock ``nn.Conv`` / ``nn.Dense`` layers
   with integer ops (int8 x int8 -> int32); its predictions must equal the fake-quant
   evaluation's on every test image.
+* float formats (``weight_format=`` / ``act_format=`` of the same layers,
+  ``pychop_jax.formats``): fp8 e4m3 PTQ with one float32 scale per tensor for every
+  kernel and input; MXFP8 PTQ and QAT (e4m3 elements, power-of-two E8M0 scales, blocks
+  of 32, weights and inputs); MXFP4 weight-only PTQ.  MX blocks are 32 elements of
+  the contraction.  The dense layers have 256 and 32 inputs: their kernels get blocks
+  along axis 0 and their inputs blocks along the last axis (calibrated per call, as
+  MX hardware scales its operands).  The convolutions contract over only 3x3x1 = 9
+  and 3x3x8 = 72 elements, spread over three kernel axes (input channels: 1 and 8),
+  so no axis holds a block of 32: there each output channel's whole window shares one
+  E8M0 scale (``MX_CONV``: a "block" of 9 / 72 elements), and the conv inputs get one
+  E8M0 scale per tensor (observed like the integer rows' inputs).  The table labels
+  these rows "MX dense, E8M0/ch conv".  The MXFP8 QAT model is also served
+  (``to_served``: e4m3 codes + E8M0 scales, run on the float path by the same stock
+  layers).
 
 Prints one table and saves a plot of accuracy vs bits.  Each row of the table is a
 function returning a ``Row``, so a row can be added by appending to ``ROWS`` (or by
@@ -39,8 +53,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
+import pychop_jax as pj
 import pychop_jax.linen as qnn
-from pychop_jax import serving
+from pychop_jax import QuantSpec, serving
 
 SEED = 0
 BATCH = 128
@@ -65,6 +80,19 @@ def load_data(seed: int = SEED) -> Data:
     return Data(x_tr, y_tr, x_te, y_te)
 
 
+@dataclasses.dataclass(frozen=True)
+class Formats:
+    """Float / block-scaled formats of the CNN's layers (``QuantSpec`` s; ``None``: float).
+
+    ``conv_*`` apply to both convolutions, ``dense_*`` to both dense layers; ``*_weight``
+    is the kernel's ``weight_format``, ``*_act`` the input's ``act_format``."""
+
+    conv_weight: QuantSpec | None
+    dense_weight: QuantSpec | None
+    conv_act: QuantSpec | None = None
+    dense_act: QuantSpec | None = None
+
+
 class CNN(nn.Module):
     """conv 3x3/8 - conv 3x3/16 stride 2 - dense 32 - dense 10 (ReLU between).
 
@@ -75,9 +103,18 @@ class CNN(nn.Module):
 
     bits: int | tuple[int, int] | None = None
     lsq: bool = False
+    formats: Formats | None = None  # float / block formats instead of ``bits``
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.formats is not None:
+            f = self.formats
+            call = lambda layer, x: layer(x, train)  # noqa: E731
+            conv = functools.partial(qnn.QuantConv, weight_format=f.conv_weight,
+                                     act_format=f.conv_act)
+            dense = functools.partial(qnn.QuantDense, weight_format=f.dense_weight,
+                                      act_format=f.dense_act)
+            return self.layers(x, conv, dense, call)
         if self.bits is None:
             conv, dense, kw = nn.Conv, nn.Dense, {}
             call = lambda layer, x: layer(x)  # noqa: E731
@@ -150,10 +187,11 @@ def accuracy(model: nn.Module, variables, data: Data) -> float:
     return float(jnp.mean(jnp.argmax(logits, -1) == data.y_test)) * 100
 
 
-def quantized(bits, float_variables, data: Data, *, lsq: bool = False):
+def quantized(bits, float_variables, data: Data, *, lsq: bool = False,
+              fmt: Formats | None = None):
     """The quantized model and its variables built from the float params: LSQ step sizes
     initialised from the float kernels and a training batch, observers empty."""
-    model = CNN(bits=bits, lsq=lsq)
+    model = CNN(bits=bits, lsq=lsq, formats=fmt)
     variables = qnn.init_lsq(model, {"params": float_variables["params"]}, data.x_train[:BATCH])
     return model, variables
 
@@ -163,7 +201,7 @@ def quantized(bits, float_variables, data: Data, *, lsq: bool = False):
 class Row:
     name: str
     bits: int  # weight / input bits, 32 for float
-    method: str  # "fp32", "PTQ", "QAT", "LSQ", "served" (the plot's series)
+    method: str  # "fp32", "PTQ", "QAT", "LSQ", "served" (the plot's series), "formats"
     accuracy: float  # test accuracy, percent
 
 
@@ -218,8 +256,13 @@ class ServedCNN(nn.Module):
         return CNN.layers(x, serving.IntConv, serving.IntDense, lambda layer, x: layer(x))
 
 
-def served_row(source: str) -> Callable[[Context], Row]:
-    """The model of row ``source`` served with integer matmuls / convolutions."""
+def served_row(source: str, *, fmt: tuple[int, str] | None = None
+               ) -> Callable[[Context], Row]:
+    """The model of row ``source`` served with integer matmuls / convolutions; for a
+    float-format row, ``fmt = (bits, label)``: its fp8 / MX codes and scales served by
+    the same layers on the float path (``float_dot_general``)."""
+    how = "integer ops" if fmt is None else f"{fmt[1]} codes"
+
     def row(ctx: Context) -> Row:
         model, variables = ctx.trained[source]
         params, _ = serving.to_served(model, variables, ctx.data.x_test[:1])
@@ -227,16 +270,71 @@ def served_row(source: str) -> Callable[[Context], Row]:
         fake = jax.jit(lambda v, x: model.apply(v, x))(variables, ctx.data.x_test)
         same = int(jnp.sum(jnp.argmax(served, -1) == jnp.argmax(fake, -1)))
         ctx.notes.append(
-            f"{source} served with integer ops: same prediction as its fake-quant "
+            f"{source} served with {how}: same prediction as its fake-quant "
             f"evaluation on {same}/{len(ctx.data.y_test)} test images, "
             f"max |logit difference| {float(jnp.abs(served - fake).max()):.1e}")
         acc = float(jnp.mean(jnp.argmax(served, -1) == ctx.data.y_test)) * 100
+        if fmt is not None:
+            return Row(f"{source.split(' (')[0]}, served ({how})", fmt[0], "formats", acc)
         bits = next(r for r in ROW_BITS if source.startswith(f"{r}-bit"))
         return Row(f"{bits}-bit QAT, served (int ops)", bits, "served", acc)
     return row
 
 
 ROW_BITS = (8, 4, 2)
+
+
+# -- float and block-scaled formats ------------------------------------------------------------
+E4M3 = QuantSpec(dtype="float8_e4m3fn")  # one float32 scale per tensor
+
+
+def mx_conv(dtype: str) -> QuantSpec:
+    """MX elements with one E8M0 scale per output channel of a conv kernel: the block is
+    the channel's whole window (9 or 72 elements; no kernel axis holds 32)."""
+    return QuantSpec(dtype=dtype, axis=-1, scale_dtype="float8_e8m0fnu")
+
+
+#: fp8 e4m3, per tensor, weights and inputs
+FP8 = Formats(E4M3, E4M3, E4M3, E4M3)
+#: MXFP8: dense kernels in blocks of 32 inputs (axis 0), dense inputs in blocks of 32
+#: along their last axis (dynamic); conv kernels one E8M0 scale per output channel, conv
+#: inputs one (observed) E8M0 scale per tensor
+MXFP8 = Formats(mx_conv("float8_e4m3fn"), dataclasses.replace(pj.formats.MXFP8_E4M3, axis=0),
+                QuantSpec(dtype="float8_e4m3fn", scale_dtype="float8_e8m0fnu"),
+                pj.formats.MXFP8_E4M3)
+#: MXFP4, weights only (inputs float)
+MXFP4_W = Formats(mx_conv("float4_e2m1fn"), dataclasses.replace(pj.formats.MXFP4, axis=0))
+
+
+def format_row(name: str, bits: int, fmt: Formats, *, qat: bool = False,
+               epochs_factor: float = 0.5, lr: float = 1e-3) -> Callable[[Context], Row]:
+    """A row of float / block formats: PTQ (inputs observed on training batches) or, with
+    ``qat=True``, fine-tuned from fp32 like ``qat_row``."""
+    def row(ctx: Context) -> Row:
+        model, variables = quantized(None, ctx.fp32, ctx.data, fmt=fmt)
+        if qat:
+            epochs = max(1, round(ctx.epochs * epochs_factor))
+            variables = train(model, variables, ctx.data, epochs=epochs, lr=lr,
+                              seed=SEED + 1, desc=name)
+        else:
+            variables = observe(model, variables, ctx.data)
+        ctx.trained[name] = (model, variables)
+        return Row(name, bits, "formats", accuracy(model, variables, ctx.data))
+    return row
+
+
+FP8_PTQ = "fp8 e4m3 PTQ (per tensor)"
+MXFP8_PTQ = "MXFP8 PTQ (MX dense, E8M0/ch conv)"
+MXFP8_QAT = "MXFP8 QAT (MX dense, E8M0/ch conv)"
+MXFP4_PTQ = "MXFP4 w-only PTQ (MX dense, E8M0/ch conv)"
+
+FORMAT_ROWS: list[Callable[[Context], Row]] = [
+    format_row(FP8_PTQ, 8, FP8),
+    format_row(MXFP8_PTQ, 8, MXFP8),
+    format_row(MXFP4_PTQ, 4, MXFP4_W),
+    format_row(MXFP8_QAT, 8, MXFP8, qat=True),
+    served_row(MXFP8_QAT, fmt=(8, "MXFP8")),
+]
 
 
 ROWS: list[Callable[[Context], Row]] = [
@@ -246,6 +344,7 @@ ROWS: list[Callable[[Context], Row]] = [
     qat_row(4),
     qat_row(2, lsq=True, epochs_factor=1.0, lr=2e-3),
     served_row("4-bit QAT, from fp32"),
+    *FORMAT_ROWS,
 ]
 
 
@@ -263,11 +362,12 @@ def run(rows=ROWS, *, epochs: int = 30, data: Data | None = None,
 # -- report -------------------------------------------------------------------------------------
 def table(rows: list[Row]) -> str:
     base = next((r.accuracy for r in rows if r.method == "fp32"), None)
-    lines = [f"| {'model':<30} | {'bits':>4} | {'test acc.':>9} | {'vs fp32':>8} |",
-             f"|{'-' * 32}|{'-' * 6}|{'-' * 11}|{'-' * 10}|"]
+    w = max([30, *(len(r.name) for r in rows)])
+    lines = [f"| {'model':<{w}} | {'bits':>4} | {'test acc.':>9} | {'vs fp32':>8} |",
+             f"|{'-' * (w + 2)}|{'-' * 6}|{'-' * 11}|{'-' * 10}|"]
     for r in rows:
         delta = f"{r.accuracy - base:+7.2f}" if base is not None else ""
-        lines.append(f"| {r.name:<30} | {r.bits:>4} | {r.accuracy:>8.2f}% | {delta:>8} |")
+        lines.append(f"| {r.name:<{w}} | {r.bits:>4} | {r.accuracy:>8.2f}% | {delta:>8} |")
     return "\n".join(lines)
 
 
@@ -284,6 +384,11 @@ def plot(rows: list[Row], path: str) -> None:
         pts = sorted((r.bits, r.accuracy) for r in rows if r.method == method)
         if pts:
             ax.plot(*zip(*pts, strict=True), style, label=method, ms=8)
+    for r in rows:  # float / block formats: one labelled point each
+        if r.method == "formats":
+            ax.plot(r.bits, r.accuracy, "D", color="C5", ms=6)
+            ax.annotate(r.name.split(" (")[0], (r.bits, r.accuracy), fontsize=7,
+                        xytext=(4, -3), textcoords="offset points")
     ax.set_xlabel("bits (weights and inputs of every layer)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_xticks(sorted({r.bits for r in rows if r.bits < 32}))

@@ -439,9 +439,66 @@ ROWS: list[Callable[[Context], Row]] = [
     served_row("int4 g32 QAT"),
 ]
 
+# -- float and block-scaled formats (suite "formats") --------------------------------------------
+E4M3 = QuantSpec(dtype="float8_e4m3fn")  # fp8, one float32 scale per tensor
+
+
+def format_rules(c: lm.Config, weight: QuantSpec, act: QuantSpec | None = None,
+                 observer: str = "minmax") -> list[QuantRule]:
+    """Every kernel in ``weight``'s element format; inputs in ``act`` (per tensor) or float.
+
+    A block spec (``group_size``: MX blocks of 32, NVFP4 of 16, NF4 of 64) is laid along
+    each kernel's contraction: axis 0 of the Dense / q,k,v kernels (d or 4d inputs),
+    head_dim of the attention output kernel ``(heads, head_dim, d)`` (a block cannot span
+    two heads), d of the embedding tables (what ``attend`` contracts).  Where that axis
+    is shorter than the block (head_dim 16 < 32 in ``--quick``; head_dim 32 < NF4's 64)
+    the block is the whole axis.  Per-tensor specs apply as they are.
+    """
+    d, hd = c.d_model, c.d_model // c.num_heads
+
+    def on(axis, n):
+        if weight.group_size is None:
+            return weight
+        return dataclasses.replace(weight, axis=axis, group_size=min(weight.group_size, n))
+
+    return [QuantRule(".*_embed", weight=on(1, d)),
+            QuantRule(".*attn/out", weight=on(1, hd), act=act, observer=observer),
+            QuantRule(".*mlp_out", weight=on(0, c.mlp_ratio * d), act=act, observer=observer),
+            QuantRule(".*", weight=on(0, d), act=act, observer=observer)]
+
+
+def _formats(weight: QuantSpec, act: QuantSpec | None = None, observer: str = "minmax"):
+    return functools.partial(format_rules, weight=weight, act=act, observer=observer)
+
+
+F = pj.formats
+FP8_W, FP8_WA = "fp8 e4m3 weights per tensor", "fp8 e4m3 weights and inputs per tensor"
+MXFP8_W, MXFP4_W = "MXFP8 weights (blocks of 32)", "MXFP4 weights (blocks of 32)"
+NVFP4_W, NF4_W = "NVFP4 weights (blocks of 16)", "NF4 weights (blocks of 64)"
+MXFP8_W_FP8_A = "MXFP8 weights, fp8 e4m3 inputs per tensor (QAT)"
+
+FORMAT_ROWS: list[Callable[[Context], Row]] = [
+    fp32_row,
+    ptq_row("fp8 e4m3 weight-only PTQ", FP8_W, _formats(E4M3)),
+    ptq_row("fp8 e4m3 w+a PTQ (static)", FP8_WA, _formats(E4M3, E4M3)),
+    ptq_row("MXFP8 weight-only PTQ", MXFP8_W, _formats(F.MXFP8_E4M3)),
+    ptq_row("MXFP4 weight-only PTQ", MXFP4_W, _formats(F.MXFP4)),
+    ptq_row("NVFP4 weight-only PTQ", NVFP4_W, _formats(F.NVFP4)),
+    ptq_row("NF4 weight-only PTQ", NF4_W, _formats(F.NF4)),
+    ptq_row("MXFP8 w + fp8 a PTQ", MXFP8_W_FP8_A, _formats(F.MXFP8_E4M3, E4M3, "ema")),
+    qat_row("MXFP8 w + fp8 a QAT", MXFP8_W_FP8_A, _formats(F.MXFP8_E4M3, E4M3, "ema")),
+    served_row("fp8 e4m3 weight-only PTQ"),
+    served_row("fp8 e4m3 w+a PTQ (static)"),
+    served_row("MXFP4 weight-only PTQ"),
+    served_row("NVFP4 weight-only PTQ"),
+    served_row("NF4 weight-only PTQ"),
+    served_row("MXFP8 w + fp8 a QAT"),
+]
+
+
 # Row suites, chosen with ``--rows``: each is run after the same fp32 training.  "main" is
 # the table above; other suites add their own lists here (each starting with ``fp32_row``).
-SUITES: dict[str, list[Callable[[Context], Row]]] = {"main": ROWS}
+SUITES: dict[str, list[Callable[[Context], Row]]] = {"main": ROWS, "formats": FORMAT_ROWS}
 
 
 def suite_rows(names: list[str]) -> list[Callable[[Context], Row]]:

@@ -216,3 +216,36 @@ def test_quick_script_run_lowers_the_loss(tmp_path):
                           n_windows=ctx.args.eval_windows)
     assert bpb == pytest.approx(fp32.bpb, rel=1e-6)
     assert "fp32" in ex.table(results)
+
+
+@pytest.mark.parametrize("preset", ["MXFP4", "NVFP4", "NF4"])
+def test_format_rules_put_blocks_on_the_contraction(preset):
+    """The "formats" suite's rules: blocks along each kernel's contracted axis, clipped to
+    head_dim where that is shorter; the served model (packed codes + scales) gives the
+    fake-quantized model's logits."""
+    import pychop_jax as pj
+
+    ex = _load("transformer_lm")
+    c = lm.Config(d_model=64, num_heads=4, num_layers=1, mlp_ratio=2, max_len=8)
+    model, params = lm.init_linen(c, seed=2)
+    spec = pj.formats.PRESETS[preset]
+    g = spec.group_size
+    qmodel = pj.quantize_model(model, ex.format_rules(c, spec))
+    x = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    logits = qmodel.apply({"params": params}, x)
+    served_fn, served = pj.serve_model(qmodel, {"params": params}, x)
+    np.testing.assert_allclose(jax.jit(served_fn)(served, x), logits, rtol=1e-5, atol=1e-5)
+    p, s = params["blocks_0"], served["params"]["blocks_0"]
+    expected = {("attn", "out"): (1, min(g, 16)), ("attn", "query"): (0, min(g, 64)),
+                ("mlp_in",): (0, min(g, 64)), ("mlp_out",): (0, min(g, 128))}
+    for path, (axis, group) in expected.items():
+        kernel, qa = p, s
+        for key in path:
+            kernel, qa = kernel[key], qa[key]
+        kernel, qa = kernel["kernel"], qa["kernel"]
+        assert (qa.spec.axis, qa.spec.group_size, qa.spec.dtype) == (axis, group, spec.dtype)
+        want = dataclasses.replace(spec, axis=axis, group_size=group)
+        np.testing.assert_array_equal(qa.dequantize(),
+                                      pj.fake_quant(kernel, pj.calibrate(kernel, want)))
+    table = served["params"]["tok_embed"]["embedding"]
+    assert (table.spec.axis, table.spec.group_size) == (1, min(g, 64))

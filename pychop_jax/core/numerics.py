@@ -121,6 +121,8 @@ __all__ = [
     "tensor_scale_from_range",
     "effective_scale",
     "code_dtype",
+    "has_code_dtype",
+    "codes_as_bits",
     "encode_float_bits",
     "decode_float_bits",
     "mx_fake_quant",
@@ -194,6 +196,34 @@ def code_dtype(xp, spec: QuantSpec):
 
 
 _code_dtype = code_dtype
+
+
+def has_code_dtype(xp, spec: QuantSpec) -> bool:
+    """Whether ``xp`` has ``spec``'s code dtype (Torch has no fp4): where it has not, a
+    <= 8-bit float format's codes are its bit patterns as uint8 (``codes_as_bits``)."""
+    try:
+        code_dtype(xp, spec)
+    except TypeError:
+        return False
+    return True
+
+
+def codes_as_bits(xp, q, spec: QuantSpec):
+    """Codes of a float element format as uint8 holding the format's bit pattern
+    (ml_dtypes' layout in the low ``spec.bits`` bits: sign, exponent, fraction), the
+    form ``quantize`` gives where the namespace has no code dtype; uint8 codes (fp6,
+    NF4) as they are.  ``dequantize`` takes either form."""
+    if q.dtype == xp.uint8:
+        return q
+    if _is_jax(xp):
+        from jax import lax
+
+        width = xp.uint4 if spec.bits == 4 else xp.uint8
+        return xp.astype(lax.bitcast_convert_type(q, width), xp.uint8)
+    if spec.bits == 4:
+        raise TypeError(f"codes_as_bits: {spec.dtype} codes of this namespace have no "
+                        "bit view; quantize to uint8 codes instead.")
+    return q.view(xp.uint8)
 
 
 # -- granularity as shapes ----------------------------------------------------------
@@ -685,7 +715,9 @@ def _element_codes(xp, xv, sv, spec, noise, prescale):
     if spec.element_format.bits > 8:  # float16 / bfloat16 codes
         return xp.astype(v, code_dtype(xp, spec))
     u = encode_float_bits(xp, v, spec.element_format)
-    return u if spec.code_dtype == np.uint8 else _view_codes(xp, u, spec)
+    if spec.code_dtype == np.uint8 or not has_code_dtype(xp, spec):
+        return u  # fp6 everywhere, fp4 in Torch: the bit patterns as uint8
+    return _view_codes(xp, u, spec)
 
 
 def _view_codes(xp, u, spec):
@@ -706,7 +738,7 @@ def _code_values(xp, q, spec, F):
     from its bit patterns)."""
     if spec.dtype == "nf4":
         return _nf4_table(xp, xp.astype(q, xp.int32), F, q)
-    if spec.code_dtype == np.uint8:
+    if spec.code_dtype == np.uint8 or q.dtype == xp.uint8:  # bit patterns (codes_as_bits)
         return decode_float_bits(xp, q, spec.element_format, F)
     return xp.astype(q, F)
 

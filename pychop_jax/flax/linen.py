@@ -19,7 +19,8 @@ Drop-in for ``flax.linen`` layers, with the train/eval switch as a call argument
   ``nn.Dense`` / ``nn.Conv``: same attributes, same ``kernel``/``bias`` params (so a
   float checkpoint loads unchanged), plus the ``qat.QuantOptions`` fields
   (``weight_bits=8``, ``weight_symmetric=True``, ``act_bits=None``,
-  ``act_symmetric=False``, ``observer=observers.ema``, ``lsq=False``).  The kernel is
+  ``act_symmetric=False``, ``observer=observers.ema``, ``lsq=False``, and the float /
+  block formats ``weight_format`` / ``act_format``).  The kernel is
   fake-quantized per output channel inside the layer's op (a ``WeightQuant`` module in
   the ``dot_general_cls`` / ``conv_general_dilated_cls`` slot, which wraps
   ``dot_general`` / ``conv_general_dilated`` if given); the input, when ``act_bits``
@@ -83,6 +84,10 @@ class IntQuantizedLayer(nn.Module):
       observer: a ``pychop_jax.observers`` function (default ``ema``, momentum 0.9).
       lsq: learn the step size (and affine zero point) instead of observing.
       train: default of the call argument.
+      spec: a ``QuantSpec`` used instead of ``bits`` / ``symmetric`` / ``axis`` (float
+        element formats, e.g. ``QuantSpec(dtype="float8_e4m3fn")``); a per-block spec
+        (``group_size``, MX) calibrates on each call and keeps no statistics
+        (``qat.input_fake_quant``).
 
     Variables: ``quant_stats/range`` (``observers.RangeState``, compact shape ``()``
     or ``(C,)``); with ``lsq=True`` instead params ``lsq_scale`` (+ ``lsq_zero_point``).
@@ -94,16 +99,19 @@ class IntQuantizedLayer(nn.Module):
     observer: Callable = observers.ema
     lsq: bool = False
     train: bool | None = None
+    spec: QuantSpec | None = None
 
     @nn.compact
     def __call__(self, x, train: bool | None = None):
-        spec = QuantSpec(bits=self.bits, symmetric=self.symmetric, axis=self.axis)
+        spec = self.spec or QuantSpec(bits=self.bits, symmetric=self.symmetric, axis=self.axis)
         if self.lsq:
             return qat.learned_fake_quant(x, spec, *_lsq_params(self, x, spec))
+        train = _train(self.train, train)
+        if qat.is_dynamic(spec):
+            return qat.input_fake_quant(x, None, spec, self.observer, train=train)[0]
         n = None if spec.axis is None else x.shape[spec.resolve_axis(x.ndim)]
         stats = self.variable("quant_stats", "range", qat.init_stats, spec, n)
-        train = _train(self.train, train)
-        y, new = qat.observed_fake_quant(x, stats.value, spec, self.observer, train=train)
+        y, new = qat.input_fake_quant(x, stats.value, spec, self.observer, train=train)
         if train and not self.is_initializing():
             stats.value = new
         return y
@@ -146,8 +154,8 @@ class _QuantLayer(QuantOptions):
         # Module subclass defines itself
         spec = self.act_spec
         if spec is not None:
-            layer = IntQuantizedLayer(bits=spec.bits, symmetric=spec.symmetric,
-                                      observer=self.observer, lsq=self.lsq, name="input_quant")
+            layer = IntQuantizedLayer(spec=spec, observer=self.observer, lsq=self.lsq,
+                                      name="input_quant")
             inputs = layer(inputs, _train(self.train, train))
         return super().__call__(inputs)
 

@@ -18,7 +18,8 @@ Drop-in where ``nnx.Linear`` / ``nnx.Conv`` stand::
   subclass ``nnx.Linear`` / ``nnx.Conv`` and accept all their arguments, the same
   ``kernel``/``bias`` params, plus the ``qat.QuantOptions`` keywords
   (``weight_bits=8``, ``weight_symmetric=True``, ``act_bits=None``,
-  ``act_symmetric=False``, ``observer=observers.ema``, ``lsq=False``).  The kernel is
+  ``act_symmetric=False``, ``observer=observers.ema``, ``lsq=False``, and the float /
+  block formats ``weight_format`` / ``act_format``).  The kernel is
   fake-quantized per output channel inside the layer's op: a ``WeightQuant`` module in
   the ``dot_general`` / ``conv_general_dilated`` slot, wrapping the op passed there.
   The input, when ``act_bits`` is set, goes through an ``IntQuantizedLayer`` at
@@ -99,17 +100,23 @@ class IntQuantizedLayer(_LearnedStepSize):
       lsq: learn the step size (and affine zero point) instead of observing.
       use_running_average: True freezes the statistics (``model.eval()``), False
         updates them on every call (``model.train()``, the default).
+      spec: a ``QuantSpec`` used instead of ``bits`` / ``symmetric`` / ``axis`` (float
+        element formats); a per-block spec (``group_size``, MX) calibrates on each
+        call and keeps no statistics (``stats`` is ``None``).
     """
 
     def __init__(self, bits: int = 8, *, symmetric: bool = False, axis: int | None = None,
                  num_features: int | None = None, observer: Callable = observers.ema,
-                 lsq: bool = False, use_running_average: bool = False):
-        self.spec = QuantSpec(bits=bits, symmetric=symmetric, axis=axis)
+                 lsq: bool = False, use_running_average: bool = False,
+                 spec: QuantSpec | None = None):
+        self.spec = spec or QuantSpec(bits=bits, symmetric=symmetric, axis=axis)
         self.observer = observer
         self.lsq = lsq
         self.use_running_average = use_running_average
         if lsq:
             self._set_lsq(*qat.lsq_placeholder(self.spec, num_features))
+            self.stats = None
+        elif qat.is_dynamic(self.spec):
             self.stats = None
         else:
             self.stats = QuantStats(qat.init_stats(self.spec, num_features))
@@ -118,9 +125,9 @@ class IntQuantizedLayer(_LearnedStepSize):
         if self.lsq:
             return qat.learned_fake_quant(x, self.spec, *self._learned(x, self.spec))
         frozen = self.use_running_average if use_running_average is None else use_running_average
-        y, stats = qat.observed_fake_quant(x, self.stats.get_value(), self.spec, self.observer,
-                                           train=not frozen)
-        if not frozen:
+        stats = None if self.stats is None else self.stats.get_value()
+        y, stats = qat.input_fake_quant(x, stats, self.spec, self.observer, train=not frozen)
+        if not frozen and self.stats is not None:
             self.stats.set_value(stats)
         return y
 
@@ -159,7 +166,7 @@ class _QuantLayer:
             op, options.weight_spec, lsq=options.lsq, kernel=self.kernel[...])))
         spec = options.act_spec
         self.input_quant = None if spec is None else IntQuantizedLayer(
-            spec.bits, symmetric=spec.symmetric, observer=options.observer, lsq=options.lsq)
+            spec=spec, observer=options.observer, lsq=options.lsq)
 
     def __call__(self, inputs, *args, **kwargs):
         if self.input_quant is not None:

@@ -43,6 +43,9 @@ __all__ = [
     "compact_shape",
     "init_stats",
     "observed_fake_quant",
+    "input_fake_quant",
+    "format_spec",
+    "is_dynamic",
     "init_lsq",
     "lsq_placeholder",
     "learned_state",
@@ -77,6 +80,14 @@ class QuantOptions:
         blocks of 32 along a Dense kernel's input axis, the contraction), or an element
         format name (``"float8_e4m3fn"``, ``"nf4"``, ...: per output channel, float32
         scales).  The kernel is calibrated every call (no LSQ for these formats).
+      act_format: overrides ``act_bits`` / ``act_symmetric`` the same way: a
+        ``QuantSpec`` or an element format name (per tensor, float32 scale).  A spec
+        with one scale per tensor or per channel is *observed* like ``act_bits``
+        (``observer``; e.g. fp8 e4m3 per tensor with a frozen range at evaluation);
+        a per-block spec (``group_size``: MX / NVFP4 on the input's last axis,
+        ``pj.formats.MXFP8_E4M3`` as it is) is *dynamic*: calibrated on each call,
+        training and evaluation alike, as block-scaled hardware computes its scales.
+        No LSQ for float or block-scale formats.
     """
 
     weight_bits: int | None = 8
@@ -86,6 +97,7 @@ class QuantOptions:
     observer: Callable = observers.ema
     lsq: bool = False
     weight_format: QuantSpec | str | None = None
+    act_format: QuantSpec | str | None = None
 
     @property
     def weight_spec(self) -> QuantSpec | None:
@@ -97,30 +109,54 @@ class QuantOptions:
             block-scaled format together with ``lsq=True``.
         """
         if self.weight_format is not None:
-            spec = self.weight_format
-            if isinstance(spec, str):
-                try:
-                    spec = QuantSpec(dtype=spec, axis=-1)
-                except ValueError as err:
-                    raise ValueError(f"weight_format={self.weight_format!r}: {err}") from None
-            if not isinstance(spec, QuantSpec):
-                raise ValueError(f"weight_format must be a QuantSpec or an element format name; "
-                                 f"got {self.weight_format!r}.")
-            if self.lsq and (spec.is_float or spec.scale_dtype is not None):
-                raise ValueError(f"weight_format={spec.dtype or spec.scale_dtype!r} with "
-                                 "lsq=True: LSQ learns integer-grid step sizes; drop lsq or use "
-                                 "an integer weight spec.")
-            return spec
+            return format_spec("weight_format", self.weight_format, axis=-1, lsq=self.lsq)
         if self.weight_bits is None:
             return None
         return _spec("weight_bits", self.weight_bits, symmetric=self.weight_symmetric, axis=-1)
 
     @property
     def act_spec(self) -> QuantSpec | None:
-        """Per tensor, or ``None`` when the input is not quantized."""
+        """Per tensor, or ``None`` when the input is not quantized; ``act_format`` when
+        given.
+
+        Raises:
+          ValueError: as ``weight_spec``, for ``act_format``.
+        """
+        if self.act_format is not None:
+            return format_spec("act_format", self.act_format, axis=None, lsq=self.lsq)
         if self.act_bits is None:
             return None
         return _spec("act_bits", self.act_bits, symmetric=self.act_symmetric)
+
+
+def format_spec(option: str, value: QuantSpec | str, *, axis: int | None,
+                lsq: bool) -> QuantSpec:
+    """The spec of a ``weight_format`` / ``act_format`` option: a ``QuantSpec`` as it is,
+    or an element format name on ``axis`` (float32 scales).
+
+    Raises:
+      ValueError: ``value`` is neither, or a float / block-scale format with ``lsq``.
+    """
+    spec = value
+    if isinstance(spec, str):
+        try:
+            spec = QuantSpec(dtype=spec, axis=axis)
+        except ValueError as err:
+            raise ValueError(f"{option}={value!r}: {err}") from None
+    if not isinstance(spec, QuantSpec):
+        raise ValueError(f"{option} must be a QuantSpec or an element format name; "
+                         f"got {value!r}.")
+    if lsq and (spec.is_float or spec.scale_dtype is not None):
+        raise ValueError(f"{option}={spec.dtype or spec.scale_dtype!r} with lsq=True: LSQ "
+                         "learns integer-grid step sizes; drop lsq or use an integer spec.")
+    return spec
+
+
+def is_dynamic(spec: QuantSpec) -> bool:
+    """Whether an input quantizer of ``spec`` calibrates on each call instead of
+    observing a range: per-block specs (``group_size``), whose scales follow the
+    blocks of the batch at hand (MX, NVFP4)."""
+    return spec.group_size is not None
 
 
 def compact_shape(spec: QuantSpec, num_features: int | None = None) -> tuple[int, ...]:
@@ -177,6 +213,16 @@ def observed_fake_quant(x, stats: RangeState, spec: QuantSpec, observer: Callabl
         used = jax.lax.cond(full.count > 0, lambda: full, lambda: observer(full, x, spec))
     y = ops.fake_quant(x, observers.quant_state(used, spec))
     return y, full.reshape(jnp.shape(stats.lo))
+
+
+def input_fake_quant(x, stats: RangeState | None, spec: QuantSpec, observer: Callable, *,
+                     train: bool):
+    """An input quantizer's ``(y, stats)``: ``observed_fake_quant``, or for a dynamic
+    spec (``is_dynamic``; ``stats`` is ``None``) ``fake_quant_weight``'s calibration
+    on ``x`` itself, with ``stats`` returned as it came."""
+    if is_dynamic(spec):
+        return fake_quant_weight(x, spec), stats
+    return observed_fake_quant(x, stats, spec, observer, train=train)
 
 
 # -- learned step sizes --------------------------------------------------------------------

@@ -172,7 +172,8 @@ class QuantRule:
 def describe_spec(spec: QuantSpec | int | None, act: bool = False) -> str:
     """A rule's ``weight`` / ``act`` in words: ``"float"``, ``"int8 symmetric per output
     channel"`` (the ``int`` weight shorthand), ``"int4 symmetric, axis 0, groups of
-    32"``, ``"int8 affine per tensor"``, ..."""
+    32"``, ``"int8 affine per tensor"``, ``"float4_e2m1fn (E8M0 scales), axis 0, groups of
+    32"``, ..."""
     if spec is None:
         return "float"
     if isinstance(spec, int):
@@ -187,7 +188,15 @@ def describe_spec(spec: QuantSpec | int | None, act: bool = False) -> str:
         where = f"per channel (axis {spec.axis})"
     else:
         where = f"axis {spec.axis}, groups of {spec.group_size}"
-    return f"int{spec.bits} {grid}, {where}"
+    if spec.is_float:
+        grid = spec.dtype
+    else:
+        grid = f"int{spec.bits} {grid}"
+    if spec.scale_dtype == "float8_e8m0fnu":
+        grid += " (E8M0 scales)"
+    elif spec.scale_dtype is not None:
+        grid += f" ({spec.scale_dtype} x float32 scales)"
+    return f"{grid}, {where}"
 
 
 def uncoverable_error(path: str, layer: object, index: int) -> ValueError:

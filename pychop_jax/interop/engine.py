@@ -169,6 +169,13 @@ def quantize_pipeline(xp, x, scale, zero_point, spec, *, check):
     return numerics.quantize(xp, x, scale, zero_point, spec), all_finite(xp, x, check)
 
 
+def quantize_bits_pipeline(xp, x, scale, zero_point, spec, *, check):
+    """-> codes as uint8 bit patterns (``numerics.codes_as_bits``: a float format the
+    framework has no dtype for, fp4 in Torch), whether ``x`` was finite."""
+    q = numerics.quantize(xp, x, scale, zero_point, spec)
+    return numerics.codes_as_bits(xp, q, spec), all_finite(xp, x, check)
+
+
 def dequantize_pipeline(xp, q, scale, zero_point, spec):
     """-> floats."""
     return (numerics.dequantize(xp, q, scale, zero_point, spec),)
@@ -317,8 +324,13 @@ def _fitted(fw: Framework, shape, state: QuantState, what: str):
 
 def _require_codes(fw: Framework, q, spec: QuantSpec) -> None:
     """``TypeError`` unless ``q`` holds ``spec``'s codes (integer codes; a float element
-    format's own dtype)."""
-    if spec.element_format is None or spec.code_dtype.name == "uint8":
+    format's own dtype, or its uint8 bit patterns where the framework has no such dtype)."""
+    if spec.element_format is not None and not numerics.has_code_dtype(fw.xp, spec):
+        if str(q.dtype).removeprefix("torch.") != "uint8":
+            raise TypeError(f"dequantize: {fw.name} has no {spec.code_dtype.name} dtype, so "
+                            f"its {spec.dtype} codes are uint8 bit patterns (what quantize "
+                            f"returns); got {q.dtype} codes.")
+    elif spec.element_format is None or spec.code_dtype.name == "uint8":
         validation.require_integer_codes(fw.is_integer(q), q.dtype)
     elif str(q.dtype).removeprefix("torch.") != spec.code_dtype.name:
         validation.require_codes(np.float32, spec)  # raises with the expected dtype
@@ -362,12 +374,15 @@ def qparams(fw: Framework, lo, hi, spec: QuantSpec):
 
 def quantize(fw: Framework, x, state: QuantState, *, check: bool = True):
     """Integer codes of ``x``; see ``pychop_jax.quantize``.  ``check=False`` skips the
-    NaN / inf check (for input that was just calibrated on)."""
+    NaN / inf check (for input that was just calibrated on).  A float format the
+    framework has no dtype for (fp4 in Torch) gives uint8 codes holding its bit
+    patterns, the same bits as the JAX codes (``numerics.codes_as_bits``)."""
     _require_float_input(fw, x, "quantize")
-    if isinstance(state, QuantState) and state.spec.element_format is not None:
-        numerics.code_dtype(fw.xp, state.spec)  # TypeError where the framework lacks it
+    pipeline = quantize_pipeline
+    if isinstance(state, QuantState) and not numerics.has_code_dtype(fw.xp, state.spec):
+        pipeline = quantize_bits_pipeline  # Torch's fp4 codes: uint8 bit patterns
     scale, zero_point = _fitted(fw, tuple(x.shape), state, "quantize")
-    q, ok = run(fw, quantize_pipeline, (x, scale, zero_point), state.spec, check=check)
+    q, ok = run(fw, pipeline, (x, scale, zero_point), state.spec, check=check)
     if check and not bool(ok):
         raise_nonfinite(fw, x, "quantize")
     return q

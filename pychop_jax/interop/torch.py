@@ -102,7 +102,10 @@ def qparams(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec):
 
 
 def quantize(x: torch.Tensor, state: QuantState, *, check: bool = True) -> torch.Tensor:
-    """Integer codes (uint8/uint16 asymmetric, int8/int16 symmetric).  No gradient."""
+    """Integer codes (uint8/uint16 asymmetric, int8/int16 symmetric); float element
+    formats: torch's float8 dtypes, uint8 for fp6 and NF4, and for fp4 (torch has no
+    fp4 dtype) uint8 holding the fp4 bit pattern, the same bits as the JAX codes,
+    which ``dequantize`` takes.  No gradient."""
     return engine.quantize(FRAMEWORK, x, state, check=check)
 
 

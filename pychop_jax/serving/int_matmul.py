@@ -44,12 +44,16 @@ from ..core import numerics
 from ..core.qarray import QuantizedArray
 from ..core.spec import QuantSpec
 from ..core.state import QuantState
+from .float_matmul import float_dot_general
 
 __all__ = [
     "DEFAULT_INPUT_SPEC",
     "DEFAULT_WEIGHT_SPEC",
     "IntKernel",
     "KernelWrapper",
+    "float_kernel_input",
+    "is_float_kernel",
+    "is_integer_format",
     "int_dot_general",
     "int_conv_general_dilated",
     "make_int_dot_general",
@@ -111,6 +115,47 @@ class IntKernel(KernelWrapper):
     wrapped = "weights"
 
 
+def is_float_kernel(rhs) -> bool:
+    """Whether ``rhs`` is an ``IntKernel`` of float element or block-scale weights (fp8,
+    MX, NVFP4, NF4, ...), which the integer ops serve on the float path
+    (``float_kernel_input``)."""
+    return isinstance(rhs, IntKernel) and not is_integer_format(rhs.weights.spec)
+
+
+def is_integer_format(spec: QuantSpec) -> bool:
+    """Integer codes with float32 scales: what the integer path multiplies."""
+    return not (spec.is_float or spec.scale_dtype is not None)
+
+
+def float_kernel_input(lhs, kernel: IntKernel):
+    """The input of a float-format ``IntKernel``'s layer: a ``QuantizedArray`` under its
+    stored quantizer (``input_state``; calibrated per call under ``input_spec`` when it
+    has none), or ``lhs`` itself when the layer's input stays float."""
+    if kernel.input_state is not None:
+        state = kernel.input_state
+        return QuantizedArray.quantize(lhs, state.spec, state=state, pack=False)
+    if kernel.input_spec is not None:
+        return QuantizedArray.quantize(lhs, kernel.input_spec, pack=False)
+    return lhs
+
+
+def _float_kernel_dot_general(lhs, kernel: IntKernel, dimension_numbers,
+                              preferred_element_type, out_sharding):
+    """``int_dot_general`` of a float-format ``IntKernel``: ``float_dot_general`` of the
+    quantized input and the weights' codes (fp8 codes with float32 accumulation, MX
+    blocks, ...), or, for a float input, the dequantized weights in one float32
+    ``dot_general``."""
+    x = float_kernel_input(lhs, kernel)
+    if isinstance(x, QuantizedArray):
+        return float_dot_general(x, kernel.weights, dimension_numbers,
+                                 preferred_element_type=preferred_element_type,
+                                 out_sharding=out_sharding)
+    out = lax.dot_general(jnp.asarray(x, jnp.float32), kernel.weights.dequantize(jnp.float32),
+                          dimension_numbers, precision=lax.Precision.HIGHEST,
+                          preferred_element_type=jnp.float32)
+    return _as_output(out, preferred_element_type, out_sharding)
+
+
 def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):
     """Both operands as ``QuantizedArray``s (an ``IntKernel`` brings the lhs state)."""
     if isinstance(rhs, IntKernel):
@@ -125,7 +170,7 @@ def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):
 
 def _require_integer_format(qa: QuantizedArray, name: str, op: str = "the integer matmul"):
     spec = qa.spec
-    if spec.is_float or spec.scale_dtype is not None:
+    if not is_integer_format(spec):
         raise ValueError(
             f"{op}: the {name} is a {spec.dtype or spec.scale_dtype} format; the integer path "
             "takes integer codes with float32 scales. Use pychop_jax.float_dot_general "
@@ -215,13 +260,21 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     Returns:
       floats ``s_l s_r (sum q_l q_r - corrections)`` in the ``dot_general`` layout.
       Unknown keywords raise ``TypeError`` (a misspelled ``lhs_state=`` must not be
-      dropped silently).
+      dropped silently).  An ``IntKernel`` of float / block-scale weights (fp8, MX,
+      NVFP4, NF4: ``to_served`` of a ``weight_format`` layer) is served on the float
+      path instead: ``float_dot_general`` of its input, quantized by the kernel's
+      input quantizer, and its codes; or the dequantized weights against a float
+      input when the layer has no input quantizer.
 
     Raises:
       ValueError: codes wider than 8 bits, scales that vary along a contracted axis,
-        or a contraction too long for the int32 accumulator (``_check_accumulator``).
+        a contraction too long for the int32 accumulator (``_check_accumulator``), or
+        a float-format ``QuantizedArray`` operand (not wrapped in an ``IntKernel``).
     """
     del precision
+    if is_float_kernel(rhs):
+        return _float_kernel_dot_general(lhs, rhs, dimension_numbers, preferred_element_type,
+                                         out_sharding)
     (lc, rc), (lb, rb) = dimension_numbers
     ql, qr = _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state)
     _check_contracting(ql, lc, "lhs")
@@ -255,10 +308,16 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
 def _rescale(acc, scale, preferred_element_type, out_sharding):
     """``acc * scale`` in float, cast to the requested float type (default float32),
     constrained to ``out_sharding`` when one is given."""
+    return _as_output(acc.astype(scale.dtype) * scale, preferred_element_type, out_sharding)
+
+
+def _as_output(out, preferred_element_type, out_sharding):
+    """``out`` cast to the requested float type (default float32), constrained to
+    ``out_sharding`` when one is given."""
     out_dtype = preferred_element_type or jnp.float32
     if not jnp.issubdtype(out_dtype, jnp.floating):
         out_dtype = jnp.float32
-    out = (acc.astype(scale.dtype) * scale).astype(out_dtype)
+    out = out.astype(out_dtype)
     if out_sharding is not None:
         out = jax.lax.with_sharding_constraint(out, out_sharding)
     return out
@@ -328,9 +387,21 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
     ``z_x``, the code of 0.0.  Arguments as for ``lax.conv_general_dilated``
     (``lhs_dilation`` is not supported); ``rhs_spec`` defaults to 8-bit symmetric
     per output feature.  Windows of more codes than the int32 accumulator holds
-    exactly raise ``ValueError`` (see ``int_dot_general``).
+    exactly raise ``ValueError`` (see ``int_dot_general``).  An ``IntKernel`` of float
+    / block-scale weights is served as ``lax.conv_general_dilated`` in float32 of the
+    input fake-quantized by the kernel's input quantizer (if any) and the dequantized
+    weights (XLA:CPU has no fp8 convolution).
     """
     del precision
+    if is_float_kernel(rhs):
+        x = float_kernel_input(lhs, rhs)
+        x = x.dequantize(jnp.float32) if isinstance(x, QuantizedArray) else x
+        out = lax.conv_general_dilated(
+            jnp.asarray(x, jnp.float32), rhs.weights.dequantize(jnp.float32), window_strides,
+            padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+            batch_group_count, precision=lax.Precision.HIGHEST,
+            preferred_element_type=jnp.float32)
+        return _as_output(out, preferred_element_type, out_sharding)
     if lhs_dilation is not None and any(d != 1 for d in lhs_dilation):
         raise ValueError("int_conv_general_dilated: lhs_dilation (transposed convolution) "
                          "is not supported on the integer path.")

@@ -16,6 +16,16 @@ The served layer computes ``s_x s_w [sum q_x q_w - corrections] + b`` in int32, 
 same codes as the fake-quant evaluation, which sums ``(q_x - z_x) s_x * q_w s_w`` in
 float: the two agree up to float summation order (``tests/test_serving.py``; the
 digits example adds the served model as a row of its table).
+
+Layers with float or block-scaled weights (``weight_format``: fp8, MX, NVFP4, NF4) get
+an ``IntKernel`` too -- the codes as the ml_dtypes dtype (uint8 indices for NF4) and
+the scales -- which ``int_dot_general`` / ``int_conv_general_dilated`` serve on the
+float path: ``float_dot_general`` of the input quantized by the layer's input
+quantizer (``act_format`` / ``act_bits``; fp8 x fp8 codes with float32 accumulation,
+scales after) and the kernel's codes, or float32 products of the dequantized kernel
+with a float input (weight-only), the same as the QAT evaluation up to summation
+order.  A dynamic (per-block, MX) input quantizer is stored as its spec and
+calibrated per call.
 """
 
 from __future__ import annotations
@@ -136,7 +146,8 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
       (exactly so for the ``minmax`` and ``ema`` observers).  A layer whose input was
       never quantized (``act_bits=None``) is served with 8-bit dynamic inputs
       (``int_matmul.DEFAULT_INPUT_SPEC``): an integer product needs integer codes, so
-      that layer's output only approximates the float-input evaluation.
+      that layer's output only approximates the float-input evaluation.  Float and
+      block-scale weight formats keep a float input float (see the module docstring).
 
     Raises:
       ValueError: a quantized layer that keeps float weights (``weight_bits=None``).

@@ -405,13 +405,12 @@ def test_backends_bit_identical(i, x, stochastic):
     ref = as_bits(outs.pop("jit"))
     for name, out in outs.items():
         np.testing.assert_array_equal(as_bits(out), ref, err_msg=name)
-    if spec.dtype == "float4_e2m1fn":
-        return  # torch has no fp4 dtype
     q = as_bits(numerics.quantize(jnp, jnp.asarray(x), s, z, spec, noise=noise, **kw))
     np.testing.assert_array_equal(
         as_bits(numerics.quantize(xnp, x, s_np, z_np, spec, noise=noise, tensor_scale=t_np)), q)
-    np.testing.assert_array_equal(
-        as_bits(numerics.quantize(xtorch, xt, s_t, z_t, spec, noise=n_t, tensor_scale=t_t)), q)
+    # torch has no fp4 dtype: its fp4 codes are the same bit patterns as uint8
+    qt = numerics.quantize(xtorch, xt, s_t, z_t, spec, noise=n_t, tensor_scale=t_t)
+    np.testing.assert_array_equal(as_bits(qt), q)
 
 
 @pytest.mark.parametrize("spec", [F.MXFP8_E4M3, F.NVFP4, F.NF4, F.MXFP6_E2M3])
@@ -430,12 +429,17 @@ def test_adapters_give_the_same_bits(spec):
         s2 = fw.calibrate(xs, spec)
         assert (as_bits(s2.scale) == as_bits(state.scale)).all()
         np.testing.assert_array_equal(as_bits(fw.fake_quant(xs, s2)), y)
-        if fw.name == "torch" and spec.dtype == "float4_e2m1fn":
-            with pytest.raises(TypeError, match="torch has no float4_e2m1fn"):
-                fw.quantize(xs, s2)
-            continue
         q2 = fw.quantize(xs, s2)
-        np.testing.assert_array_equal(as_bits(q2), q)
+        if fw.name == "torch" and spec.dtype == "float4_e2m1fn":
+            # no fp4 dtype in torch: uint8 holding the fp4 bit pattern (ml_dtypes' layout,
+            # the low nibble), i.e. the JAX codes' bits; dequantize takes them back
+            assert q2.dtype == torch.uint8
+            np.testing.assert_array_equal(q2.numpy(), q)  # ml_dtypes' float4 byte = uint8
+            assert int(q2.max()) < 16
+            with pytest.raises(TypeError, match="uint8 bit patterns"):
+                fw.dequantize(q2.to(torch.int8), s2)
+        else:
+            np.testing.assert_array_equal(as_bits(q2), q)
         np.testing.assert_array_equal(as_bits(fw.dequantize(q2, s2)), y)
 
 
@@ -514,3 +518,21 @@ def test_mx_fake_quant_errors():
         numerics.mx_fake_quant(xnp, x, pj.QuantSpec(dtype="float8_e4m3fn"))
     with pytest.raises(TypeError, match="float32 / float64"):
         numerics.mx_fake_quant(xnp, x.astype(np.float16), F.MXFP4)
+
+
+@pytest.mark.parametrize("spec", [pj.QuantSpec(dtype="float8_e4m3fn"), F.MXFP4, F.MXFP6_E3M2,
+                                  F.NF4])
+def test_codes_as_bits_are_the_ml_dtypes_bytes(spec):
+    """The uint8 form of codes (Torch's fp4 codes): ml_dtypes' storage byte of each code,
+    decoded back to the same values by dequantize, in JAX and NumPy."""
+    x = rand((4, 64), seed=11) * 3
+    state = pj.calibrate(x, spec)
+    q = pj.quantize(x, state)
+    bits = numerics.codes_as_bits(jnp, q, spec)
+    assert bits.dtype == jnp.uint8
+    np.testing.assert_array_equal(np.asarray(bits), np.asarray(q).view(np.uint8))
+    assert int(bits.max()) < 2 ** spec.bits
+    s, z = np.asarray(state.scale), np.asarray(state.zero_point)
+    for xp, b in ((jnp, bits), (xnp, np.asarray(bits))):
+        np.testing.assert_array_equal(as_bits(numerics.dequantize(xp, b, s, z, spec)),
+                                      as_bits(pj.dequantize(q, state)))

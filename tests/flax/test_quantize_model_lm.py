@@ -150,6 +150,10 @@ def test_report_summary_names_rules_specs_and_layers():
     (pj.QuantSpec(bits=8), "int8 affine, per tensor"),
     (pj.QuantSpec(bits=3, symmetric=True, narrow_range=True, axis=-1),
      "int3 symmetric narrow, per channel (axis -1)"),
+    (pj.QuantSpec(dtype="float8_e4m3fn"), "float8_e4m3fn, per tensor"),
+    (pj.formats.MXFP4, "float4_e2m1fn (E8M0 scales), axis -1, groups of 32"),
+    (pj.formats.NVFP4, "float4_e2m1fn (float8_e4m3fn x float32 scales), axis -1, groups of 16"),
+    (pj.formats.MXINT8, "int8 symmetric narrow (E8M0 scales), axis -1, groups of 32"),
 ])
 def test_describe_spec(spec, words):
     from pychop_jax.flax.rules import describe_spec

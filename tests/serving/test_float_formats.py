@@ -56,6 +56,58 @@ def test_weight_format_errors():
         qnn.QuantDense(4, weight_format="fp8").init(jax.random.key(0), X)
 
 
+E4M3 = pj.QuantSpec(dtype="float8_e4m3fn")
+
+
+@pytest.mark.parametrize("act", ["float8_e4m3fn", E4M3, F.MXFP8_E4M3, F.MXFP4])
+def test_act_format_linen_and_nnx(act):
+    """The input quantizer of act_format: observed per-tensor fp8 (minmax: the batch's
+    own calibration while training, the frozen range at evaluation) or dynamic MX
+    blocks along the input's last axis (calibrated on every call)."""
+    spec = E4M3 if isinstance(act, str) else act
+    dynamic = spec.group_size is not None
+    wspec = pj.QuantSpec(dtype="float8_e4m3fn", axis=-1)
+    layer = qnn.QuantDense(16, weight_format="float8_e4m3fn", act_format=act,
+                           observer=pj.observers.minmax)
+    v = layer.init(jax.random.key(1), X)
+    assert ("quant_stats" in v) is not dynamic
+    p = v["params"]
+    w_hat = fq(p["kernel"], wspec)
+    y, upd = layer.apply(v, X, train=True, mutable=["quant_stats"])
+    np.testing.assert_array_equal(y, fq(X, spec) @ w_hat + p["bias"])
+    v = {**v, **upd}
+    other = 3.0 * X  # evaluation: observed specs keep X's range (and clip), MX follows
+    frozen = pj.calibrate(other if dynamic else X, spec)
+    want = pj.fake_quant(other, frozen) @ w_hat + p["bias"]
+    np.testing.assert_array_equal(layer.apply(v, other), want)
+    # gradient: the clipped STE of the input, through the fake-quantized kernel
+    gx = jax.grad(lambda x: layer.apply(v, x).sum())(other)
+    scale = np.asarray(frozen.scale)
+    scale = np.repeat(scale, other.shape[-1] // scale.shape[-1], -1)  # one per element
+    inside = np.abs(np.asarray(other) / scale) <= spec.max_value
+    ref = np.where(inside, np.asarray(w_hat).sum(1)[None, :], 0.0)
+    assert dynamic or not inside.all()  # the frozen range clips some of 3 * X
+    np.testing.assert_allclose(gx, ref, rtol=1e-6, atol=1e-6)
+    lin = qnnx.QuantDense(64, 16, weight_format="float8_e4m3fn", act_format=act,
+                          observer=pj.observers.minmax, rngs=nnx.Rngs(0))
+    lin.kernel[...] = p["kernel"]
+    lin.bias[...] = p["bias"]
+    lin.train()
+    np.testing.assert_array_equal(lin(X), fq(X, spec) @ w_hat + p["bias"])
+    lin.eval()
+    np.testing.assert_array_equal(lin(other), want)
+    assert (lin.input_quant.stats is None) is dynamic
+
+
+def test_act_format_errors():
+    with pytest.raises(ValueError, match="act_format='fp8'"):
+        qnn.QuantDense(4, act_format="fp8").init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="act_format='float8_e4m3fn' with lsq=True"):
+        qnn.QuantDense(4, act_format="float8_e4m3fn", lsq=True).init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match="act_format"):
+        qnnx.QuantDense(64, 4, act_format=3, rngs=nnx.Rngs(0))
+
+
 def test_observer_state_equals_calibration():
     for spec in (F.MXFP4, F.NVFP4, pj.QuantSpec(dtype="float8_e5m2")):
         stats = pj.observers.minmax(pj.observers.init(spec, X.shape), X, spec)

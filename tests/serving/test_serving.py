@@ -190,3 +190,60 @@ def test_nnx_layers_without_observed_data_calibrate_per_call():
 def test_nnx_float_weight_layers_cannot_be_served():
     with pytest.raises(ValueError, match="conv keeps float weights"):
         serving.to_served_nnx(trained_nnx(dict(weight_bits=None, act_bits=8)))
+
+
+# -- float and block-scaled formats (weight_format / act_format) ------------------------------
+FLOAT_CONFIGS = [
+    # fp8 x fp8, per channel / per tensor: float_dot_general's code GEMM
+    dict(weight_format="float8_e4m3fn", act_format="float8_e4m3fn"),
+    # fp4 weights with power-of-two scales per channel, float inputs (weight-only)
+    dict(weight_format=pj.QuantSpec(dtype="float4_e2m1fn", axis=-1,
+                                    scale_dtype="float8_e8m0fnu")),
+    # NF4 weights, MX fp8 inputs in blocks of 2 along the last axis (dynamic)
+    dict(weight_format="nf4", act_format=pj.formats.mx("float8_e4m3fn", group_size=2)),
+    # fp8 e5m2 weights, int8 inputs
+    dict(weight_format="float8_e5m2", act_bits=8),
+]
+
+
+def _float_report_checks(report, kw, kernel):
+    act = kw.get("act_format")
+    if act is None and "act_bits" not in kw:
+        expected = "dynamic"  # float input: no quantizer
+    else:
+        expected = "dynamic" if getattr(act, "group_size", None) else "observed"
+    assert {r.input_state for r in report} == {expected}
+    assert isinstance(kernel, pj.IntKernel)
+    spec = kw["weight_format"]
+    spec = spec if isinstance(spec, pj.QuantSpec) else pj.QuantSpec(dtype=spec, axis=-1)
+    assert kernel.weights.spec == spec
+    assert kernel.weights.unpacked_codes().dtype == spec.code_dtype  # e.g. float8_e4m3fn
+
+
+@pytest.mark.parametrize("kw", FLOAT_CONFIGS)
+def test_float_format_layers_are_served(kw):
+    model = QatNet(kw)
+    variables = trained_variables(model)
+    params, report = serving.to_served(model, variables, X[:1])
+    _float_report_checks(report, kw, params["fc"]["kernel"])
+    other = X * 1.5  # frozen input ranges clip some of it
+    fake = model.apply(variables, other)
+    for fn in (ServedNet().apply, jax.jit(ServedNet().apply)):
+        served = fn({"params": params}, other)
+        np.testing.assert_array_equal(jnp.argmax(served, -1), jnp.argmax(fake, -1))
+        np.testing.assert_allclose(served, fake, rtol=1e-5, atol=1e-5)
+    # the served codes are the ml_dtypes format itself, with the kernel's scales
+    w = params["fc"]["kernel"].weights
+    kernel = variables["params"]["fc"]["kernel"]
+    np.testing.assert_array_equal(w.dequantize(),
+                                  pj.fake_quant(kernel, pj.calibrate(kernel, w.spec)))
+
+
+@pytest.mark.parametrize("kw", FLOAT_CONFIGS[:3])
+def test_float_format_nnx_layers_are_served(kw):
+    model = trained_nnx(kw)
+    other = X * 1.5
+    fake = model(other)
+    served, report = serving.to_served_nnx(model)
+    _float_report_checks(report, kw, served.fc.kernel[...])
+    np.testing.assert_allclose(served(other), fake, rtol=1e-5, atol=1e-5)
