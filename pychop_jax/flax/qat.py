@@ -106,7 +106,7 @@ class QuantOptions:
             if not isinstance(spec, QuantSpec):
                 raise ValueError(f"weight_format must be a QuantSpec or an element format name; "
                                  f"got {self.weight_format!r}.")
-            if self.lsq and (spec.is_float or spec.scale_dtype is not None):
+            if self.lsq and (spec.is_float or spec.block_scaled):
                 raise ValueError(f"weight_format={spec.dtype or spec.scale_dtype!r} with "
                                  "lsq=True: LSQ learns integer-grid step sizes; drop lsq or use "
                                  "an integer weight spec.")

@@ -125,7 +125,7 @@ def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):
 
 def _require_integer_format(qa: QuantizedArray, name: str, op: str = "the integer matmul"):
     spec = qa.spec
-    if spec.is_float or spec.scale_dtype is not None:
+    if spec.is_float or spec.block_scaled:
         raise ValueError(
             f"{op}: the {name} is a {spec.dtype or spec.scale_dtype} format; the integer path "
             "takes integer codes with float32 scales. Use pychop_jax.float_dot_general "
@@ -248,7 +248,8 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     if not (sym_l or sym_r):
         acc = acc + int(np.prod([ql.shape[a] for a in lc])) * dot(zl, zr)
     # exact: one product per output element (HIGHEST keeps TF32 / bf16 passes away)
-    scale = dot(ql.state.scale, qr.state.scale, ql.state.scale.dtype)
+    sl, sr = ql.compute_state().scale, qr.compute_state().scale  # float16 scales widened
+    scale = dot(sl, sr, sl.dtype)
     return _rescale(acc, scale, preferred_element_type, out_sharding)
 
 
@@ -382,7 +383,8 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
         acc = acc - window_sums * per_out(jnp.reshape(zr, -1))
         if not sym_l:
             acc = acc + window * jnp.reshape(zl, ()) * per_out(jnp.reshape(zr, -1))
-    scale = jnp.reshape(ql.state.scale, ()) * per_out(jnp.reshape(qr.state.scale, -1))
+    scale = (jnp.reshape(ql.compute_state().scale, ())
+             * per_out(jnp.reshape(qr.compute_state().scale, -1)))
     return _rescale(acc, scale, preferred_element_type, out_sharding)
 
 

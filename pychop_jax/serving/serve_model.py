@@ -153,7 +153,7 @@ def _slots(kind: str, kernel) -> dict:
 def _integer(spec) -> bool:
     """Whether weights of ``spec`` take the integer path (integer codes, float32 scales);
     float element formats and block-scale formats are dequantized in the float op."""
-    return not (spec.is_float or spec.scale_dtype is not None)
+    return not (spec.is_float or spec.block_scaled)
 
 
 _SERVED = (QuantizedArray, IntKernel, ScaledKernel)
