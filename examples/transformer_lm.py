@@ -268,9 +268,14 @@ def per_channel_rules(c: lm.Config, bits: int = 8, act: int | None = None,
             QuantRule(".*", weight=bits, act=act, observer=observer)]
 
 
-def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False
-                ) -> list[QuantRule]:
+def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False,
+                scale_dtype: str | None = "float16") -> list[QuantRule]:
     """Weight-only, symmetric, one scale per ``group`` consecutive inputs of each output.
+
+    ``scale_dtype="float16"`` (default; GGUF Q4_0 / GPTQ / AWQ checkpoints do the same):
+    each scale rounded up to float16 and stored in 2 bytes, 4 + 16/g bits per weight
+    (4.5 at g32) instead of 4 + 32/g; ``None`` keeps float32 scales.  g128 uses it too:
+    one rule set, and the served g128 checkpoint shrinks as well.
 
     Dense / q,k,v kernels are grouped along their input axis 0; the attention output
     kernel ``(heads, head_dim, d)`` along head_dim (a group cannot span two heads), or
@@ -280,10 +285,11 @@ def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False
     d, hd = c.d_model, c.d_model // c.num_heads
 
     def spec(axis, n):
-        return QuantSpec(bits=bits, symmetric=True, axis=axis, group_size=min(group, n))
+        return QuantSpec(bits=bits, symmetric=True, axis=axis, group_size=min(group, n),
+                         scale_dtype=scale_dtype)
 
     if group >= d:
-        out = QuantSpec(bits=bits, symmetric=True, axis=-1)
+        out = QuantSpec(bits=bits, symmetric=True, axis=-1, scale_dtype=scale_dtype)
     elif group <= hd:
         out = spec(1, hd)
     else:

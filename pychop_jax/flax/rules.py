@@ -172,7 +172,7 @@ class QuantRule:
 def describe_spec(spec: QuantSpec | int | None, act: bool = False) -> str:
     """A rule's ``weight`` / ``act`` in words: ``"float"``, ``"int8 symmetric per output
     channel"`` (the ``int`` weight shorthand), ``"int4 symmetric, axis 0, groups of
-    32"``, ``"int8 affine per tensor"``, ..."""
+    32, float16 scales"``, ``"int8 affine per tensor"``, ..."""
     if spec is None:
         return "float"
     if isinstance(spec, int):
@@ -187,7 +187,8 @@ def describe_spec(spec: QuantSpec | int | None, act: bool = False) -> str:
         where = f"per channel (axis {spec.axis})"
     else:
         where = f"axis {spec.axis}, groups of {spec.group_size}"
-    return f"int{spec.bits} {grid}, {where}"
+    scales = f", {spec.scale_dtype} scales" if spec.scale_dtype else ""
+    return f"int{spec.bits} {grid}, {where}{scales}"
 
 
 def uncoverable_error(path: str, layer: object, index: int) -> ValueError:
