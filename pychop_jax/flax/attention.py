@@ -42,11 +42,13 @@ collection (``served_states``); nnx keeps the ``AttentionQuant`` in eval mode.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 from collections.abc import Callable
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from ..core import observers
@@ -57,8 +59,8 @@ from . import qat
 from .rules import QuantRule
 
 __all__ = ["OPERANDS", "AttentionPlan", "LinenAttentionEinsum", "quantized_linen_attention",
-           "is_quantized_linen_attention", "range_name", "served_states", "ServedAttention",
-           "SERVED"]
+           "is_quantized_linen_attention", "range_name", "served_name", "served_states",
+           "ServedAttention", "SERVED", "serve_linen", "intercepting"]
 
 #: the quantized operands: q and k of q.k^T, probs and v of probs.v
 OPERANDS = ("query", "key", "probs", "value")
@@ -113,8 +115,8 @@ class LinenAttentionEinsum:
 class _EinsumFactory:
     """A ``*_einsum_cls`` field value: builds the einsum when the module calls it."""
 
-    def __init__(self, make: Callable):
-        self.make = make
+    def __init__(self, make: Callable, plan: AttentionPlan | None):
+        self.make, self.plan = make, plan
 
     def __call__(self):
         return self.make()
@@ -145,17 +147,18 @@ def quantized_linen_attention(module, rule_or_plan, path: str = "", make_einsum=
     (default: ``LinenAttentionEinsum`` with the rule's plan)."""
     _check_linen(module, path)
     scope = module.scope.rewound()
+    plan = rule_or_plan if isinstance(rule_or_plan, AttentionPlan) else \
+        AttentionPlan.from_rule(rule_or_plan)
     if make_einsum is None:
-        plan = rule_or_plan if isinstance(rule_or_plan, AttentionPlan) else \
-            AttentionPlan.from_rule(rule_or_plan)
-
         def make_einsum(scope, names):
             return LinenAttentionEinsum(plan, scope, names)
 
     return module.clone(
         parent=scope,
-        qk_attn_weights_einsum_cls=_EinsumFactory(lambda: make_einsum(scope, OPERANDS[:2])),
-        attn_weights_value_einsum_cls=_EinsumFactory(lambda: make_einsum(scope, OPERANDS[2:])))
+        qk_attn_weights_einsum_cls=_EinsumFactory(lambda: make_einsum(scope, OPERANDS[:2]),
+                                                  plan),
+        attn_weights_value_einsum_cls=_EinsumFactory(lambda: make_einsum(scope, OPERANDS[2:]),
+                                                     plan))
 
 
 def is_quantized_linen_attention(module) -> bool:
@@ -164,16 +167,21 @@ def is_quantized_linen_attention(module) -> bool:
         module.qk_attn_weights_einsum_cls, _EinsumFactory)
 
 
+def served_name(operand: str) -> str:
+    """The ``quant_attention`` entry of an operand's frozen quantizer."""
+    return f"attn_{operand}"
+
+
 def served_states(stats_node: dict, plan: AttentionPlan) -> dict:
-    """The frozen ``{operand: {"scale", "zero_point"}}`` of a module's observed ranges
-    (``stats_node``: its ``quant_stats`` subtree); operands whose range has seen
+    """The frozen ``{attn_<operand>: {"scale", "zero_point"}}`` of a module's observed
+    ranges (``stats_node``: its ``quant_stats`` subtree); operands whose range has seen
     nothing are left out (they calibrate per call, as the QAT evaluation does)."""
     out = {}
     for name in OPERANDS:
         stats = stats_node.get(range_name(name))
         if stats is not None and int(stats.count) > 0:
             state = observers.quant_state(stats, plan.spec)
-            out[name] = {"scale": state.scale, "zero_point": state.zero_point}
+            out[served_name(name)] = {"scale": state.scale, "zero_point": state.zero_point}
     return out
 
 
@@ -185,8 +193,8 @@ class ServedAttention:
         self.spec, self.scope, self.names = spec, scope, names
 
     def _quantize(self, name, x):
-        if self.scope.has_variable(SERVED, name):
-            s = self.scope.get_variable(SERVED, name)
+        if self.scope.has_variable(SERVED, served_name(name)):
+            s = self.scope.get_variable(SERVED, served_name(name))
             state = QuantState(s["scale"], s["zero_point"], self.spec)
         else:
             state = calibrate(x, self.spec)
@@ -195,3 +203,58 @@ class ServedAttention:
     def __call__(self, subscripts, a, b, **kwargs):
         a, b = self._quantize(self.names[0], a), self._quantize(self.names[1], b)
         return jnp.einsum(subscripts, a, b, **kwargs)
+
+
+def _attention_plans(qmodel, variables, args, kwargs) -> dict[str, AttentionPlan]:
+    """Path -> plan of every quantized attention module one evaluation call reaches."""
+    plans = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        if is_quantized_linen_attention(context.module):
+            plans["/".join(context.module.path)] = context.module.qk_attn_weights_einsum_cls.plan
+        return next_fun(*call_args, **call_kwargs)
+
+    with nn.intercept_methods(record):
+        jax.eval_shape(lambda v: qmodel.apply(v, *args, **kwargs), variables)
+    return plans
+
+
+def serve_linen(qmodel, variables, args, kwargs):
+    """``(interceptor, collections)`` for ``serve_model``'s linen path: the served
+    model's attention modules run their products with the stored frozen quantizers;
+    ``collections`` is ``{"quant_attention": ...}`` (``{}`` when no attention module is
+    quantized; then ``interceptor`` is ``None``)."""
+    plans = _attention_plans(qmodel, variables, args, kwargs)
+    if not plans:
+        return None, {}
+    stats = variables.get(_STATS, {})
+    served = {}
+    for path, plan in plans.items():
+        node, target = stats, served
+        for key in path.split("/"):
+            node = node.get(key, {}) if hasattr(node, "get") else {}
+            target = target.setdefault(key, {})
+        target.update(served_states(node, plan))
+
+    def interceptor(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        plan = plans.get("/".join(module.path))
+        if plan is None or context.method_name != "__call__" \
+                or is_quantized_linen_attention(module):
+            return next_fun(*call_args, **call_kwargs)
+        clone = quantized_linen_attention(
+            module, plan, make_einsum=lambda scope, names: ServedAttention(plan.spec, scope,
+                                                                           names))
+        return clone(*call_args, **call_kwargs)
+
+    return interceptor, {SERVED: served}
+
+
+@contextlib.contextmanager
+def intercepting(interceptor):
+    """``nn.intercept_methods(interceptor)``, or nothing for ``None``."""
+    if interceptor is None:
+        yield
+    else:
+        with nn.intercept_methods(interceptor):
+            yield

@@ -13,7 +13,7 @@ from .attention import OPERANDS, AttentionPlan, range_name
 from .nnx import QuantStats
 from .rules import QuantRule
 
-__all__ = ["AttentionQuant", "install_nnx", "is_attention"]
+__all__ = ["AttentionQuant", "install_nnx", "is_attention", "freeze"]
 
 
 def is_attention(module) -> bool:
@@ -92,3 +92,11 @@ def install_nnx(layer, rule: QuantRule, path: str = "") -> None:
     slot = AttentionQuant(AttentionPlan.from_rule(rule), path)
     delattr(layer, "attention_fn")  # a static function becomes a data node
     layer.attention_fn = nnx.data(slot)
+
+
+def freeze(model) -> None:
+    """Freeze the ranges of every ``AttentionQuant`` in ``model`` (``serve_model``: a
+    served copy evaluates, whatever mode the quantized model was in)."""
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, AttentionQuant):
+            m.use_running_average = True

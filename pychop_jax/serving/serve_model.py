@@ -37,7 +37,9 @@ How the served layers compute:
   quantizer (if any), the weights dequantized, inside the jitted computation.
 
 Either way the served output equals the QAT model's frozen evaluation up to float
-summation order.
+summation order.  Attention products quantized by a rule's ``attention`` stay the
+same fake quantization with the frozen ranges (``pychop_jax.flax.attention``; linen:
+the served variables' ``quant_attention`` collection).
 
 A layer whose rule has a ``method`` (GPTQ, AWQ, SmoothQuant, HQQ; run by
 ``calibrate_model``) is served from its ``MethodResult``: the codes of the
@@ -56,7 +58,7 @@ import jax
 from ..core import observers
 from ..core.ops import calibrate, fake_quant
 from ..core.qarray import QuantizedArray
-from ..flax import qat
+from ..flax import attention, qat
 from ..flax.operands import LayerPlan, kernel_name, roles
 from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, QuantizedModel
 from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
@@ -215,12 +217,13 @@ def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
             input_step=_step(learned, "input") if plan.learns_input else None,
             result=_subtree(methods, path).get("result"))
     model = qmodel.float_model
+    attn, attn_vars = attention.serve_linen(qmodel, variables, args, kwargs)
 
     def served_fn(served_vars, *call_args, **call_kwargs):
-        with nn.intercept_methods(_serve_interceptor):
+        with nn.intercept_methods(_serve_interceptor), attention.intercepting(attn):
             return model.apply(_unpacked(served_vars), *call_args, **call_kwargs)
 
-    return served_fn, {"params": params}
+    return served_fn, {"params": params, **attn_vars}
 
 
 def _step(learned, prefix: str):
@@ -237,9 +240,11 @@ def _as_dicts(tree):
 def _serve_nnx(qmodel):
     from flax import nnx
 
+    from ..flax import nnx_attention
     from ..flax.nnx_model import OperandQuant
 
     served = nnx.clone(qmodel)
+    nnx_attention.freeze(served)  # attention products: the frozen fake quantization
     layers = [(p, m) for p, m in nnx.iter_modules(served)
               if isinstance(getattr(m, "promote_dtype", None), OperandQuant)]
     for path, layer in layers:
