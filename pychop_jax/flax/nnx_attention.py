@@ -37,12 +37,13 @@ class AttentionQuant(nnx.Module):
         self.plan = plan
         self.path = path
         self.use_running_average = False
+        self.initializing = False  # quantize_model's sample call observes nothing
         for name in OPERANDS:
             setattr(self, range_name(name), QuantStats(plan.init_range()))
 
     def _quantize(self, name, x):
         var = getattr(self, range_name(name))
-        train = not self.use_running_average
+        train = not (self.use_running_average or self.initializing)
         y, new = qat.observed_fake_quant(x, var.get_value(), self.plan.spec, self.plan.observer,
                                          train=train)
         if train:

@@ -201,7 +201,8 @@ def quantize_nnx(model, rules, *args, **kwargs):
 
 def _run_initializing(qmodel, *args, **kwargs):
     """One eager call that sets LSQ input step sizes from the data and observes nothing."""
-    slots = [m for _, m in nnx.iter_modules(qmodel) if isinstance(m, OperandQuant)]
+    slots = [m for _, m in nnx.iter_modules(qmodel)
+             if isinstance(m, (OperandQuant, nnx_attention.AttentionQuant))]
     for m in slots:
         m.initializing = True
     try:

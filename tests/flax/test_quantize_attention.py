@@ -186,3 +186,39 @@ def test_nnx_custom_attention_fn_is_an_error():
                                    attention_fn=nnx_reference, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="custom attention_fn"):
         pj.quantize_model(model, [pj.QuantRule(".*", attention=8)])
+
+
+def test_nnx_sample_call_observes_nothing():
+    x = data(1)
+    qmodel = pj.quantize_model(nnx_block(), [pj.QuantRule(".*", weight=8, act=8, lsq=True,
+                                                          attention=8)], x)
+    assert int(qmodel.attention_fn.attn_query_range.get_value().count) == 0
+    qmodel(x)
+    assert int(qmodel.attention_fn.attn_query_range.get_value().count) == 1
+
+
+def test_lm_example_attention_rules_take_every_block():
+    import importlib.util
+    import os
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    for name in ("transformer_lm_model", "transformer_lm"):
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, os.path.join(root, f"{name}.py"))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+    lm, ex = sys.modules["transformer_lm_model"], sys.modules["transformer_lm"]
+    config = lm.Config(d_model=16, num_heads=2, num_layers=2, mlp_ratio=2, max_len=12)
+    model, params = lm.init_linen(config, seed=1)
+    tokens = jnp.arange(16, dtype=jnp.int32).reshape(2, 8)
+    report = pj.quantization_report(model, ex.attention_rules(config), tokens)
+    took = [m.path for m in report.layers if m.rule == 0]
+    assert took == ["blocks_0/attn", "blocks_1/attn"] and not report.unmatched
+    qmodel = pj.quantize_model(model, ex.attention_rules(config))
+    variables = {**qmodel.init(jax.random.key(0), tokens), "params": params}
+    _, upd = qmodel.apply(variables, tokens, mutable=["quant_stats"])
+    ranges = upd["quant_stats"]["blocks_1"]["attn"]
+    assert all(int(ranges[f"attn_{n}_range"].count) == 1
+               for n in ("query", "key", "probs", "value"))
