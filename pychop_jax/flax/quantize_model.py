@@ -178,9 +178,9 @@ class _LinenInterceptor:
             return None
         return "/".join(path[len(self.prefix):])
 
-    def _attention(self, module, args, kwargs):
-        """An attention module's call with its products quantized (``attention.py``),
-        or ``None`` when no rule with ``attention`` takes it."""
+    def _attention(self, module):
+        """The clone of an attention module whose products are quantized
+        (``attention.py``), or ``None`` when no rule with ``attention`` takes it."""
         if attention.is_quantized_linen_attention(module):
             return None
         path = self._path(module)
@@ -188,14 +188,14 @@ class _LinenInterceptor:
         if index is None or self.rules[index].attention is None:
             return None
         self.entries.append((path, type(module).__name__, index, "attention"))
-        return (attention.quantized_linen_attention(module, self.rules[index], path),)
+        return attention.quantized_linen_attention(module, self.rules[index], path)
 
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
         if method == "__call__" and isinstance(module, nn.MultiHeadDotProductAttention):
-            quantized = self._attention(module, args, kwargs)
-            if quantized is not None:
-                return quantized[0](*args, **kwargs)
+            clone = self._attention(module)
+            if clone is not None:
+                return clone(*args, **kwargs)
         kind = _LINEN_KINDS.get(type(module))
         if kind is not None and isinstance(module.promote_dtype, LinenOperands):
             return next_fun(*args, **kwargs)  # the quantized clone itself

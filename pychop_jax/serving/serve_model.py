@@ -153,7 +153,8 @@ def _slots(kind: str, kernel) -> dict:
 
 
 def _integer(spec) -> bool:
-    """Whether weights of ``spec`` take the integer path (integer codes, float32 scales);
+    """Whether weights of ``spec`` take the integer path (integer codes, float32 or
+    float16 / bfloat16 scales);
     float element formats and block-scale formats are dequantized in the float op."""
     return not (spec.is_float or spec.block_scaled)
 
