@@ -57,3 +57,19 @@ def test_float16_scales_shrink_the_int4_checkpoint(tmp_path):
         sizes[sd] = pj.save_quantized(tmp_path / f"{sd}.msgpack", served)
     n_scales = 64 * 64 // 32 + 8  # hidden (64, 64) in groups of 32, out (64, 8) in one group
     assert sizes[None] - sizes["float16"] == pytest.approx(2 * n_scales, abs=32)
+
+
+@pytest.mark.parametrize("method", ["GPTQ", "HQQ", "AWQ"])
+def test_algorithms_work_on_the_rounded_grid(method):
+    """The algorithms' kernels lie on the float16-scale grid the served model uses, so
+    the served logits equal the calibrated model's evaluation."""
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    rule = pj.QuantRule(".*", weight=spec("float16"), method=getattr(pj.algorithms, method)())
+    qmodel = pj.quantize_model(MLP(), [rule])
+    variables, _ = pj.calibrate_model(qmodel, qmodel.init(jax.random.key(0), x), [x])
+    served_fn, served = pj.serve_model(qmodel, variables, x)
+    kernel = served["params"]["hidden"]["kernel"]
+    kernel = getattr(kernel, "kernel", kernel)  # AWQ: a ScaledKernel around it
+    assert kernel.state.scale.dtype == jnp.float16
+    np.testing.assert_allclose(served_fn(served, x), qmodel.apply(variables, x),
+                               rtol=1e-5, atol=1e-5)
