@@ -34,6 +34,12 @@ quantized too).  The rows (``ROWS``):
 * served rows (``pj.serve_model``): checkpoint bytes (``pj.save_quantized``) and the
   forward time of a 64 x 256 batch against fp32, timed interleaved.
 
+The int4 rules keep one float16 scale per group (``QuantSpec(scale_dtype="float16")``,
+rounded up; 4.5 bits per weight at g32).  Other suites (``--rows``): ``attention`` adds
+w8a8 with the attention products quantized too (``QuantRule(attention=...)``: the
+q.k^T and probs.v operands int8 or int4 per tensor, static ranges) and its served
+copy; ``scales`` puts the int4 rows beside the same rows with float32 scales.
+
 Prints the rules' reports (which rule took which layer), one table (held-out
 bits/byte, change vs fp32, checkpoint bytes, forward time) and the wall and process
 CPU time; saves a plot (training curves and bits/byte per row) to
@@ -268,9 +274,14 @@ def per_channel_rules(c: lm.Config, bits: int = 8, act: int | None = None,
             QuantRule(".*", weight=bits, act=act, observer=observer)]
 
 
-def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False
-                ) -> list[QuantRule]:
+def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False,
+                scale_dtype: str | None = "float16") -> list[QuantRule]:
     """Weight-only, symmetric, one scale per ``group`` consecutive inputs of each output.
+
+    ``scale_dtype="float16"`` (default; GGUF Q4_0 / GPTQ / AWQ checkpoints do the same):
+    each scale rounded up to float16 and stored in 2 bytes, 4 + 16/g bits per weight
+    (4.5 at g32) instead of 4 + 32/g; ``None`` keeps float32 scales.  g128 uses it too:
+    one rule set, and the served g128 checkpoint shrinks as well.
 
     Dense / q,k,v kernels are grouped along their input axis 0; the attention output
     kernel ``(heads, head_dim, d)`` along head_dim (a group cannot span two heads), or
@@ -280,10 +291,11 @@ def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False
     d, hd = c.d_model, c.d_model // c.num_heads
 
     def spec(axis, n):
-        return QuantSpec(bits=bits, symmetric=True, axis=axis, group_size=min(group, n))
+        return QuantSpec(bits=bits, symmetric=True, axis=axis, group_size=min(group, n),
+                         scale_dtype=scale_dtype)
 
     if group >= d:
-        out = QuantSpec(bits=bits, symmetric=True, axis=-1)
+        out = QuantSpec(bits=bits, symmetric=True, axis=-1, scale_dtype=scale_dtype)
     elif group <= hd:
         out = spec(1, hd)
     else:
@@ -424,19 +436,65 @@ W8 = "int8 weights per channel"
 W8A8 = "int8 weights, int8 inputs (static)"
 W4G32, W4G128, W4G32_LSQ = "int4 weights g32", "int4 weights g128", "int4 weights g32, LSQ"
 
+W8A8_ROW = ptq_row("w8a8 PTQ (static ranges)", W8A8, functools.partial(per_channel_rules, act=8))
+W4G32_ROW = ptq_row("int4 g32 PTQ (RTN)", W4G32, group_rules)
+W4G128_ROW = ptq_row("int4 g128 PTQ (RTN)", W4G128, functools.partial(group_rules, group=128))
+W4G32_QAT_ROW = qat_row("int4 g32 QAT", W4G32, group_rules)
+W4G32_QAT_SERVED = served_row("int4 g32 QAT")
+
 ROWS: list[Callable[[Context], Row]] = [
     fp32_row,
     ptq_row("int8 weight-only PTQ", W8, per_channel_rules),
-    ptq_row("w8a8 PTQ (static ranges)", W8A8, functools.partial(per_channel_rules, act=8)),
-    ptq_row("int4 g32 PTQ (RTN)", W4G32, group_rules),
-    ptq_row("int4 g128 PTQ (RTN)", W4G128, functools.partial(group_rules, group=128)),
+    W8A8_ROW,
+    W4G32_ROW,
+    W4G128_ROW,
     fp32_control_row,
-    qat_row("int4 g32 QAT", W4G32, group_rules),
+    W4G32_QAT_ROW,
     qat_row("int4 g32 QAT, LSQ", W4G32_LSQ, functools.partial(group_rules, lsq=True)),
     served_row("int8 weight-only PTQ"),
     served_row("w8a8 PTQ (static ranges)", "w8a8 PTQ, served (int8 matmuls)"),
     served_row("int4 g128 PTQ (RTN)"),
-    served_row("int4 g32 QAT"),
+    W4G32_QAT_SERVED,
+]
+
+
+def attention_rules(c: lm.Config, bits: int = 8) -> list[QuantRule]:
+    """w8a8 (``per_channel_rules(act=8)``) plus the attention products: the q.k^T and
+    probs.v operands of every attention module ``bits``-bit affine per tensor, each with
+    its own minmax range from the calibration batches (``QuantRule(attention=...)``)."""
+    return [QuantRule(r".*blocks_\d+/attn", attention=bits, observer="minmax"),
+            *per_channel_rules(c, act=8)]
+
+
+W8A8_ATTN = "int8 weights, int8 inputs, int8 attention products (static)"
+W8A8_ATTN4 = "int8 weights, int8 inputs, int4 attention products (static)"
+
+#: w8a8 with the attention products quantized too (not in "main": its time budget)
+ATTENTION_ROWS: list[Callable[[Context], Row]] = [
+    fp32_row,
+    W8A8_ROW,
+    ptq_row("w8a8 + attention PTQ", W8A8_ATTN, attention_rules),
+    ptq_row("w8a8 + attention (int4) PTQ", W8A8_ATTN4,
+            functools.partial(attention_rules, bits=4)),
+    served_row("w8a8 + attention PTQ"),
+]
+
+_F32 = dict(scale_dtype=None)
+#: the int4 rows with float16 scales (as in "main") beside the same rows with float32
+#: scales: bits/byte and checkpoint bytes of the scale format alone
+SCALE_ROWS: list[Callable[[Context], Row]] = [
+    fp32_row,
+    W4G32_ROW,
+    ptq_row("int4 g32 PTQ (RTN), fp32 scales", W4G32 + ", fp32 scales",
+            functools.partial(group_rules, **_F32)),
+    W4G128_ROW,
+    ptq_row("int4 g128 PTQ (RTN), fp32 scales", W4G128 + ", fp32 scales",
+            functools.partial(group_rules, group=128, **_F32)),
+    W4G32_QAT_ROW,
+    qat_row("int4 g32 QAT, fp32 scales", W4G32 + ", fp32 scales",
+            functools.partial(group_rules, **_F32)),
+    W4G32_QAT_SERVED,
+    served_row("int4 g32 QAT, fp32 scales"),
 ]
 
 # -- float and block-scaled formats (suite "formats") --------------------------------------------
@@ -498,7 +556,8 @@ FORMAT_ROWS: list[Callable[[Context], Row]] = [
 
 # Row suites, chosen with ``--rows``: each is run after the same fp32 training.  "main" is
 # the table above; other suites add their own lists here (each starting with ``fp32_row``).
-SUITES: dict[str, list[Callable[[Context], Row]]] = {"main": ROWS, "formats": FORMAT_ROWS}
+SUITES: dict[str, list[Callable[[Context], Row]]] = {
+    "main": ROWS, "formats": FORMAT_ROWS, "attention": ATTENTION_ROWS, "scales": SCALE_ROWS}
 
 
 def suite_rows(names: list[str]) -> list[Callable[[Context], Row]]:

@@ -86,6 +86,12 @@ formats (``scale_dtype``) use the same order with these differences:
   ``tiny`` set to +0.0 on every platform (XLA:CPU flushes subnormal products, NumPy
   and Torch do not).
 * clip mask: ``|t| <= max_value``.
+
+Rounded scales (``scale_dtype="float16"`` / ``"bfloat16"`` on an integer grid): the
+integer grid's formulas above, with the scale rounded up onto the format's grid by
+``round_scale`` (integer bit patterns) right after ``scale == 0 -> 1`` / ``tiny``, and
+again (idempotent) wherever a state's scale is applied, so a learned or hand-made scale
+lies on the grid too.  The zero point is computed from the rounded scale.
 """
 
 from __future__ import annotations
@@ -126,6 +132,7 @@ __all__ = [
     "encode_float_bits",
     "decode_float_bits",
     "mx_fake_quant",
+    "round_scale",
 ]
 
 #: scales above this use the power-of-two pre-scale of rule 4
@@ -335,7 +342,7 @@ def qparams_from_range(xp, lo, hi, spec: QuantSpec, tensor_scale=None):
     scale formats: ``_block_qparams`` (the block scales of a two-level spec are relative
     to ``tensor_scale``, by default ``tensor_scale_from_range(lo, hi)``).
     """
-    if spec.is_float or spec.scale_dtype is not None:
+    if spec.is_float or spec.block_scaled:
         return _block_qparams(xp, lo, hi, spec, tensor_scale)
     F = lo.dtype
     fi = _finfo(xp, F)
@@ -356,7 +363,7 @@ def qparams_from_range(xp, lo, hi, spec: QuantSpec, tensor_scale=None):
         shrink, grow = barrier(xp, shrink, grow)
         span = hi * shrink - lo * shrink
         scale = (span * recip_levels) * grow
-    scale = xp.where(span == zero, one, xp.maximum(scale, tiny))
+    scale = round_scale(xp, xp.where(span == zero, one, xp.maximum(scale, tiny)), spec)
     if spec.symmetric:
         zero_point = xp.zeros(scale.shape, dtype=xp.int32, **_device(xp, lo))
     else:
@@ -386,6 +393,26 @@ def _block_qparams(xp, lo, hi, spec, tensor_scale):
         scale = amax * (one / _const(xp, spec.max_value, F, lo))
         scale = xp.where(amax == _const(xp, 0.0, F, lo), one, xp.maximum(scale, tiny))
     return scale, zero_point
+
+
+def round_scale(xp, scale, spec: QuantSpec):
+    """An integer grid's scale on its ``scale_dtype``'s grid (``"float16"`` /
+    ``"bfloat16"``): rounded **up** (``floatgrid.round_to_format(..., rounding="up")``,
+    integer bit patterns, so every backend gives the same bits), saturating at the
+    format's largest finite value; returned in ``scale``'s dtype.  Other specs' scales
+    pass unchanged.
+
+    Up, not nearest: ``amax * fl(1/qmax)`` rounded up keeps ``amax / scale <= qmax``,
+    so calibration never clips the value that set the range (a scale rounded down
+    would push ``max|w| / scale`` above ``qmax``; the clip of the codes stays correct
+    either way).  The relative step is at most 2^-10 (float16) / 2^-7 (bfloat16) of the
+    scale.  Idempotent: a scale already on the grid is unchanged, so ``_views`` applies
+    it to every state a quantizer is handed (learned LSQ steps, states built by hand).
+    """
+    fmt = spec.rounded_scale_format
+    if fmt is None:
+        return scale
+    return floatgrid.round_to_format(xp, scale, fmt, rounding="up", overflow="saturate")
 
 
 def tensor_scale_from_range(xp, lo, hi, spec: QuantSpec):
@@ -484,7 +511,7 @@ def _views(xp, x, scale, zero_point, spec, tensor_scale=None):
     (learned) zero point is rounded here (``integer_zero_point``), so every function
     below sees the int32 zero point the grid uses.  A two-level state's scale is its
     ``effective_scale``."""
-    scale = effective_scale(xp, scale, tensor_scale)
+    scale = round_scale(xp, effective_scale(xp, scale, tensor_scale), spec)
     if spec.is_float:  # zero point 0, never learned
         zero_point = xp.astype(zero_point, xp.int32)
     view, _, state_view = layout(spec, x.shape)

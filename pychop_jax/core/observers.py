@@ -166,9 +166,10 @@ def mse_range(xp, x, spec: QuantSpec, *, num_candidates: int = 100):
     The candidates are evaluated together (a leading axis of length ``K``), so the
     work is ``K`` passes over ``x``.
     """
-    if spec.is_float or spec.scale_dtype is not None:
+    if spec.is_float or spec.block_scaled:
         raise ValueError("observers.mse: the MSE search covers integer grids with float32 "
-                         f"scales; got dtype={spec.dtype!r}, scale_dtype={spec.scale_dtype!r}. "
+                         f"(or float16 / bfloat16) scales; got dtype={spec.dtype!r}, "
+                         f"scale_dtype={spec.scale_dtype!r}. "
                          "Use minmax / ema / percentile for float and block-scaled formats.")
     F = numerics.compute_dtype(xp, x.dtype)
     x = xp.astype(x, F)

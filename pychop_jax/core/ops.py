@@ -318,9 +318,10 @@ def fake_quant(x, state: QuantState, *, grad: str = "clipped", key=None, check: 
 
 
 def _require_integer_grid(spec: QuantSpec, what: str):
-    if spec.is_float or spec.scale_dtype is not None:
+    if spec.is_float or spec.block_scaled:
         raise ValueError(f"{what}: learned step sizes (LSQ) need an integer grid with float32 "
-                         f"scales; got dtype={spec.dtype!r}, scale_dtype={spec.scale_dtype!r}. "
+                         f"(or float16 / bfloat16) scales; got dtype={spec.dtype!r}, "
+                         f"scale_dtype={spec.scale_dtype!r}. "
                          "Use calibrate / an observer for float and block-scaled formats.")
 
 

@@ -11,6 +11,11 @@ default), the scales are stored in ``spec.scale_dtype`` (one byte per block for 
 float8; the entry points widen them exactly), a two-level spec's ``tensor_scale`` is one
 float32, and the zero point, 0 by construction, is stored once (shape ``(1,) * ndim``).
 So MXFP4 costs 4.25 bits per element plus a few bytes, NVFP4 4.5.
+
+Integer grids with ``scale_dtype="float16"`` / ``"bfloat16"`` store their scales in that
+dtype (rounded up onto its grid by ``numerics.round_scale``, which the calibrated ones
+already are), and a symmetric grid's zero point once: int4 per group of 32 costs
+4 + 16/32 = 4.5 bits per weight instead of 4 + 32/32.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import ops, packing
+from . import numerics, ops, packing
 from .spec import QuantSpec
 from .state import QuantState
 
@@ -115,6 +120,8 @@ class QuantizedArray:
         if not _compact(state.spec):
             return state
         scale = ops.widen_scale(state.scale)
+        if not state.spec.symmetric:  # an affine grid keeps its zero points
+            return state.replace(scale=scale)
         return state.replace(scale=scale, zero_point=jnp.zeros(scale.shape, jnp.int32))
 
     @property
@@ -160,19 +167,23 @@ class QuantizedArray:
 
 def _compact(spec: QuantSpec) -> bool:
     """Whether ``QuantizedArray`` stores this spec's state compactly (scales in their
-    scale format, one zero point)."""
+    scale format, one zero point when the grid is symmetric)."""
     return spec.is_float or spec.scale_dtype is not None
 
 
 def storage_state(state: QuantState) -> QuantState:
     """The state as a ``QuantizedArray`` stores it (see the module docstring): for
-    float element grids and block-scale formats the scales in ``spec.scale_dtype`` and
-    one zero point; other states unchanged."""
+    float element grids, block-scale formats and float16 / bfloat16 scales the scales in
+    ``spec.scale_dtype`` and (symmetric grids) one zero point; other states unchanged."""
     spec = state.spec
     if not _compact(spec):
         return state
     scale = jnp.asarray(state.scale)
+    if spec.rounded_scale_format is not None and scale.dtype != spec.storage_scale_dtype:
+        scale = numerics.round_scale(jnp, scale, spec)  # a learned / hand-made scale
     if spec.storage_scale_dtype is not None:
         scale = scale.astype(spec.storage_scale_dtype)  # exact: the scales lie on its grid
+    if not spec.symmetric:
+        return state.replace(scale=scale)
     zero = jnp.zeros((1,) * scale.ndim, jnp.int32)
     return state.replace(scale=scale, zero_point=zero)

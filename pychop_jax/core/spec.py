@@ -43,6 +43,14 @@ Scale formats (``scale_dtype``):
 * a float8 name (``"float8_e4m3fn"``: NVFP4): two levels, a per-tensor float32 scale
   ``amax_tensor / (max(scale_dtype) * max_value)`` and block scales on the scale format's
   grid (``blockscale.two_level_scales``).
+* ``"float16"`` / ``"bfloat16"`` (integer grids only; GGUF Q4_0's and GPTQ / AWQ
+  checkpoints' fp16 scales): the integer grid's scale ``amax / qmax`` (or the affine
+  span's) rounded **up** onto that format's grid (``numerics.round_scale``), so the
+  calibrated ``amax`` never clips (``amax / scale <= qmax``); scales above the format's
+  largest finite value saturate to it (values beyond then clip).  Every op applies
+  ``round_scale`` to the scale it is given (idempotent on rounded scales), so a learned
+  (LSQ) or hand-made scale is on the grid too; ``QuantizedArray`` and checkpoints store
+  the scales in that dtype (2 bytes each).
 
 The spec is a frozen, hashable dataclass, so it can be a static argument of
 ``jax.jit`` and the static metadata of the ``QuantState`` pytree.
@@ -61,7 +69,7 @@ import numpy as np
 from . import floatgrid
 
 __all__ = ["QuantSpec", "MIN_BITS", "MAX_BITS", "NF4_VALUES", "ELEMENT_DTYPES", "SCALE_DTYPES",
-           "SCALE_ROUNDINGS", "split_bounds", "join_bounds"]
+           "ROUNDED_SCALE_DTYPES", "SCALE_ROUNDINGS", "split_bounds", "join_bounds"]
 
 MIN_BITS = 2
 MAX_BITS = 16
@@ -79,7 +87,9 @@ NF4_VALUES.flags.writeable = False
 ELEMENT_DTYPES = tuple(n for n in floatgrid.FORMATS if n != "float32") + ("nf4",)
 #: block-scale formats ``QuantSpec(scale_dtype=...)`` accepts (``None``: float32 scales)
 SCALE_DTYPES = ("float8_e8m0fnu", "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
-                "float8_e5m2fnuz")
+                "float8_e5m2fnuz", "float16", "bfloat16")
+#: scale formats of an integer grid's rounded scales (the others are block-scale formats)
+ROUNDED_SCALE_DTYPES = ("float16", "bfloat16")
 #: how an E8M0 scale rounds ``log2(amax / max_value)``: OCP's floor, or up
 SCALE_ROUNDINGS = ("floor", "ceil")
 
@@ -128,8 +138,9 @@ class QuantSpec:
         ``"uint<b>"`` (shorthand for ``bits=b`` symmetric / affine; normalised to
         ``dtype=None``), a float format name (``ELEMENT_DTYPES``) or ``"nf4"``.  Float
         grids set ``bits`` to the format's width and ``symmetric=True``.
-      scale_dtype: ``None``, ``"float8_e8m0fnu"`` (power-of-two MX scales) or a float8
-        name (two-level scales, NVFP4); see the module docstring.
+      scale_dtype: ``None``, ``"float8_e8m0fnu"`` (power-of-two MX scales), a float8
+        name (two-level scales, NVFP4), or ``"float16"`` / ``"bfloat16"`` (an integer
+        grid's scales rounded up to that format); see the module docstring.
       scale_rounding: E8M0 only: ``"floor"`` (OCP MX v1.0, default) or ``"ceil"``.
 
     Raises:
@@ -191,7 +202,11 @@ class QuantSpec:
         if self.scale_rounding != "floor" and scale != "float8_e8m0fnu":
             raise ValueError("QuantSpec.scale_rounding applies to power-of-two scales only; "
                              "set scale_dtype='float8_e8m0fnu' or leave scale_rounding out.")
-        if scale is not None and name is None and not self.symmetric:
+        if scale in ROUNDED_SCALE_DTYPES and name is not None:
+            raise ValueError(f"QuantSpec(scale_dtype={scale!r}) rounds an integer grid's "
+                             f"scales; dtype={name!r} is a float element grid. Leave "
+                             "scale_dtype out (float32 scales) or use a float8 scale_dtype.")
+        if self.block_scaled and name is None and not self.symmetric:
             raise ValueError(f"QuantSpec(scale_dtype={scale!r}) needs a symmetric grid (block "
                              "scales have no zero point); set symmetric=True.")
 
@@ -260,7 +275,22 @@ class QuantSpec:
     def two_level(self) -> bool:
         """Whether the scales are two-level (a per-tensor float32 scale times block
         scales of a float8 ``scale_dtype``, as NVFP4)."""
-        return self.scale_dtype is not None and self.scale_dtype != "float8_e8m0fnu"
+        return self.scale_dtype is not None and self.scale_dtype != "float8_e8m0fnu" \
+            and self.scale_dtype not in ROUNDED_SCALE_DTYPES
+
+    @property
+    def block_scaled(self) -> bool:
+        """Whether ``scale_dtype`` is a block-scale format (E8M0 or two-level float8), whose
+        scales follow ``blockscale``'s rules rather than the integer grid's."""
+        return self.scale_dtype is not None and self.scale_dtype not in ROUNDED_SCALE_DTYPES
+
+    @property
+    def rounded_scale_format(self) -> floatgrid.FloatFormat | None:
+        """The ``FloatFormat`` an integer grid's scales are rounded up to
+        (``scale_dtype="float16"`` / ``"bfloat16"``), else ``None``."""
+        if self.scale_dtype in ROUNDED_SCALE_DTYPES:
+            return floatgrid.FORMATS[self.scale_dtype]
+        return None
 
     @property
     def scale_format(self) -> floatgrid.FloatFormat | None:
@@ -389,10 +419,10 @@ def split_bounds(spec: QuantSpec):
     """``spec`` -> (int32 ``[qmin, qmax]``, hashable structure with the same layout,
     signedness and code dtype).  Cached: eager calls pay for it once per spec.
 
-    Only plain integer grids share a structure between bit widths; a spec with an
-    element format or a scale format is its own structure (float grids get
-    ``[0, 0]``, unused)."""
-    if spec.is_float or spec.scale_dtype is not None:
+    Only integer grids (float32 or float16 / bfloat16 scales) share a structure between
+    bit widths; a spec with an element format or a block-scale format is its own
+    structure (float grids get ``[0, 0]``, unused)."""
+    if spec.is_float or spec.block_scaled:
         bounds = np.array([0, 0] if spec.element_format else [spec.qmin, spec.qmax], np.int32)
         bounds.flags.writeable = False
         return bounds, spec

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from . import qat
+from . import nnx_attention, qat
 from .nnx import QuantStats
 from .operands import (
     LayerPlan,
@@ -148,7 +148,10 @@ def _classify(model, rules):
         kind = _KINDS.get(type(module))
         index = first_match(rules, path)
         quantizing = index is not None and rules[index].quantizes
-        if kind is not None:
+        if index is not None and rules[index].attention is not None \
+                and nnx_attention.is_attention(module):
+            found.append((path, module, index, "attention"))
+        elif kind is not None:
             found.append((path, module, index, kind))
         elif index is None or isinstance(module, OperandQuant):
             continue
@@ -176,6 +179,9 @@ def quantize_nnx(model, rules, *args, **kwargs):
     qmodel = nnx.clone(model)
     layers = _classify(qmodel, rules)  # listed first: the loop changes the graph
     for path, layer, index, kind in layers:
+        if kind == "attention":
+            nnx_attention.install_nnx(layer, rules[index], path)
+            continue
         if kind not in _KINDS.values() or index is None or not rules[index].quantizes:
             continue
         if isinstance(layer.promote_dtype, OperandQuant):
@@ -195,7 +201,8 @@ def quantize_nnx(model, rules, *args, **kwargs):
 
 def _run_initializing(qmodel, *args, **kwargs):
     """One eager call that sets LSQ input step sizes from the data and observes nothing."""
-    slots = [m for _, m in nnx.iter_modules(qmodel) if isinstance(m, OperandQuant)]
+    slots = [m for _, m in nnx.iter_modules(qmodel)
+             if isinstance(m, (OperandQuant, nnx_attention.AttentionQuant))]
     for m in slots:
         m.initializing = True
     try:

@@ -146,7 +146,7 @@ def format_spec(option: str, value: QuantSpec | str, *, axis: int | None,
     if not isinstance(spec, QuantSpec):
         raise ValueError(f"{option} must be a QuantSpec or an element format name; "
                          f"got {value!r}.")
-    if lsq and (spec.is_float or spec.scale_dtype is not None):
+    if lsq and (spec.is_float or spec.block_scaled):
         raise ValueError(f"{option}={spec.dtype or spec.scale_dtype!r} with lsq=True: LSQ "
                          "learns integer-grid step sizes; drop lsq or use an integer spec.")
     return spec

@@ -49,6 +49,12 @@ and its params are untouched.
   layer's ``QuantStats`` and LSQ ``nnx.Param`` s.  ``qmodel.train()`` / ``eval()`` set its
   ``use_running_average`` as for ``BatchNorm`` (new copies observe).
 
+**Attention products.**  A rule with ``attention`` quantizes the ``q k^T`` and
+``probs v`` operands of the attention modules it matches (``attention.py``): linen
+re-calls ``MultiHeadDotProductAttention`` as a clone whose einsum fields quantize
+(ranges ``quant_stats/<module>/attn_*_range``), nnx sets an ``nnx.MultiHeadAttention``'s
+``attention_fn`` to an ``AttentionQuant`` (``nnx_attention.py``).
+
 **Errors.**  A module whose path matches a quantizing rule but that is not a covered
 stock layer and holds parameters itself (``ConvTranspose``, ``ConvLocal``, a
 subclass of a covered layer, a custom module with raw params) raises ``ValueError``
@@ -69,6 +75,7 @@ from collections.abc import Callable, Sequence
 import flax.linen as nn
 import jax
 
+from . import attention
 from .operands import (
     LayerPlan,
     init_input_range,
@@ -171,8 +178,24 @@ class _LinenInterceptor:
             return None
         return "/".join(path[len(self.prefix):])
 
+    def _attention(self, module):
+        """The clone of an attention module whose products are quantized
+        (``attention.py``), or ``None`` when no rule with ``attention`` takes it."""
+        if attention.is_quantized_linen_attention(module):
+            return None
+        path = self._path(module)
+        index = None if path is None else first_match(self.rules, path)
+        if index is None or self.rules[index].attention is None:
+            return None
+        self.entries.append((path, type(module).__name__, index, "attention"))
+        return attention.quantized_linen_attention(module, self.rules[index], path)
+
     def __call__(self, next_fun, args, kwargs, context):
         module, method = context.module, context.method_name
+        if method == "__call__" and isinstance(module, nn.MultiHeadDotProductAttention):
+            clone = self._attention(module)
+            if clone is not None:
+                return clone(*args, **kwargs)
         kind = _LINEN_KINDS.get(type(module))
         if kind is not None and isinstance(module.promote_dtype, LinenOperands):
             return next_fun(*args, **kwargs)  # the quantized clone itself

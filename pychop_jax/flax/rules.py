@@ -37,6 +37,16 @@ A ``QuantRule`` says how the layers whose path it matches are quantized::
   kernel (a ``QuantMethod``: ``pychop_jax.algorithms.GPTQ`` / ``AWQ`` /
   ``SmoothQuant`` / ``HQQ``).  It runs in ``pychop_jax.calibrate_model``; until then
   the layer is quantized by round-to-nearest.  Not combined with ``lsq``.
+* ``attention``: for an attention module the rule matches (linen
+  ``MultiHeadDotProductAttention`` and its subclasses, nnx ``MultiHeadAttention``),
+  the quantizer of the operands of its two activation x activation products: the
+  query and key of ``q k^T`` and the attention probabilities and value of
+  ``probs v`` (``pychop_jax.flax.attention``).  A per-tensor ``QuantSpec`` or an int
+  ``b`` (``b``-bit affine, as ``act``); each operand has its own range, tracked by
+  ``observer`` (``lsq`` does not apply to them).  ``weight`` / ``act`` concern the
+  layers a rule matches and ``attention`` the attention modules, so one rule
+  ``QuantRule(".*", weight=8, act=8, attention=8)`` quantizes both; a rule with only
+  ``attention`` leaves the layers it matches float (first match decides).
 """
 
 from __future__ import annotations
@@ -121,15 +131,20 @@ class QuantRule:
     observer: str | Callable = "ema"
     lsq: bool = False
     method: QuantMethod | None = None
+    attention: QuantSpec | int | None = None
 
     def __post_init__(self):
         re.compile(self.module_path)
         _spec(self.weight, "weight", lambda b: QuantSpec(bits=b, symmetric=True))
         _spec(self.act, "act", lambda b: QuantSpec(bits=b))
-        if isinstance(self.act, QuantSpec) and self.act.axis is not None:
-            raise ValueError(
-                f"QuantRule({self.module_path!r}).act has axis={self.act.axis}: inputs are "
-                "quantized per tensor (one observed range); use axis=None.")
+        _spec(self.attention, "attention", lambda b: QuantSpec(bits=b))
+        for field in ("act", "attention"):
+            value = getattr(self, field)
+            if isinstance(value, QuantSpec) and value.axis is not None:
+                raise ValueError(
+                    f"QuantRule({self.module_path!r}).{field} has axis={value.axis}: "
+                    "activations are quantized per tensor (one observed range); use "
+                    "axis=None.")
         if isinstance(self.observer, str):
             if self.observer not in OBSERVERS:
                 raise ValueError(f"QuantRule.observer={self.observer!r}: choose one of "
@@ -165,6 +180,11 @@ class QuantRule:
         """The input's spec (an int becomes an affine per-tensor spec)."""
         return QuantSpec(bits=self.act) if isinstance(self.act, int) else self.act
 
+    def attention_spec(self) -> QuantSpec | None:
+        """The attention products' operand spec (an int becomes affine per tensor)."""
+        return QuantSpec(bits=self.attention) if isinstance(self.attention, int) \
+            else self.attention
+
     def observer_fn(self) -> Callable:
         return OBSERVERS[self.observer] if isinstance(self.observer, str) else self.observer
 
@@ -173,7 +193,7 @@ def describe_spec(spec: QuantSpec | int | None, act: bool = False) -> str:
     """A rule's ``weight`` / ``act`` in words: ``"float"``, ``"int8 symmetric per output
     channel"`` (the ``int`` weight shorthand), ``"int4 symmetric, axis 0, groups of
     32"``, ``"int8 affine per tensor"``, ``"float4_e2m1fn (E8M0 scales), axis 0, groups of
-    32"``, ..."""
+    32"``, ``"int4 symmetric, axis 0, groups of 32, float16 scales"``, ..."""
     if spec is None:
         return "float"
     if isinstance(spec, int):
@@ -194,9 +214,10 @@ def describe_spec(spec: QuantSpec | int | None, act: bool = False) -> str:
         grid = f"int{spec.bits} {grid}"
     if spec.scale_dtype == "float8_e8m0fnu":
         grid += " (E8M0 scales)"
-    elif spec.scale_dtype is not None:
+    elif spec.block_scaled:
         grid += f" ({spec.scale_dtype} x float32 scales)"
-    return f"{grid}, {where}"
+    scales = f", {spec.scale_dtype} scales" if spec.rounded_scale_format else ""
+    return f"{grid}, {where}{scales}"
 
 
 def uncoverable_error(path: str, layer: object, index: int) -> ValueError:
@@ -276,16 +297,20 @@ class QuantReport:
         lines = []
         for i, rule in enumerate(self.rules):
             took = [m.path for m in self.layers if m.rule == i]
+            name = rule.observer if isinstance(rule.observer, str) else \
+                getattr(rule.observer, "__name__", "custom")
             if not rule.quantizes:
                 what = "float (excluded)"
             else:
                 what = (f"weight {describe_spec(rule.weight)}, input "
                         f"{describe_spec(rule.act, act=True)}")
                 if rule.act is not None and not rule.lsq:
-                    name = rule.observer if isinstance(rule.observer, str) else \
-                        getattr(rule.observer, "__name__", "custom")
                     what += f" ({name} observer)"
                 what += ", LSQ" if rule.lsq else ""
+            if rule.attention is not None:
+                what = "" if not rule.quantizes else what + "; "
+                what += (f"attention q.k^T and probs.v operands "
+                         f"{describe_spec(rule.attention, act=True)} ({name} observer)")
             layers = f"{len(took)} layer(s) [{', '.join(sorted(kinds(i)))}]: {paths(took)}" \
                 if took else "no layer (unmatched)"
             lines.append(f"#{i} {rule.module_path!r}: {what} -> {layers}")
@@ -315,6 +340,8 @@ class QuantReport:
             seen.add(path)
             if kind is None:
                 skipped.append((path, name))
+            elif kind == "attention":  # an attention module whose products are quantized
+                layers.append(LayerMatch(path, name, index, True))
             else:  # a covered layer, or an uncoverable one that a rule excludes
                 quantized = index is not None and rules[index].quantizes
                 layers.append(LayerMatch(path, name, index, quantized))

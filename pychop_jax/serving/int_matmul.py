@@ -123,8 +123,9 @@ def is_float_kernel(rhs) -> bool:
 
 
 def is_integer_format(spec: QuantSpec) -> bool:
-    """Integer codes with float32 scales: what the integer path multiplies."""
-    return not (spec.is_float or spec.scale_dtype is not None)
+    """Integer codes with float32 scales (or float16 / bfloat16 ones, widened): what the
+    integer path multiplies."""
+    return not (spec.is_float or spec.block_scaled)
 
 
 def float_kernel_input(lhs, kernel: IntKernel):
@@ -301,7 +302,8 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     if not (sym_l or sym_r):
         acc = acc + int(np.prod([ql.shape[a] for a in lc])) * dot(zl, zr)
     # exact: one product per output element (HIGHEST keeps TF32 / bf16 passes away)
-    scale = dot(ql.state.scale, qr.state.scale, ql.state.scale.dtype)
+    sl, sr = ql.compute_state().scale, qr.compute_state().scale  # float16 scales widened
+    scale = dot(sl, sr, sl.dtype)
     return _rescale(acc, scale, preferred_element_type, out_sharding)
 
 
@@ -453,7 +455,8 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
         acc = acc - window_sums * per_out(jnp.reshape(zr, -1))
         if not sym_l:
             acc = acc + window * jnp.reshape(zl, ()) * per_out(jnp.reshape(zr, -1))
-    scale = jnp.reshape(ql.state.scale, ()) * per_out(jnp.reshape(qr.state.scale, -1))
+    scale = (jnp.reshape(ql.compute_state().scale, ())
+             * per_out(jnp.reshape(qr.compute_state().scale, -1)))
     return _rescale(acc, scale, preferred_element_type, out_sharding)
 
 

@@ -50,7 +50,10 @@ another method; ``served_fn`` takes ``method=`` too); a served call that reaches
 layer a rule quantizes but the sample call did not raises ``ValueError``.
 
 Either way the served output equals the QAT model's frozen evaluation up to float
-summation order (an ``Embed`` lookup: exactly).
+summation order (an ``Embed`` lookup: exactly).  Attention products quantized by a
+rule's ``attention`` stay the same fake quantization with the frozen ranges
+(``pychop_jax.flax.attention``; linen: the served variables' ``quant_attention``
+collection).
 
 A layer whose rule has a ``method`` (GPTQ, AWQ, SmoothQuant, HQQ; run by
 ``calibrate_model``) is served from its ``MethodResult``: the codes of the
@@ -72,7 +75,7 @@ import jax.numpy as jnp
 from ..core import observers
 from ..core.ops import calibrate, fake_quant
 from ..core.qarray import QuantizedArray
-from ..flax import qat
+from ..flax import attention, qat
 from ..flax.operands import LayerPlan, kernel_name, roles
 from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, QuantizedModel
 from ..flax.rules import first_match
@@ -177,9 +180,10 @@ def _slots(kind: str, kernel) -> dict:
 
 
 def _integer(spec) -> bool:
-    """Whether weights of ``spec`` take the integer path (integer codes, float32 scales);
+    """Whether weights of ``spec`` take the integer path (integer codes, float32 or
+    float16 / bfloat16 scales);
     float element formats and block-scale formats are dequantized in the float op."""
-    return not (spec.is_float or spec.scale_dtype is not None)
+    return not (spec.is_float or spec.block_scaled)
 
 
 _SERVED = (QuantizedArray, IntKernel, ScaledKernel)
@@ -322,12 +326,14 @@ def _serve_linen(qmodel: QuantizedModel, variables, *args, **kwargs):
     model = qmodel.float_model
     tables = frozenset(("params", *filter(None, path.split("/")), "embedding")
                        for path, plan in plans.items() if plan.kind == "embed")
+    attn, attn_vars = attention.serve_linen(qmodel, variables, args, kwargs)
 
     def served_fn(served_vars, *call_args, **call_kwargs):
-        with nn.intercept_methods(functools.partial(_serve_interceptor, rules=qmodel.rules)):
+        with nn.intercept_methods(functools.partial(_serve_interceptor, rules=qmodel.rules)), \
+                attention.intercepting(attn):
             return model.apply(_unpacked(served_vars, tables), *call_args, **call_kwargs)
 
-    return served_fn, {"params": params}
+    return served_fn, {"params": params, **attn_vars}
 
 
 def _step(learned, prefix: str):
@@ -344,10 +350,12 @@ def _as_dicts(tree):
 def _serve_nnx(qmodel):
     from flax import nnx
 
+    from ..flax import nnx_attention
     from ..flax.nnx_model import OperandQuant
     from .served_nnx_embed import ServedEmbed
 
     served = nnx.clone(qmodel)
+    nnx_attention.freeze(served)  # attention products: the frozen fake quantization
     layers = [(p, m) for p, m in nnx.iter_modules(served)
               if isinstance(getattr(m, "promote_dtype", None), OperandQuant)]
     for path, layer in layers:

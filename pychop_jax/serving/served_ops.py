@@ -34,15 +34,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..core.ops import calibrate, fake_quant
-from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general
+from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, is_integer_format
 
 __all__ = ["int_ready", "served_dot_general", "served_conv_general_dilated",
            "einsum_dimension_numbers", "served_einsum"]
 
 
 def _integer_codes(spec) -> bool:
-    return spec is not None and not (spec.is_float or spec.scale_dtype is not None) \
-        and spec.bits <= 8
+    return spec is not None and is_integer_format(spec) and spec.bits <= 8
 
 
 def int_ready(kernel: IntKernel, contracted) -> bool:

@@ -143,7 +143,9 @@ def gptq(w, hessian, spec: QuantSpec, *, damp: float = 0.01, act_order: bool = F
     if group is not None and k % group:
         raise ValueError(f"gptq: K={k} is not a multiple of group_size={group}.")
     col_spec = QuantSpec(bits=spec.bits, symmetric=spec.symmetric,
-                         narrow_range=spec.narrow_range, axis=1)
+                         narrow_range=spec.narrow_range, axis=1,
+                         # float16 / bfloat16 scales: the columns use the rounded grid
+                         scale_dtype=spec.scale_dtype if spec.rounded_scale_format else None)
     if group is None:
         if qparams is None:
             s, z = numerics.calibrate(jnp, w, spec)

@@ -150,7 +150,9 @@ class KernelLayout:
     def matrix_spec(self, spec: QuantSpec, group: int | None) -> QuantSpec:
         """The spec of ``W``'s grid: per output column (``axis=1``) for a fixed grid,
         groups of ``group`` rows (``axis=0``) otherwise."""
-        fields = dict(bits=spec.bits, symmetric=spec.symmetric, narrow_range=spec.narrow_range)
+        fields = dict(bits=spec.bits, symmetric=spec.symmetric, narrow_range=spec.narrow_range,
+                      # float16 / bfloat16 scales: the algorithms work on the rounded grid
+                      scale_dtype=spec.scale_dtype if spec.rounded_scale_format else None)
         if group is None:
             return QuantSpec(**fields, axis=1)
         return QuantSpec(**fields, axis=0, group_size=group)
