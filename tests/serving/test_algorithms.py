@@ -320,8 +320,9 @@ def test_awq_clip_search_equals_the_reference(symmetric, group):
 
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4]),
-       grid=st.sampled_from(["g8", "channel", "tensor"]), symmetric=st.booleans())
-def test_awq_output_error_never_exceeds_round_to_nearest(seed, bits, grid, symmetric):
+       grid=st.sampled_from(["g8", "channel", "tensor"]), symmetric=st.booleans(),
+       joint=st.booleans())
+def test_awq_output_error_never_exceeds_round_to_nearest(seed, bits, grid, symmetric, joint):
     """On a q/k/v-shaped DenseGeneral kernel (D, H, Dh): the served layer's error on
     the calibration rows is at most round-to-nearest's, and equals ``details``."""
     rng = np.random.default_rng(seed)
@@ -333,7 +334,7 @@ def test_awq_output_error_never_exceeds_round_to_nearest(seed, bits, grid, symme
             "tensor": pj.QuantSpec(bits=bits, symmetric=symmetric)}[grid]
     layout = KernelLayout((32, 2, 8), (0,), (1, 2), (-1,))
     stats = pj.algorithms.batch_stats(x, pj.AWQ.statistics, 4096)
-    result, details = pj.AWQ().apply(w, layout, spec, stats)
+    result, details = pj.AWQ(joint=joint).apply(w, layout, spec, stats)
     ref = jnp.einsum("mk,khd->mhd", x, w)
     served = jnp.einsum("mk,khd->mhd", x * result.input_scale, result.kernel)
     rtn = jnp.einsum("mk,khd->mhd", x, pj.fake_quant(w, pj.calibrate(w, spec)))

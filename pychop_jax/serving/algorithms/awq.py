@@ -26,13 +26,18 @@ saturate), and ``r`` minimizes the group's own output error
 ``H_s = diag(s)^-1 H diag(s)^-1``: the squared error of the group's partial sum
 ``sum_{k in g} X_k W_kn`` averaged over the rows.
 
-Every candidate (each ``alpha``, with and without clipping) is scored on the
-layer's whole output error::
+Candidates are scored on the layer's whole output error::
 
     err = mean((X W - (X diag(s)^-1) Q(V))^2) = sum(D * (H_s D)) / N,   D = V - Q(V)
 
-and the best is kept.  ``alpha = 0`` without clipping is round-to-nearest, so the
-result is never worse than round-to-nearest on this objective.
+By default the clipping is searched for every ``alpha`` and the candidate (each
+``alpha``, with and without clipping) with the least ``err`` is kept;
+``joint=False`` does as the reference does, choosing ``alpha`` on round-to-nearest's
+ranges and searching the clipping for that ``alpha`` only (``n_grid`` times less
+clipping work; on ``benchmarks/bench_ptq_algos.py`` both recover about the same
+share of round-to-nearest's error).  ``alpha = 0`` without clipping is
+round-to-nearest, so the result is never worse than round-to-nearest on this
+objective.
 
 The result: the kernel ``Q(V)`` and the per-input-channel ``input_scale = 1 / s``
 that the layer multiplies its input by (kept in the layer rather than folded into a
@@ -65,7 +70,7 @@ from ...flax.operands import MethodResult
 from ...flax.rules import QuantMethod
 from .layout import KernelLayout
 
-__all__ = ["AWQ", "awq_scales", "awq_search", "awq_clip_ratios"]
+__all__ = ["AWQ", "awq_scales", "awq_search", "awq_candidate", "awq_clip_ratios"]
 
 _HI = lax.Precision.HIGHEST
 
@@ -79,12 +84,16 @@ class AWQ(QuantMethod):
       clip: also search a range shrink per group and output (``auto_clip``).
       clip_grid: shrink step ``1 / clip_grid``.
       max_shrink: shrinks ``r`` are searched down to (not including) ``1 - max_shrink``.
+      joint: search the clipping for every ``alpha``; ``False``: as the reference,
+        only for the ``alpha`` chosen on round-to-nearest's ranges (``n_grid`` times
+        less clipping work).
     """
 
     n_grid: int = 20
     clip: bool = True
     clip_grid: int = 20
     max_shrink: float = 0.5
+    joint: bool = True
 
     name = "AWQ"
     statistics = frozenset({"abs_mean", "hessian"})
@@ -107,13 +116,22 @@ class AWQ(QuantMethod):
         kernel = kernel.astype(jnp.float32)
         hessian = stats.hessian / jnp.maximum(stats.count, 1.0)
         ratios = self.ratios() if _clippable(layout, spec) else (1.0,)
-        errors = awq_search(kernel, hessian, stats.abs_mean, spec, layout, self.n_grid, ratios)
+        if self.joint:
+            errors = awq_search(kernel, hessian, stats.abs_mean, spec, layout, self.n_grid,
+                                ratios)
+        else:  # the scale on round-to-nearest's ranges, then the clipping for that scale
+            errors = awq_search(kernel, hessian, stats.abs_mean, spec, layout, self.n_grid)
+            i = int(jnp.argmin(errors))
+            if len(ratios) > 1:
+                s = awq_scales(stats.abs_mean, i // 2 / self.n_grid)
+                _, clipped, _ = awq_candidate(kernel, hessian, s, spec, layout, ratios)
+                errors = errors.at[i | 1].set(clipped)
         best = int(jnp.argmin(errors))
-        alpha, clipped = best // 2 / self.n_grid, bool(best % 2)
+        alpha, clip = best // 2 / self.n_grid, bool(best % 2) and len(ratios) > 1
         s = awq_scales(stats.abs_mean, alpha)
         scaled = layout.kernel(layout.matrix(kernel) * s[:, None])
-        if clipped:
-            r = awq_clip_ratios(kernel, hessian, s, spec, layout, ratios)
+        if clip:
+            r = awq_candidate(kernel, hessian, s, spec, layout, ratios)[2]
             state = _clipped_state(scaled, r, spec, layout)
         else:
             r = jnp.ones(())
@@ -180,6 +198,19 @@ def _clip_search(v, h, lo, hi, mspec, group, ratios):
     return grid[jnp.argmin(errs, axis=0)]
 
 
+def _candidate(w, hessian, s, spec, layout, ratios):
+    """``(plain error, clipped error, shrinks)`` of ``diag(s) W`` (see ``awq_candidate``)."""
+    mspec, group = _matrix_grid(layout, spec)
+    v = w * s[:, None]
+    h = hessian / (s[:, None] * s[None, :])
+    lo, hi = _ranges(v, spec, layout, mspec)
+    plain = _output_error(v - _quantized(v, lo, hi, 1.0, mspec), h)
+    if len(ratios) == 1:
+        return plain, plain, jnp.ones_like(lo)
+    r = _clip_search(v, h, lo, hi, mspec, group, ratios)
+    return plain, _output_error(v - _quantized(v, lo, hi, r, mspec), h), r
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "layout", "n_grid", "ratios"))
 def awq_search(kernel, hessian, abs_mean, spec: QuantSpec, layout: KernelLayout,
                n_grid: int = 20, ratios: tuple[float, ...] = (1.0,)):
@@ -188,32 +219,30 @@ def awq_search(kernel, hessian, abs_mean, spec: QuantSpec, layout: KernelLayout,
     round-to-nearest ranges, ``2 i + 1`` with the clipping search over ``ratios``
     (the same as ``2 i`` for ``ratios = (1.0,)``).  ``hessian`` is ``X^T X / R``."""
     w = layout.matrix(kernel)
-    mspec, group = _matrix_grid(layout, spec)
 
     def errors(alpha):
-        s = awq_scales(abs_mean, alpha)
-        v = w * s[:, None]
-        h = hessian / (s[:, None] * s[None, :])
-        lo, hi = _ranges(v, spec, layout, mspec)
-        plain = _output_error(v - _quantized(v, lo, hi, 1.0, mspec), h)
-        if len(ratios) == 1:
-            return jnp.stack([plain, plain])
-        r = _clip_search(v, h, lo, hi, mspec, group, ratios)
-        return jnp.stack([plain, _output_error(v - _quantized(v, lo, hi, r, mspec), h)])
+        plain, clipped, _ = _candidate(w, hessian, awq_scales(abs_mean, alpha), spec, layout,
+                                       ratios)
+        return jnp.stack([plain, clipped])
 
     alphas = jnp.arange(n_grid, dtype=abs_mean.dtype) / n_grid
     return jnp.reshape(lax.map(errors, alphas), (-1,))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "layout", "ratios"))
+def awq_candidate(kernel, hessian, s, spec: QuantSpec, layout: KernelLayout,
+                  ratios: tuple[float, ...]):
+    """For the input-channel scales ``s``: ``(error on round-to-nearest's ranges, error
+    with the clipping search, the chosen shrinks)``; the shrinks are per (group, output
+    column), ``(K / g, N)`` for groups of ``g`` rows, ``(1, N)`` for a per-output-column
+    grid."""
+    return _candidate(layout.matrix(kernel), hessian, s, spec, layout, ratios)
+
+
 def awq_clip_ratios(kernel, hessian, s, spec: QuantSpec, layout: KernelLayout,
                     ratios: tuple[float, ...]):
-    """The chosen shrink per (group, output column) of ``diag(s) W``: ``(K / g, N)``
-    for groups of ``g`` rows, ``(1, N)`` for a per-output-column grid."""
-    mspec, group = _matrix_grid(layout, spec)
-    h = hessian / (s[:, None] * s[None, :])
-    v = layout.matrix(kernel) * s[:, None]
-    return _clip_search(v, h, *_ranges(v, spec, layout, mspec), mspec, group, ratios)
+    """The chosen shrinks of ``awq_candidate``."""
+    return awq_candidate(kernel, hessian, s, spec, layout, ratios)[2]
 
 
 def _clipped_state(scaled, r, spec: QuantSpec, layout: KernelLayout) -> QuantState:
