@@ -26,6 +26,8 @@ MSEs are reported on both (the algorithms fit the calibration set):
   output MSE (against fp32) that the algorithm removes, ``1 - mse / mse_rtn``;
 * w8a8 (int8 per-channel weights, int8 per-tensor inputs, minmax ranges): RTN and
   SmoothQuant (alpha 0.5);
+* HQQ's weight and output errors against RTN's (``hqq_diagnostics``): what a
+  calibration-free method can do on this model;
 * times: ``calibrate_model`` wall time per algorithm (compilation included), and the
   steady-state time of one 1024x1024 matrix (jitted, interleaved medians) as a
   ratio to round-to-nearest of the same matrix (``calibrate`` + ``fake_quant``).
@@ -174,6 +176,62 @@ def accuracy(model, params, calib, held_out, args):
         print(f"| w8a8 | {name} | {err:.4g} | {gap} | {ratios} |", flush=True)
 
 
+def best_shrink(w, bits, group, ratios=tuple(1.0 - i / 100 for i in range(51))):
+    """A calibration-free bound: per group of ``group`` rows of ``w (K, N)`` and column,
+    the affine range ``[r lo, r hi]`` with the least squared weight error over
+    ``ratios`` (what any weight-only range / zero-point search can reach on l2)."""
+    k, n = w.shape
+    v = w.reshape(k // group, group, n)
+    lo, hi = jnp.minimum(v.min(1, keepdims=True), 0), jnp.maximum(v.max(1, keepdims=True), 0)
+    best, out = None, None
+    for r in ratios:
+        scale = (hi - lo) * r / (2**bits - 1)
+        zp = jnp.round(-lo * r / scale)
+        q = (jnp.clip(jnp.round(v / scale) + zp, 0, 2**bits - 1) - zp) * scale
+        err = jnp.sum((v - q) ** 2, axis=1, keepdims=True)
+        out = q if best is None else jnp.where(err < best, q, out)
+        best = err if best is None else jnp.minimum(err, best)
+    return out.reshape(k, n)
+
+
+def hqq_diagnostics(model, params, data):
+    """Why a calibration-free method gains little here: HQQ's squared weight error and
+    output error (on the fp32 model's own inputs) as ratios to RTN's, for the layers
+    that read a LayerNorm (q/k/v after ln1, up after ln2); the same without the outlier
+    input channels; and the best per-group range shrink on weight l2 (``best_shrink``)."""
+    _, inter = model.apply({"params": params}, data, capture_intermediates=True)
+    inter = inter["intermediates"]
+    normal = np.ones(D, bool)
+    normal[list(OUTLIERS)] = False
+    print("\n| weight-only grid | HQQ weight sq. error / RTN | HQQ output error / RTN | "
+          "same, outlier input channels left out | RTN output error from outlier channels | "
+          "best l2 range shrink: weight / output error vs RTN |")
+    print("|---|---|---|---|---|---|")
+    for bits, group in ((4, 128), (3, 128), (2, 32)):
+        spec = pj.QuantSpec(bits=bits, symmetric=False, axis=0, group_size=group)
+        tot = {}
+        for name, block in params.items():
+            if not name.startswith("blocks_"):
+                continue
+            for ln, kernels in (("ln1", [block["attn"][p]["kernel"] for p in
+                                         ("query", "key", "value")]),
+                                ("ln2", [block["up"]["kernel"]])):
+                x = inter[name][ln]["__call__"][0].reshape(-1, D)
+                for w in kernels:
+                    w2 = w.reshape(D, -1)
+                    qs = {"rtn": pj.fake_quant(w, pj.calibrate(w, spec)).reshape(D, -1),
+                          "hqq": pj.fake_quant(w, hqq(w, spec)[0]).reshape(D, -1),
+                          "l2": best_shrink(w2, bits, group)}
+                    for key, q in qs.items():
+                        d = w2 - q
+                        for part, value in (("w", jnp.sum(d**2)), ("o", jnp.mean((x @ d) ** 2)),
+                                            ("i", jnp.mean((x[:, normal] @ d[normal]) ** 2))):
+                            tot[part, key] = tot.get((part, key), 0.0) + float(value)
+        r = lambda part, key, tot=tot: tot[part, key] / tot[part, "rtn"]  # noqa: E731
+        print(f"| int{bits} g{group} | {r('w', 'hqq'):.3f} | {r('o', 'hqq'):.3f} | "
+              f"{r('i', 'hqq'):.3f} | {1 - tot['i', 'rtn'] / tot['o', 'rtn']:.0%} | "
+              f"{r('w', 'l2'):.3f} / {r('o', 'l2'):.3f} |", flush=True)
+
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,6 +239,7 @@ def main():
     parser.add_argument("--calib", type=int, default=64, help="calibration sequences")
     parser.add_argument("--repeats", type=int, default=6)
     parser.add_argument("--timing-only", action="store_true", help="skip the accuracy tables")
+    parser.add_argument("--hqq-only", action="store_true", help="only hqq_diagnostics")
     args = parser.parse_args()
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores); jax {jax.__version__} "
           f"({jax.default_backend()})")
@@ -193,8 +252,11 @@ def main():
     calib = [data[i:i + 8] for i in range(0, args.calib, 8)]
     held_out = [data[args.calib:args.calib + 8], data[args.calib + 8:]]
     params = with_outliers(model.init(jax.random.key(1), calib[0])["params"], rng)
+    if args.hqq_only:
+        return hqq_diagnostics(model, params, jnp.concatenate(calib))
     if not args.timing_only:
         accuracy(model, params, calib, held_out, args)
+        hqq_diagnostics(model, params, jnp.concatenate(calib))
     print("\n| one 1024x1024 matrix, int4 g128 (H given) | median ms | "
           "time / RTN time |")
     print("|---|---|---|")

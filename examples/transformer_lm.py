@@ -224,7 +224,9 @@ class Context:
     """What a row may use: the trained fp32 model and the data, and what earlier rows
     left behind (``quantized``: row name -> (quantized model, variables), for the
     served rows; ``reports``: rule-set name -> ``QuantReport``; ``curves``: row name
-    -> fine-tuning losses)."""
+    -> fine-tuning losses; ``algorithm_log``: the "algorithms" suite's ``{grid: {method:
+    (bits/byte, calibrate_model (wall, CPU) seconds, CalibrationReport)}}`` and
+    ``"fp32"`` -> bits/byte)."""
     args: argparse.Namespace
     config: lm.Config
     model: lm.TransformerLM
@@ -235,6 +237,7 @@ class Context:
     quantized: dict = dataclasses.field(default_factory=dict)
     reports: dict = dataclasses.field(default_factory=dict)
     curves: dict = dataclasses.field(default_factory=dict)
+    algorithm_log: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -554,10 +557,130 @@ FORMAT_ROWS: list[Callable[[Context], Row]] = [
 ]
 
 
+# -- the "algorithms" suite: GPTQ / AWQ / HQQ / SmoothQuant against round-to-nearest ------------
+def algorithm_rules(c: lm.Config, bits: int = 4, group: int = 128, method=None
+                    ) -> list[QuantRule]:
+    """``group_rules``' grids made asymmetric (HQQ optimizes a zero point; every row of
+    a grid, round-to-nearest included, uses the same grid), with ``method`` on every
+    Dense / attention kernel; the embedding tables stay round-to-nearest (the
+    algorithms read a layer's input activations, and an embedding has none).  Scales
+    stay float32: HQQ optimizes a float32 scale, which a float16 grid would re-round."""
+    return [QuantRule(r.module_path, weight=dataclasses.replace(r.weight, symmetric=False),
+                      method=None if "_embed" in r.module_path else method)
+            for r in group_rules(c, bits, group, scale_dtype=None)]
+
+
+def w8a8_rules(c: lm.Config, method=None) -> list[QuantRule]:
+    """``per_channel_rules(act=8)`` (minmax ranges) with ``method`` on the layers whose
+    inputs are quantized."""
+    return [r if r.act is None else dataclasses.replace(r, method=method)
+            for r in per_channel_rules(c, act=8)]
+
+
+def calibration_batches(ctx: Context) -> list:
+    """``--calib-batches`` training batches of tokens (the PTQ rows' calibration data)."""
+    data = lm.batches(ctx.train_data, ctx.args.batch, ctx.args.seq_len, ctx.args.seed + 2)
+    return [jnp.asarray(next(data)[0]) for _ in range(ctx.args.calib_batches)]
+
+
+def algorithm_row(grid: str, method_name: str, make_rules: Callable[..., list], method=None):
+    """``make_rules(config, method=method)`` calibrated by ``pj.calibrate_model`` on
+    ``calibration_batches`` (the algorithms, then the input ranges of ``act`` rules);
+    its wall time (compilation included) and held-out bits/byte go to
+    ``ctx.algorithm_log`` for ``algorithm_table``."""
+    name = f"{grid} {method_name}"
+
+    def row(ctx: Context) -> Row:
+        log = ctx.algorithm_log
+        a = ctx.args
+        if "fp32" not in log:
+            log["fp32"] = evaluate_bpb(ctx.model.apply, {"params": ctx.params}, ctx.heldout,
+                                       seq_len=a.seq_len, n_windows=a.eval_windows)
+        rules = make_rules(ctx.config, method=method)
+        qmodel, variables = quantized_model(ctx, f"{grid} (algorithms)", rules)
+        batches = calibration_batches(ctx)
+        start, cpu_start = time.perf_counter(), time.process_time()
+        variables, report = pj.calibrate_model(qmodel, variables, batches)
+        jax.block_until_ready(variables)
+        seconds = (time.perf_counter() - start, time.process_time() - cpu_start)
+        bpb = evaluate_bpb(qmodel.apply, variables, ctx.heldout, seq_len=a.seq_len,
+                           n_windows=a.eval_windows)
+        log.setdefault(grid, {})[method_name] = (bpb, seconds, report)
+        ctx.quantized[name] = (qmodel, variables)
+        return Row(name, qmodel.apply, variables)
+    return row
+
+
+def algorithm_table(ctx: Context) -> str:
+    """Per grid and algorithm: held-out bits/byte, change vs fp32, the share of
+    round-to-nearest's gap to fp32 that the algorithm recovers
+    ``(bpb_RTN - bpb) / (bpb_RTN - bpb_fp32)``, and ``calibrate_model``'s wall time
+    and process CPU time (all threads: on a shared machine, the wall time of an idle
+    one is about the CPU time over the cores used)."""
+    log = ctx.algorithm_log
+    fp32 = log.get("fp32")
+    lines = [f"| {'grid (weight-only, asym.)':<25} | {'method':<17} | bits/byte | vs fp32 "
+             "| gap recovered | calibrate_model s (CPU s) |",
+             f"|{'-' * 27}|{'-' * 19}|---|---|---|---|"]
+    for grid, methods in log.items():
+        if grid == "fp32":
+            continue
+        rtn = methods.get("RTN", (None,))[0]
+        for method, (bpb, (seconds, cpu), _) in methods.items():
+            gap = ""
+            if method != "RTN" and rtn is not None and rtn > fp32:
+                gap = f"{100 * (rtn - bpb) / (rtn - fp32):.0f} %"
+            lines.append(f"| {grid:<25} | {method:<17} | {bpb:.4f} | "
+                         f"{100 * (bpb / fp32 - 1):+.2f}% | {gap} | {seconds:.1f} ({cpu:.0f}) |")
+    return "\n".join(lines)
+
+
+def outlier_summary(report) -> str:
+    """SmoothQuant's per-layer ``max_k max|X[:, k]| / median_k max|X[:, k]|`` of the
+    layers' inputs, before and after smoothing."""
+    return "\n".join(f"  {e.path:<28} max/median of per-channel max|X|: "
+                     f"{e.details['outliers']:7.1f} -> {e.details['outliers_smoothed']:5.1f}"
+                     for e in report.layers)
+
+
+def algorithm_summary_row(ctx: Context) -> Row:
+    """The suite's last row: SmoothQuant w8a8 (the row itself), then prints
+    ``algorithm_table`` and the layers' input outlier ratios."""
+    row = algorithm_row("w8a8", "SmoothQuant a=0.5", w8a8_rules,
+                        pj.SmoothQuant(0.5))(ctx)
+    print("\nalgorithms (held-out bits/byte; gap recovered = share of RTN's gap to fp32 "
+          "removed; calibrate_model wall time, compilation included, on "
+          f"{len(calibration_batches(ctx))} calibration batches of "
+          f"{ctx.args.batch}x{ctx.args.seq_len} tokens):")
+    print(algorithm_table(ctx))
+    report = ctx.algorithm_log["w8a8"]["SmoothQuant a=0.5"][2]
+    print("layer inputs (SmoothQuant's statistics, RTN-quantized model up to the layer):")
+    print(outlier_summary(report))
+    return row
+
+
+def _algorithm_rows() -> list[Callable[[Context], Row]]:
+    rows = [fp32_row]
+    for bits, group in ((4, 128), (3, 128), (2, 32)):
+        grid = f"int{bits} g{group}"
+        rules = functools.partial(algorithm_rules, bits=bits, group=group)
+        rows += [algorithm_row(grid, "RTN", rules),
+                 algorithm_row(grid, "GPTQ act_order", rules, pj.GPTQ(act_order=True)),
+                 algorithm_row(grid, "AWQ", rules, pj.AWQ()),
+                 algorithm_row(grid, "HQQ", rules, pj.HQQ())]
+    rows += [algorithm_row("w8a8", "RTN", w8a8_rules),
+             algorithm_summary_row]
+    return rows
+
+
+ALGORITHM_ROWS: list[Callable[[Context], Row]] = _algorithm_rows()
+
+
 # Row suites, chosen with ``--rows``: each is run after the same fp32 training.  "main" is
 # the table above; other suites add their own lists here (each starting with ``fp32_row``).
 SUITES: dict[str, list[Callable[[Context], Row]]] = {
-    "main": ROWS, "formats": FORMAT_ROWS, "attention": ATTENTION_ROWS, "scales": SCALE_ROWS}
+    "main": ROWS, "formats": FORMAT_ROWS, "algorithms": ALGORITHM_ROWS,
+    "attention": ATTENTION_ROWS, "scales": SCALE_ROWS}
 
 
 def suite_rows(names: list[str]) -> list[Callable[[Context], Row]]:

@@ -3,6 +3,7 @@ the standard-library corpus and its split, the batch sampler, the linen and nnx 
 (same paths, same logits, causal), and a few training steps of the script's --quick mode."""
 
 import dataclasses
+import functools
 import importlib.util
 import math
 import os
@@ -249,3 +250,29 @@ def test_format_rules_put_blocks_on_the_contraction(preset):
                                       pj.fake_quant(kernel, pj.calibrate(kernel, want)))
     table = served["params"]["tok_embed"]["embedding"]
     assert (table.spec.axis, table.spec.group_size) == (1, min(g, 64))
+
+
+def test_quick_algorithm_rows(capsys):
+    """The "algorithms" suite's machinery on the --quick model: an RTN and an HQQ row on
+    the same grid, then the SmoothQuant w8a8 row that prints the suite's table."""
+    ex = _load("transformer_lm")
+    import pychop_jax as pj
+
+    rules = functools.partial(ex.algorithm_rules, bits=3, group=128)
+    rows = [ex.fp32_row, ex.algorithm_row("int3 g128", "RTN", rules),
+            ex.algorithm_row("int3 g128", "HQQ", rules, pj.HQQ()), ex.algorithm_summary_row]
+    ctx, results = ex.run(rows, argv=["--quick", "--out", ""])
+    log = ctx.algorithm_log
+    fp32, rtn, hqq, smooth = results
+    assert log["fp32"] == pytest.approx(fp32.bpb, rel=1e-6)
+    assert log["int3 g128"]["RTN"][0] == pytest.approx(rtn.bpb, rel=1e-6)
+    assert log["int3 g128"]["HQQ"][0] == pytest.approx(hqq.bpb, rel=1e-6)
+    assert smooth.name == "w8a8 SmoothQuant a=0.5" and np.isfinite(smooth.bpb)
+    hqq_report = log["int3 g128"]["HQQ"][2]
+    assert {e.path for e in hqq_report.layers} >= {"blocks_0/attn/out", "head"}
+    assert all(e.details["lp"] <= e.details["lp_rtn"] for e in hqq_report.layers)
+    # every grid of the rules is asymmetric (HQQ optimizes the zero point)
+    assert all(not r.weight.symmetric for r in rules(ctx.config))
+    out = capsys.readouterr().out
+    gap = 100 * (rtn.bpb - hqq.bpb) / (rtn.bpb - fp32.bpb)
+    assert f"| {gap:.0f} % |" in out and "max/median of per-channel max|X|" in out

@@ -17,7 +17,7 @@ Each algorithm is also a function on arrays (``gptq``, ``awq_search``,
 ``quantize_model``.
 """
 
-from .awq import AWQ, awq_scales, awq_search
+from .awq import AWQ, awq_candidate, awq_clip_ratios, awq_scales, awq_search
 from .calibration import CalibrationReport, LayerCalibration, calibrate_model
 from .gptq import GPTQ, gptq
 from .hqq import HQQ, hqq, lp_objective
@@ -27,5 +27,5 @@ from .stats import LayerStats, batch_stats
 
 __all__ = ["GPTQ", "AWQ", "SmoothQuant", "HQQ", "calibrate_model", "CalibrationReport",
            "LayerCalibration", "KernelLayout", "for_layer", "LayerStats", "batch_stats", "gptq",
-           "awq_search", "awq_scales", "smoothquant_scales", "outlier_ratio", "hqq",
-           "lp_objective"]
+           "awq_search", "awq_scales", "awq_candidate", "awq_clip_ratios", "smoothquant_scales",
+           "outlier_ratio", "hqq", "lp_objective"]

@@ -81,7 +81,7 @@ class LayerCalibration:
       method: the algorithm's name.
       rows: calibration input rows its statistics came from (0: calibration-free).
       step: the sequential pass that collected them (0: calibration-free).
-      details: the algorithm's numbers (GPTQ: ``gptq_loss``; AWQ: ``alpha``,
+      details: the algorithm's numbers (GPTQ: ``gptq_loss``; AWQ: ``alpha``, ``clip_mean``,
         ``error``, ``rtn_error``; SmoothQuant: ``outliers``, ``outliers_smoothed``;
         HQQ: ``lp``, ``lp_rtn``).
     """
