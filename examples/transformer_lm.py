@@ -562,12 +562,15 @@ def algorithm_rules(c: lm.Config, bits: int = 4, group: int = 128, method=None
                     ) -> list[QuantRule]:
     """``group_rules``' grids made asymmetric (HQQ optimizes a zero point; every row of
     a grid, round-to-nearest included, uses the same grid), with ``method`` on every
-    Dense / attention kernel; the embedding tables stay round-to-nearest (the
-    algorithms read a layer's input activations, and an embedding has none).  Scales
-    stay float32: HQQ optimizes a float32 scale, which a float16 grid would re-round."""
+    Dense / attention kernel, the output head included.  The embedding tables stay
+    float, as in the GPTQ / AWQ papers' LLM setups: the algorithms read a layer's input
+    activations, and a table lookup has none, so quantizing the tables would add the
+    same round-to-nearest loss to every row.  Scales stay float32: HQQ optimizes a
+    float32 scale, which a float16 grid would re-round."""
     return [QuantRule(r.module_path, weight=dataclasses.replace(r.weight, symmetric=False),
-                      method=None if "_embed" in r.module_path else method)
-            for r in group_rules(c, bits, group, scale_dtype=None)]
+                      method=method)
+            for r in group_rules(c, bits, group, scale_dtype=None)
+            if "_embed" not in r.module_path]
 
 
 def w8a8_rules(c: lm.Config, method=None) -> list[QuantRule]:

@@ -271,8 +271,10 @@ def test_quick_algorithm_rows(capsys):
     hqq_report = log["int3 g128"]["HQQ"][2]
     assert {e.path for e in hqq_report.layers} >= {"blocks_0/attn/out", "head"}
     assert all(e.details["lp"] <= e.details["lp_rtn"] for e in hqq_report.layers)
-    # every grid of the rules is asymmetric (HQQ optimizes the zero point)
+    # every grid of the rules is asymmetric (HQQ optimizes the zero point); the
+    # embedding tables stay float (no rule for them)
     assert all(not r.weight.symmetric for r in rules(ctx.config))
+    assert not any("_embed" in r.module_path for r in rules(ctx.config))
     out = capsys.readouterr().out
     gap = 100 * (rtn.bpb - hqq.bpb) / (rtn.bpb - fp32.bpb)
     assert f"| {gap:.0f} % |" in out and "max/median of per-channel max|X|" in out
