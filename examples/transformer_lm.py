@@ -567,10 +567,11 @@ def algorithm_rules(c: lm.Config, bits: int = 4, group: int = 128, method=None
     activations, and a table lookup has none, so quantizing the tables would add the
     same round-to-nearest loss to every row.  Scales stay float32: HQQ optimizes a
     float32 scale, which a float16 grid would re-round."""
-    return [QuantRule(r.module_path, weight=dataclasses.replace(r.weight, symmetric=False),
-                      method=method)
-            for r in group_rules(c, bits, group, scale_dtype=None)
-            if "_embed" not in r.module_path]
+    return [QuantRule(".*_embed"),  # first match wins: the tables stay float
+            *(QuantRule(r.module_path, weight=dataclasses.replace(r.weight, symmetric=False),
+                        method=method)
+              for r in group_rules(c, bits, group, scale_dtype=None)
+              if "_embed" not in r.module_path)]
 
 
 def w8a8_rules(c: lm.Config, method=None) -> list[QuantRule]:
