@@ -9,7 +9,7 @@ is computed by its interceptor with ``served_einsum``).  Each one, given an
 * **integer path** (``int_dot_general`` / ``int_conv_general_dilated``: int8 codes x
   int8 codes -> int32, scales and zero points applied once) when ``int_ready``: codes
   of at most 8 bits on integer grids with float32 scales (input and kernel), the
-  input quantized per tensor, and the kernel's scales constant along the contracted
+  input not per block, and the kernel's scales constant along the contracted
   axes (per tensor, or per channel / group on free axes only), so that they factor
   out of the sum;
 * **float path** otherwise -- e.g. int4 kernels with groups along the contracted
@@ -54,7 +54,7 @@ def int_ready(kernel: IntKernel, contracted) -> bool:
         else kernel.input_spec
     if not (_integer_codes(weights.spec) and _integer_codes(input_spec)):
         return False
-    if input_spec.axis is not None:  # per-block inputs: scales along the contraction
+    if input_spec.group_size is not None:  # per-block inputs: scales along the contraction
         return False
     shape = tuple(weights.state.scale.shape)
     return len(shape) == weights.ndim and all(shape[a] == 1 for a in contracted)
