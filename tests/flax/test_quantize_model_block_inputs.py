@@ -294,3 +294,41 @@ def test_rule_errors():
     qmodel = quantize_model(nn.Dense(4), [pj.QuantRule(".*", weight=8, act=F.MXFP8_E4M3)])
     with pytest.raises(ValueError, match="length 20, not a multiple"):
         qmodel.init(jax.random.key(0), jnp.ones((2, 20)))
+
+
+# -- with a post-training method, and Embed.attend ------------------------------------------------
+def test_gptq_with_block_inputs_served():
+    rules = [pj.QuantRule(".*", weight=pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=32),
+                          act=F.MXFP8_E4M3, method=pj.algorithms.GPTQ())]
+    qmodel = quantize_model(MLP(), rules)
+    v = qmodel.init(jax.random.key(1), X)
+    v, _ = pj.calibrate_model(qmodel, v, [X, OTHER])
+    assert STATS not in v
+    expected = qmodel.apply(v, OTHER)
+    served_fn, served = serve_model(qmodel, v, X)
+    np.testing.assert_allclose(served_fn(served, OTHER), expected, rtol=1e-5, atol=1e-5)
+
+
+class Tied(nn.Module):
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(16, 64, name="embed")
+        return embed.attend(nn.Dense(64, name="proj")(embed(ids)))
+
+
+def test_embed_attend_query_blocks():
+    rules = [pj.QuantRule(".*", weight=8, act=F.MXFP8_E4M3)]
+    ids = jnp.arange(12).reshape(3, 4)
+    qmodel = quantize_model(Tied(), rules)
+    v = qmodel.init(jax.random.key(1), ids)
+    assert set(v) == {"params"}
+    p = v["params"]
+    # the table per row (the int shorthand for Embed), looked up and attended to
+    table = fq(p["embed"]["embedding"], pj.QuantSpec(bits=8, symmetric=True, axis=0))
+    h = fq(table[ids], F.MXFP8_E4M3) @ fq(p["proj"]["kernel"], pj.QuantSpec(
+        bits=8, symmetric=True, axis=-1)) + p["proj"]["bias"]
+    want = fq(h, F.MXFP8_E4M3) @ table.T
+    expected = qmodel.apply(v, ids)
+    np.testing.assert_allclose(expected, want, rtol=1e-5, atol=1e-5)
+    served_fn, served = serve_model(qmodel, v, ids)
+    np.testing.assert_allclose(served_fn(served, ids), expected, rtol=1e-5, atol=1e-5)
