@@ -10,6 +10,7 @@ layer's quantizers keep:
 * ``input_range``: a ``pychop_jax.nnx.QuantStats`` holding the observer's
   ``RangeState`` (observed inputs), updated while ``use_running_average`` is False
   (``qmodel.train()``, the default of a new copy), frozen after ``qmodel.eval()``;
+  ``None`` for a per-block input (MX / NVFP4 ``act``), calibrated on each call;
 * ``weight_scale`` (+ ``weight_zero_point``), ``input_scale`` (+
   ``input_zero_point``): ``nnx.Param`` s of the LSQ step sizes (``lsq=True``).  The
   kernel's are set from the kernel when the copy is made; the input's need data:
@@ -37,6 +38,7 @@ from .operands import (
     init_input_range,
     init_input_step,
     init_weight_step,
+    input_contraction,
     kernel_name,
     quantize_operands,
     record_input,
@@ -76,10 +78,11 @@ class OperandQuant(nnx.Module):
       path: the layer's path (what ``record_input`` reports).
     """
 
-    def __init__(self, base, plan: LayerPlan, kernel, path: str = ""):
+    def __init__(self, base, plan: LayerPlan, kernel, path: str = "", contracted=(-1,)):
         self.base = base
         self.plan = plan
         self.path = path
+        self.contracted = contracted
         self.method_result = nnx.data(None)
         self.use_running_average = False
         self.initializing = False
@@ -123,7 +126,8 @@ class OperandQuant(nnx.Module):
         result = None if self.method_result is None else self.method_result.get_value()
         operands, new = quantize_operands(plan, operands, input_range=stats,
                                           weight_step=weight_step, input_step=input_step,
-                                          train=train, result=result)
+                                          train=train, result=result,
+                                          contracted=self.contracted, path=self.path)
         if stats is not None and train:
             self.input_range.set_value(new)
         return operands
@@ -188,7 +192,8 @@ def quantize_nnx(model, rules, *args, **kwargs):
             raise ValueError(f"quantize_model: {path!r} is quantized already.")
         plan = LayerPlan.from_rule(rules[index], kind)
         kernel = getattr(layer, kernel_name(kind))[...]
-        slot = OperandQuant(layer.promote_dtype, plan, kernel, path)
+        slot = OperandQuant(layer.promote_dtype, plan, kernel, path,
+                            input_contraction(kind, layer))
         delattr(layer, "promote_dtype")  # a static function becomes a data node
         layer.promote_dtype = nnx.data(slot)
     message = report_nnx(qmodel, rules).warning()

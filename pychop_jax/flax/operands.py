@@ -15,9 +15,12 @@ layer's own ``promote_dtype`` followed by ``quantize_operands``:
   first is the input and the second the kernel (a bias stays float).
 * **kernel**: ``qat.fake_quant_weight``: calibrated on the kernel every call
   (clipped straight-through gradient), or with a learned step size (``lsq``).
-* **input**: ``qat.observed_fake_quant`` with the layer's ``RangeState`` (the
+* **input**: ``qat.input_fake_quant``: observed with the layer's ``RangeState`` (the
   observer updates it when ``train``; otherwise the frozen range, or this batch's
-  estimate while the state has seen nothing), or ``qat.learned_fake_quant``.
+  estimate while the state has seen nothing), or, for a per-block spec (MX / NVFP4,
+  ``qat.is_dynamic``), calibrated on the input itself on every call (no state); or
+  ``qat.learned_fake_quant`` (``lsq``).  A per-block input has its blocks along its
+  last axis, which the layer must contract (``check_block_input``).
 * **method result** (a rule with ``method=``, after ``calibrate_model``): a
   ``MethodResult`` replaces both: the kernel is the algorithm's quantized kernel
   (values on its grid, used as they are) and the input is first multiplied by the
@@ -45,6 +48,7 @@ from . import qat
 from .rules import QuantRule
 
 __all__ = ["LayerPlan", "MethodResult", "roles", "quantize_operands", "init_input_range",
+           "input_contraction", "check_block_input",
            "init_weight_step", "init_input_step", "kernel_name", "recording_inputs",
            "record_input"]
 
@@ -81,8 +85,14 @@ class LayerPlan:
 
     @property
     def observes(self) -> bool:
-        """The input has an observed range (a ``RangeState`` to keep)."""
-        return self.act is not None and not self.lsq
+        """The input has an observed range (a ``RangeState`` to keep): a per-tensor
+        input spec without ``lsq``."""
+        return self.act is not None and not self.lsq and not self.dynamic_input
+
+    @property
+    def dynamic_input(self) -> bool:
+        """The input is quantized per block, calibrated on each call (no state)."""
+        return self.act is not None and qat.is_dynamic(self.act)
 
     @property
     def learns_weight(self) -> bool:
@@ -133,6 +143,70 @@ def record_input(path: str, x) -> None:
         recorder(path, x)
 
 
+def input_contraction(kind: str, layer=None, einsum_str: str | None = None):
+    """The axes of a layer's input that its op contracts, as given (negative: from the
+    end), or ``None`` when they cannot be told.
+
+    ``dense``, ``conv`` (input channels, with the window), ``embed`` (``attend``'s
+    query): ``(-1,)``; ``dense_general``: the layer's ``axis``; ``einsum``: the input's
+    indices of ``einsum_str`` (default: the layer's) that the kernel has and the output
+    lacks (``...`` allowed: indices after it count from the end).
+    """
+    if kind == "dense_general":
+        axis = layer.axis
+        return tuple(axis) if isinstance(axis, (tuple, list)) else (int(axis),)
+    if kind != "einsum":
+        return (-1,)
+    spec = (einsum_str or getattr(layer, "einsum_str", None) or "").replace(" ", "")
+    if "->" not in spec or spec.count(",") != 1:
+        return None
+    inputs, out = spec.split("->")
+    a, b = inputs.split(",")
+    if "..." in a:
+        head, tail = a.split("...", 1)
+        if "..." in tail:
+            return None
+        axes = [(c, i) for i, c in enumerate(head)]
+        axes += [(c, i - len(tail)) for i, c in enumerate(tail)]
+    else:
+        axes = list(zip(a, range(len(a)), strict=True))
+    return tuple(i for c, i in axes if c in b and c not in out)
+
+
+def check_block_input(plan: LayerPlan, shape, contracted, path: str = "") -> None:
+    """Check that a per-block input spec fits the layer: blocks along the input's last
+    axis (of ``shape``), an axis the layer contracts (``contracted``, from
+    ``input_contraction``).  No-op for other plans.
+
+    Raises:
+      ValueError: naming the layer, when the blocks lie along another axis, do not
+        tile the last axis, or the layer does not contract the input's last axis.
+    """
+    if not plan.dynamic_input:
+        return
+    spec, ndim = plan.act, len(shape)
+    where = f"quantize_model: layer {path!r} ({plan.kind}), input of shape {tuple(shape)}"
+    if ndim == 0 or spec.resolve_axis(ndim) != ndim - 1:
+        raise ValueError(
+            f"{where}: the rule's act spec has blocks of {spec.group_size} along axis "
+            f"{spec.axis}; block-scaled inputs have their blocks along the input's last "
+            "axis (the features, which the layer contracts). Use axis=-1, e.g. "
+            "dataclasses.replace(spec, axis=-1).")
+    if shape[-1] % spec.group_size:
+        raise ValueError(
+            f"{where}: the rule's act spec has blocks of {spec.group_size} along the "
+            f"input's last axis, of length {shape[-1]}, not a multiple of it. Use a "
+            "block size that divides it, or a per-tensor act spec for this layer.")
+    if contracted is None or (ndim - 1) not in {a % ndim for a in contracted}:
+        told = ("cannot be read from its einsum" if contracted is None
+                else f"are {tuple(contracted)}")
+        raise ValueError(
+            f"{where}: the rule's act spec is block-scaled along the input's last axis, "
+            f"which this layer does not contract (its contracted input axes {told}); "
+            "the blocks of an MX / NVFP4 input must lie along the contraction. Give this "
+            "layer a per-tensor act spec (axis=None) in an earlier rule, or exclude it.")
+
+
 def roles(operands) -> tuple[int | None, int]:
     """``(input index or None, kernel index)`` of a ``promote_dtype`` call's operands."""
     return (None, 0) if len(operands) == 1 else (0, 1)
@@ -154,16 +228,23 @@ def init_input_step(plan: LayerPlan, x):
 
 
 def quantize_operands(plan: LayerPlan, operands, *, input_range=None, weight_step=None,
-                      input_step=None, train: bool = False, result: MethodResult | None = None):
+                      input_step=None, train: bool = False, result: MethodResult | None = None,
+                      contracted=(-1,), path: str = ""):
     """The operands with kernel and input fake-quantized; returns ``(operands,
     input_range)``, the range updated by the observer when ``train``.
 
     ``weight_step`` / ``input_step``: the learned ``(scale, zero_point)`` of an ``lsq``
     plan (compact shapes, ``qat.init_lsq``); ``input_range``: the ``RangeState`` of an
-    observed input; ``result``: a method's ``MethodResult`` (see the module docstring).
+    observed input (``None`` for a per-block input, which is calibrated on the input:
+    ``y = fake_quant(x, calibrate(x, act))``, the same in training and evaluation);
+    ``result``: a method's ``MethodResult`` (see the module docstring).
+    ``contracted`` / ``path``: the layer's contracted input axes
+    (``input_contraction``) and its path, for ``check_block_input``.
     """
     operands = list(operands)
     i, w = roles(operands)
+    if i is not None:
+        check_block_input(plan, operands[i].shape, contracted, path)
     if result is not None:
         operands[w] = result.kernel.astype(operands[w].dtype)
         if i is not None and result.input_scale is not None:
@@ -175,6 +256,6 @@ def quantize_operands(plan: LayerPlan, operands, *, input_range=None, weight_ste
         if plan.lsq:
             operands[i] = qat.learned_fake_quant(operands[i], plan.act, *input_step)
         else:
-            operands[i], input_range = qat.observed_fake_quant(
+            operands[i], input_range = qat.input_fake_quant(
                 operands[i], input_range, plan.act, plan.observer, train=train)
     return tuple(operands), input_range

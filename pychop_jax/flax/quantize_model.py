@@ -44,6 +44,8 @@ and its params are untouched.
   ``quant_method/<layer>/result``.  Observers update when ``quant_stats`` is
   mutable (not during ``init``); otherwise the ranges are frozen, and a range that
   has seen nothing uses the batch's own estimate (``qat.observed_fake_quant``).
+  A per-block input spec (MX / NVFP4 ``act``) keeps no range: it is calibrated on
+  each call (``qat.input_fake_quant``), so such a layer has no ``quant_stats`` entry.
 * nnx (``nnx_model``): ``quantize_model`` clones the model (``nnx.clone``) and sets
   each matched layer's ``promote_dtype`` to an ``OperandQuant`` module that holds the
   layer's ``QuantStats`` and LSQ ``nnx.Param`` s.  ``qmodel.train()`` / ``eval()`` set its
@@ -81,6 +83,7 @@ from .operands import (
     init_input_range,
     init_input_step,
     init_weight_step,
+    input_contraction,
     quantize_operands,
     roles,
 )
@@ -116,8 +119,10 @@ class LinenOperands:
     """A linen layer's ``promote_dtype`` slot: its own ``promote_dtype``, then
     ``quantize_operands`` with the variables of the layer's ``scope``."""
 
-    def __init__(self, base: Callable, plan: LayerPlan, scope):
+    def __init__(self, base: Callable, plan: LayerPlan, scope, path: str = "",
+                 contracted=(-1,)):
         self.base, self.plan, self.scope = base, plan, scope
+        self.path, self.contracted = path, contracted
 
     def _variable(self, col, name, init, *args):
         return self.scope.variable(col, name, init, *args)
@@ -157,7 +162,8 @@ class LinenOperands:
             result = self.scope.get_variable(METHOD, "result")
         operands, new = quantize_operands(
             plan, operands, input_range=None if stats is None else stats.value,
-            weight_step=weight_step, input_step=input_step, train=train, result=result)
+            weight_step=weight_step, input_step=input_step, train=train, result=result,
+            contracted=self.contracted, path=self.path)
         if stats is not None and train:
             stats.value = new
         return operands
@@ -209,8 +215,11 @@ class _LinenInterceptor:
             if not quantizing:
                 return next_fun(*args, **kwargs)
             scope = module.scope.rewound()
+            einsum_str = kwargs.get("einsum_str", args[1] if len(args) > 1 else None) \
+                if kind == "einsum" else None
             slot = LinenOperands(module.promote_dtype,
-                                  LayerPlan.from_rule(self.rules[index], kind), scope)
+                                 LayerPlan.from_rule(self.rules[index], kind), scope, path,
+                                 input_contraction(kind, module, einsum_str))
             clone = module.clone(parent=scope, promote_dtype=slot)
             return getattr(clone, method)(*args, **kwargs)
         y = next_fun(*args, **kwargs)

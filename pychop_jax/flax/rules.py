@@ -24,11 +24,27 @@ A ``QuantRule`` says how the layers whose path it matches are quantized::
   ``LinearGeneral`` ``(batch.., in.., out..)``; ``Einsum`` the kernel shape of the
   layer; ``Conv`` ``(spatial.., in / groups, out)``; ``Embed`` the table ``(vocab,
   features)``.
-* ``act``: the quantizer of the layer's *input* (per tensor: ``axis=None``), a
-  ``QuantSpec`` or an int ``b`` (``b``-bit affine); ``None`` keeps it float.  An
+* ``act``: the quantizer of the layer's *input*, a ``QuantSpec`` or an int ``b``
+  (``b``-bit affine per tensor); ``None`` keeps it float.  Two kinds of spec:
+
+  - **per tensor** (``axis=None``; integer grids, fp8, ...): one range, tracked by
+    ``observer`` in training and frozen at evaluation (``quant_stats``);
+  - **per block** (``group_size``: ``pj.formats.MXFP8_E4M3`` / ``MXFP4`` / ``NVFP4`` /
+    ``MXINT8`` as they are, or any spec with ``axis=-1, group_size=g``): blocks of
+    ``g`` consecutive features along the input's **last axis**, which must be an axis
+    the layer contracts (``Dense`` / ``Linear``, ``Conv``'s input channels,
+    ``Embed.attend``'s query, a ``DenseGeneral`` / ``Einsum`` contracting it).  Such an
+    input is quantized *dynamically*, on each call, training and evaluation alike
+    (``qat.input_fake_quant``: ``fake_quant(x, calibrate(x, spec))``, clipped STE):
+    the scales follow the blocks of the batch at hand, as MX / NVFP4 hardware computes
+    them, and no range is observed or stored.  A block axis other than the last
+    (e.g. ``axis=0``) or a layer that does not contract its input's last axis raises
+    ``ValueError`` naming the layer when it is first called.  Not with ``lsq``.
+
+  Per-channel input specs (``axis`` without ``group_size``) are refused.  An
   ``Embed`` lookup has integer ids as input, so ``act`` applies to the query of
   ``Embed.attend`` only.
-* ``observer``: how the input range is tracked, one of ``"minmax"``, ``"ema"``,
+* ``observer``: how a per-tensor input range is tracked, one of ``"minmax"``, ``"ema"``,
   ``"percentile"``, ``"mse"`` (the ``pychop_jax.observers`` of that name, default
   options) or any observer callable ``observer(stats, x, spec) -> stats``.
 * ``lsq``: learn the step sizes (and affine zero points) of kernel and input (LSQ /
@@ -138,13 +154,24 @@ class QuantRule:
         _spec(self.weight, "weight", lambda b: QuantSpec(bits=b, symmetric=True))
         _spec(self.act, "act", lambda b: QuantSpec(bits=b))
         _spec(self.attention, "attention", lambda b: QuantSpec(bits=b))
-        for field in ("act", "attention"):
-            value = getattr(self, field)
-            if isinstance(value, QuantSpec) and value.axis is not None:
+        if isinstance(self.attention, QuantSpec) and self.attention.axis is not None:
+            raise ValueError(
+                f"QuantRule({self.module_path!r}).attention has axis="
+                f"{self.attention.axis}: attention operands are quantized per tensor (one "
+                "observed range); use axis=None.")
+        if isinstance(self.act, QuantSpec) and self.act.axis is not None:
+            if self.act.group_size is None:
                 raise ValueError(
-                    f"QuantRule({self.module_path!r}).{field} has axis={value.axis}: "
-                    "activations are quantized per tensor (one observed range); use "
-                    "axis=None.")
+                    f"QuantRule({self.module_path!r}).act has axis={self.act.axis} without "
+                    "group_size: inputs are quantized per tensor (axis=None, one observed "
+                    "range) or per block along their last axis (axis=-1 with group_size, "
+                    "e.g. pychop_jax.formats.MXFP8_E4M3, calibrated on each call).")
+            if self.lsq:
+                raise ValueError(
+                    f"QuantRule({self.module_path!r}): act={describe_spec(self.act)} is "
+                    "quantized per block on each call (its scales follow the batch); "
+                    "lsq=True learns one step size per tensor. Drop lsq or use a "
+                    "per-tensor act spec.")
         if isinstance(self.observer, str):
             if self.observer not in OBSERVERS:
                 raise ValueError(f"QuantRule.observer={self.observer!r}: choose one of "
@@ -179,6 +206,12 @@ class QuantRule:
     def act_spec(self) -> QuantSpec | None:
         """The input's spec (an int becomes an affine per-tensor spec)."""
         return QuantSpec(bits=self.act) if isinstance(self.act, int) else self.act
+
+    @property
+    def dynamic_act(self) -> bool:
+        """Whether the input is quantized per block on each call (``act`` has a
+        ``group_size``: MX / NVFP4 inputs), with no observed range."""
+        return isinstance(self.act, QuantSpec) and self.act.group_size is not None
 
     def attention_spec(self) -> QuantSpec | None:
         """The attention products' operand spec (an int becomes affine per tensor)."""
@@ -304,7 +337,9 @@ class QuantReport:
             else:
                 what = (f"weight {describe_spec(rule.weight)}, input "
                         f"{describe_spec(rule.act, act=True)}")
-                if rule.act is not None and not rule.lsq:
+                if rule.dynamic_act:
+                    what += " (per block, calibrated on each call)"
+                elif rule.act is not None and not rule.lsq:
                     what += f" ({name} observer)"
                 what += ", LSQ" if rule.lsq else ""
             if rule.attention is not None:

@@ -8,11 +8,13 @@ is computed by its interceptor with ``served_einsum``).  Each one, given an
 
 * **integer path** (``int_dot_general`` / ``int_conv_general_dilated``: int8 codes x
   int8 codes -> int32, scales and zero points applied once) when ``int_ready``: codes
-  of at most 8 bits on integer grids with float32 scales (input and kernel), and the
-  kernel's scales constant along the contracted axes (per tensor, or per channel /
-  group on free axes only), so that they factor out of the sum;
+  of at most 8 bits on integer grids with float32 scales (input and kernel), the
+  input not per block, and the kernel's scales constant along the contracted
+  axes (per tensor, or per channel / group on free axes only), so that they factor
+  out of the sum;
 * **float path** otherwise -- e.g. int4 kernels with groups along the contracted
-  (input) axis, or kernels of more than 8 bits: the input fake-quantized with the
+  (input) axis, kernels of more than 8 bits, per-block inputs (MX / NVFP4 /
+  ``group_size``, calibrated on each call): the input fake-quantized with the
   kernel's stored input quantizer (``input_state``; calibrated on this input when the
   observer saw nothing, as the QAT evaluation does), the kernel dequantized
   (``(q - z) * s``), then the float op with the layer's ``precision`` /
@@ -51,6 +53,8 @@ def int_ready(kernel: IntKernel, contracted) -> bool:
     input_spec = kernel.input_state.spec if kernel.input_state is not None \
         else kernel.input_spec
     if not (_integer_codes(weights.spec) and _integer_codes(input_spec)):
+        return False
+    if input_spec.group_size is not None:  # per-block inputs: scales along the contraction
         return False
     shape = tuple(weights.state.scale.shape)
     return len(shape) == weights.ndim and all(shape[a] == 1 for a in contracted)
