@@ -27,23 +27,24 @@ kernel's shape against the layer's).
 How the served layers compute:
 
 * ``Dense`` / ``DenseGeneral`` / ``Conv`` / ``Einsum`` (linen and nnx) with an
-  ``IntKernel`` of integer codes: their op slot set to ``served_ops``'
+  ``IntKernel`` (weight + input rules): their op slot set to ``served_ops``'
   ``served_dot_general`` / ``served_conv_general_dilated`` / ``served_einsum`` (linen
   ``Einsum`` has no op slot: the interceptor computes it) and ``promote_dtype`` to
   ``int_matmul.promote_dtype``.  Those take the integer path (``int_dot_general``,
-  int32 accumulation) when the kernel's scales are constant along the contracted
-  axes, else -- e.g. int4 groups along the input axis -- the float path with the
-  input fake-quantized by the stored quantizer and the kernel dequantized.
+  int32 accumulation) when the kernel's integer scales are constant along the
+  contracted axes; a ``dot_general`` of float-format weights and inputs (fp8, MX,
+  NVFP4) multiplies their codes (``float_dot_general``); else -- e.g. int4 groups
+  along the input axis -- the float path with the input fake-quantized by the stored
+  quantizer and the kernel dequantized.
 * ``Embed.__call__`` (a lookup): a gather of the rows' codes and scales, only those
   rows dequantized (``served_embed.embed_lookup``; nnx: the served copy's ``Embed``
   is a ``ServedEmbed``; linen keeps the table packed: its ``setup`` is intercepted).
   ``Embed.attend`` with an ``IntKernel`` table: ``served_embed.embed_attend``, the
   integer path for per-row (per-token) scales.
-* everything else -- weight-only layers (``Embed.attend`` too), float / block-scaled
-  weight formats (an ``IntKernel`` of those keeps its input quantizer) -- keeps its
-  float op with ``promote_dtype`` = ``served_operands``: the input fake-quantized
-  with the stored quantizer (if any), the weights dequantized, inside the jitted
-  computation.
+* everything else -- weight-only layers (``Embed.attend`` too), an AWQ / SmoothQuant
+  ``ScaledKernel`` of float-format weights -- keeps its float op with ``promote_dtype``
+  = ``served_operands``: the input fake-quantized with the stored quantizer (if any),
+  the weights dequantized, inside the jitted computation.
 
 linen: the sample call decides which layers are served (pass ``method=`` to serve
 another method; ``served_fn`` takes ``method=`` too); a served call that reaches a
@@ -79,7 +80,7 @@ from ..flax import attention, qat
 from ..flax.operands import LayerPlan, kernel_name, roles
 from ..flax.quantize_model import LSQ_PARAMS, METHOD, STATS, LinenOperands, QuantizedModel
 from ..flax.rules import first_match
-from .int_matmul import IntKernel, promote_dtype
+from .int_matmul import IntKernel, is_integer_format, promote_dtype
 from .scaled_kernel import ScaledKernel, scaled_input
 from .served_embed import embed_attend, embed_lookup
 from .served_ops import (
@@ -172,18 +173,12 @@ def int_operands(*args, **kwargs):
 def _slots(kind: str, kernel) -> dict:
     """The field values that make a stock layer serve ``kernel``."""
     inner = kernel.kernel if isinstance(kernel, ScaledKernel) else kernel
-    if isinstance(inner, IntKernel) and kind in _INT_OPS and _integer(inner.weights.spec):
+    if isinstance(inner, IntKernel) and kind in _INT_OPS \
+            and (inner is kernel or is_integer_format(inner.weights.spec)):
         op_name, op = _INT_OPS[kind]
         slot = int_operands if isinstance(kernel, ScaledKernel) else promote_dtype
         return {op_name: op, "promote_dtype": slot}
     return {"promote_dtype": served_operands}
-
-
-def _integer(spec) -> bool:
-    """Whether weights of ``spec`` take the integer path (integer codes, float32 or
-    float16 / bfloat16 scales);
-    float element formats and block-scale formats are dequantized in the float op."""
-    return not (spec.is_float or spec.block_scaled)
 
 
 _SERVED = (QuantizedArray, IntKernel, ScaledKernel)

@@ -12,6 +12,10 @@ is computed by its interceptor with ``served_einsum``).  Each one, given an
   input not per block, and the kernel's scales constant along the contracted
   axes (per tensor, or per channel / group on free axes only), so that they factor
   out of the sum;
+* **float codes** (``float_codes_ready``, ``dot_general`` only): float element formats
+  for the weights and the input (fp8, MX, NVFP4, ...): ``int_dot_general`` hands them
+  to ``float_dot_general``, which multiplies the codes (fp8 x fp8 with float32
+  accumulation; MX x MX through ``jax.nn.scaled_matmul`` on GPU, emulated elsewhere);
 * **float path** otherwise -- e.g. int4 kernels with groups along the contracted
   (input) axis, kernels of more than 8 bits, per-block inputs (MX / NVFP4 /
   ``group_size``, calibrated on each call): the input fake-quantized with the
@@ -36,9 +40,15 @@ import jax.numpy as jnp
 from jax import lax
 
 from ..core.ops import calibrate, fake_quant
-from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, is_integer_format
+from .int_matmul import (
+    IntKernel,
+    int_conv_general_dilated,
+    int_dot_general,
+    is_float_kernel,
+    is_integer_format,
+)
 
-__all__ = ["int_ready", "served_dot_general", "served_conv_general_dilated",
+__all__ = ["int_ready", "float_codes_ready", "served_dot_general", "served_conv_general_dilated",
            "einsum_dimension_numbers", "served_einsum"]
 
 
@@ -60,6 +70,16 @@ def int_ready(kernel: IntKernel, contracted) -> bool:
     return len(shape) == weights.ndim and all(shape[a] == 1 for a in contracted)
 
 
+def float_codes_ready(kernel: IntKernel) -> bool:
+    """Whether a ``dot_general`` with ``kernel`` runs on the float-format codes
+    (``int_dot_general`` hands it to ``float_dot_general``: fp8 x fp8 codes with float32
+    accumulation, MX x MX through ``jax.nn.scaled_matmul`` on GPU, emulated elsewhere):
+    float element formats for both the weights and the input."""
+    input_spec = kernel.input_state.spec if kernel.input_state is not None \
+        else kernel.input_spec
+    return is_float_kernel(kernel) and input_spec is not None and input_spec.is_float
+
+
 def _float_operands(lhs, kernel: IntKernel):
     """The input fake-quantized with the kernel's input quantizer, the kernel dequantized."""
     state = kernel.input_state or calibrate(lhs, kernel.input_spec)
@@ -72,7 +92,7 @@ def served_dot_general(lhs, rhs, dimension_numbers, precision=None,
     ``DenseGeneral`` / ``nnx.Linear`` / ``LinearGeneral``): an ``IntKernel`` ``rhs`` on
     the integer path when ``int_ready`` (its contracting axes), else on the float path."""
     if isinstance(rhs, IntKernel):
-        if int_ready(rhs, dimension_numbers[0][1]):
+        if int_ready(rhs, dimension_numbers[0][1]) or float_codes_ready(rhs):
             return int_dot_general(lhs, rhs, dimension_numbers,
                                    preferred_element_type=preferred_element_type,
                                    out_sharding=out_sharding)

@@ -209,3 +209,38 @@ def test_integer_path_rejects_float_formats():
         pj.int_dot_general(X, qa, DN)
     with pytest.raises(ValueError, match="float element format"):
         pj.float_dot_general(X, X.T, DN, rhs_spec=pj.QuantSpec(bits=8, symmetric=True))
+
+
+def _dot_operand_dtypes(jaxpr) -> set:
+    """The operand dtypes of every dot_general of ``jaxpr``, sub-jaxprs included."""
+    found = set()
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.add(tuple(str(v.aval.dtype) for v in eqn.invars))
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (list, tuple)) else [param]):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    found |= _dot_operand_dtypes(sub)
+    return found
+
+
+def test_served_fp8_layers_multiply_fp8_codes():
+    """serve_model: fp8 weights (per output channel) and fp8 inputs (per tensor) are
+    multiplied as fp8 codes with float32 accumulation (float_dot_general), and equal the
+    QAT model's frozen evaluation; fp8 weights with float inputs stay a float32 product."""
+    fp8 = pj.QuantSpec(dtype="float8_e4m3fn")
+    rules = [QuantRule("fc1", weight=dataclasses.replace(fp8, axis=-1), act=fp8,
+                       observer="minmax"),
+             QuantRule("fc2", weight=dataclasses.replace(fp8, axis=-1))]
+    qmodel = quantize_model(MLP(), rules)
+    v = qmodel.init(jax.random.key(2), X)
+    _, upd = qmodel.apply(v, X, mutable=[STATS])
+    v = {**v, **upd}
+    other = X * 1.5
+    served_fn, served = serve_model(qmodel, v, X)
+    np.testing.assert_allclose(jax.jit(served_fn)(served, other), qmodel.apply(v, other),
+                               rtol=1e-5, atol=1e-5)
+    dtypes = _dot_operand_dtypes(jax.make_jaxpr(served_fn)(served, other).jaxpr)
+    assert ("float8_e4m3fn", "float8_e4m3fn") in dtypes  # fc1: the codes
+    assert ("float32", "float32") in dtypes  # fc2: weight-only, dequantized
