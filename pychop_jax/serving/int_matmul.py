@@ -114,6 +114,12 @@ class IntKernel(KernelWrapper):
 
     wrapped = "weights"
 
+    @property
+    def input_quant_spec(self) -> QuantSpec | None:
+        """The spec the input is quantized with: the stored state's, else
+        ``input_spec`` (``None``: the op's ``lhs_spec``)."""
+        return self.input_state.spec if self.input_state is not None else self.input_spec
+
 
 def is_float_kernel(rhs) -> bool:
     """Whether ``rhs`` is an ``IntKernel`` of float element or block-scale weights (fp8,

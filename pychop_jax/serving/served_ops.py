@@ -60,8 +60,7 @@ def int_ready(kernel: IntKernel, contracted) -> bool:
     """Whether ``kernel`` can take the integer path when its axes ``contracted`` are
     summed over (see the module docstring)."""
     weights = kernel.weights
-    input_spec = kernel.input_state.spec if kernel.input_state is not None \
-        else kernel.input_spec
+    input_spec = kernel.input_quant_spec
     if not (_integer_codes(weights.spec) and _integer_codes(input_spec)):
         return False
     if input_spec.group_size is not None:  # per-block inputs: scales along the contraction
@@ -75,8 +74,7 @@ def float_codes_ready(kernel: IntKernel) -> bool:
     (``int_dot_general`` hands it to ``float_dot_general``: fp8 x fp8 codes with float32
     accumulation, MX x MX through ``jax.nn.scaled_matmul`` on GPU, emulated elsewhere):
     float element formats for both the weights and the input."""
-    input_spec = kernel.input_state.spec if kernel.input_state is not None \
-        else kernel.input_spec
+    input_spec = kernel.input_quant_spec
     return is_float_kernel(kernel) and input_spec is not None and input_spec.is_float
 
 
