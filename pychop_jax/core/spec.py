@@ -275,8 +275,7 @@ class QuantSpec:
     def two_level(self) -> bool:
         """Whether the scales are two-level (a per-tensor float32 scale times block
         scales of a float8 ``scale_dtype``, as NVFP4)."""
-        return self.scale_dtype is not None and self.scale_dtype != "float8_e8m0fnu" \
-            and self.scale_dtype not in ROUNDED_SCALE_DTYPES
+        return self.block_scaled and self.scale_dtype != "float8_e8m0fnu"
 
     @property
     def block_scaled(self) -> bool:
