@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 
 from ..core import observers
-from ..core.ops import calibrate, fake_quant
+from ..core.ops import calibrate
 from ..core.qarray import QuantizedArray
 from ..flax import attention, qat
 from ..flax.operands import LayerPlan, kernel_name, roles
@@ -86,6 +86,7 @@ from .served_embed import embed_attend, embed_lookup
 from .served_ops import (
     einsum_dimension_numbers,
     int_ready,
+    quantized_input,
     served_conv_general_dilated,
     served_dot_general,
     served_einsum,
@@ -138,9 +139,7 @@ def served_operands(*args, **kwargs):
     kernel = _unscaled(operands, i, w)
     if isinstance(kernel, IntKernel):
         if i is not None:
-            x = operands[i]
-            state = kernel.input_state or calibrate(x, kernel.input_spec)
-            operands[i] = fake_quant(x, state)
+            operands[i] = quantized_input(operands[i], kernel)
         kernel = kernel.weights
     if isinstance(kernel, QuantizedArray):
         operands[w] = kernel.dequantize()

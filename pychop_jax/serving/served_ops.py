@@ -48,8 +48,8 @@ from .int_matmul import (
     is_integer_format,
 )
 
-__all__ = ["int_ready", "float_codes_ready", "served_dot_general", "served_conv_general_dilated",
-           "einsum_dimension_numbers", "served_einsum"]
+__all__ = ["int_ready", "float_codes_ready", "quantized_input", "served_dot_general",
+           "served_conv_general_dilated", "einsum_dimension_numbers", "served_einsum"]
 
 
 def _integer_codes(spec) -> bool:
@@ -78,10 +78,16 @@ def float_codes_ready(kernel: IntKernel) -> bool:
     return is_float_kernel(kernel) and input_spec is not None and input_spec.is_float
 
 
+def quantized_input(x, kernel: IntKernel):
+    """``x`` fake-quantized with ``kernel``'s input quantizer: its stored
+    ``input_state``, else calibrated on ``x`` under ``input_spec`` (as the QAT evaluation
+    does when the observer saw nothing)."""
+    return fake_quant(x, kernel.input_state or calibrate(x, kernel.input_spec))
+
+
 def _float_operands(lhs, kernel: IntKernel):
     """The input fake-quantized with the kernel's input quantizer, the kernel dequantized."""
-    state = kernel.input_state or calibrate(lhs, kernel.input_spec)
-    return fake_quant(lhs, state), kernel.weights.dequantize()
+    return quantized_input(lhs, kernel), kernel.weights.dequantize()
 
 
 def served_dot_general(lhs, rhs, dimension_numbers, precision=None,
