@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 import pychop_jax as pj
 from pychop_jax.algorithms import (
     KernelLayout,
+    awq_candidate,
     awq_clip_ratios,
     awq_search,
     for_layer,
@@ -268,30 +269,46 @@ def np_range_qparams(lo, hi, bits, symmetric):
     return np.where(scale == 0, 1.0, scale), zp, qmin, qmax
 
 
-def np_awq_clip(v, xs, bits, symmetric, group, ratios):
+def np_awq_clip(v, xs, bits, symmetric, group, pairs):
     """AWQ's clipping search written out: for each group of ``group`` rows of ``v`` and
-    each output column, the shrink of round-to-nearest's range with the least error of
-    the group's partial sums over the rows of ``xs``; returns ``(ratios (G, N), Q)``."""
+    each output column, the factors ``(a, b)`` in ``pairs`` of round-to-nearest's range
+    ``[lo, hi]`` -> ``[a lo, b hi]`` with the least error of the group's partial sums
+    over the rows of ``xs`` (the first on ties); returns ``(a (G, N), b (G, N), Q)``."""
     k, n = v.shape
-    chosen, q = np.ones((k // group, n)), np.zeros_like(v)
+    r_lo, r_hi, q = np.ones((k // group, n)), np.ones((k // group, n)), np.zeros_like(v)
     for g in range(k // group):
         rows = slice(g * group, (g + 1) * group)
         vg = v[rows]
         hi = np.max(np.abs(vg), axis=0) if symmetric else np.maximum(vg.max(axis=0), 0)
         lo = -hi if symmetric else np.minimum(vg.min(axis=0), 0)
         errs, qs = [], []
-        for r in ratios:
-            qg = np_rtn(vg, *np_range_qparams(lo * r, hi * r, bits, symmetric))[1]
+        for a, b in pairs:
+            qg = np_rtn(vg, *np_range_qparams(lo * a, hi * b, bits, symmetric))[1]
             errs.append(np.mean((xs[:, rows] @ (vg - qg)) ** 2, axis=0))
             qs.append(qg)
         best = np.argmin(np.array(errs), axis=0)
-        chosen[g] = np.asarray(ratios)[best]
+        r_lo[g] = np.asarray(pairs)[best, 0]
+        r_hi[g] = np.asarray(pairs)[best, 1]
         q[rows] = np.stack(qs)[best, :, np.arange(n)].T
-    return chosen, q
+    return r_lo, r_hi, q
 
 
-@pytest.mark.parametrize("symmetric,group", [(False, 16), (True, 16), (False, 48)])
-def test_awq_clip_search_equals_the_reference(symmetric, group):
+def test_awq_ratios():
+    # 1 first, shrinks in steps of 1/clip_grid above 1 - max_shrink, growths up to 1 + max_grow
+    assert pj.AWQ().ratios() == (1.0, *(1 - i / 40 for i in range(1, 20)),
+                                 *(1 + i / 40 for i in range(1, 5)))
+    assert pj.AWQ(clip_grid=20, max_grow=0.0).ratios() == tuple(1 - i / 20 for i in range(10))
+    assert pj.AWQ(clip=False).ratios() == (1.0,)
+    for bad in (dict(max_grow=-0.1), dict(max_shrink=1.0), dict(clip_grid=0),
+                dict(ends="both")):
+        with pytest.raises(ValueError, match="AWQ"):
+            pj.AWQ(**bad)
+
+
+@pytest.mark.parametrize("symmetric,group,independent", [
+    (False, 16, False), (True, 16, False), (False, 48, False), (False, 16, True),
+    (False, 48, True)])
+def test_awq_clip_search_equals_the_reference(symmetric, group, independent):
     rng = np.random.default_rng(8)
     w = rng.standard_t(4, size=(48, 16)) * 0.1
     x = outlier_inputs(rng, 200, 48, channels=(1, 30), factor=20.0) @ \
@@ -299,8 +316,8 @@ def test_awq_clip_search_equals_the_reference(symmetric, group):
     a = np.mean(np.abs(x), axis=0)
     spec = pj.QuantSpec(bits=3, symmetric=symmetric, axis=0 if group < 48 else -1,
                         group_size=group if group < 48 else None)
-    ratios = pj.AWQ().ratios()
-    assert ratios == tuple(1 - i / 20 for i in range(10))
+    ratios = (1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 1.05, 1.1)
+    pairs = [(p, q) for p in ratios for q in ratios] if independent else [(r, r) for r in ratios]
     layout = KernelLayout.dense(48, 16)
     with jax.enable_x64(True):
         errors = np.asarray(awq_search(jnp.asarray(w), jnp.asarray(x.T @ x / len(x)),
@@ -309,20 +326,33 @@ def test_awq_clip_search_equals_the_reference(symmetric, group):
             alpha = i / 20
             s = np.maximum(a**alpha, 1e-4)
             s = s / np.sqrt(s.max() * s.min())
-            chosen, q = np_awq_clip(w * s[:, None], x / s, 3, symmetric, group, ratios)
-            np.testing.assert_allclose(errors[2 * i + 1], np.mean((x @ w - (x / s) @ q) ** 2),
-                                       rtol=1e-9)
-            got = awq_clip_ratios(jnp.asarray(w), jnp.asarray(x.T @ x / len(x)),
-                                  jnp.asarray(s), spec, layout, ratios)
-            np.testing.assert_array_equal(np.asarray(got), chosen)
+            r_lo, r_hi, q = np_awq_clip(w * s[:, None], x / s, 3, symmetric, group, pairs)
+            err = np.mean((x @ w - (x / s) @ q) ** 2)
+            got = awq_candidate(jnp.asarray(w), jnp.asarray(x.T @ x / len(x)), jnp.asarray(s),
+                                spec, layout, ratios, independent)
+            np.testing.assert_allclose(got[1], err, rtol=1e-9)
+            np.testing.assert_array_equal(np.asarray(got[2]), r_lo)
+            np.testing.assert_array_equal(np.asarray(got[3]), r_hi)
+            chosen = awq_clip_ratios(jnp.asarray(w), jnp.asarray(x.T @ x / len(x)),
+                                     jnp.asarray(s), spec, layout, ratios, independent)
+            np.testing.assert_array_equal(np.asarray(chosen[0]), r_lo)
+            if not independent:
+                np.testing.assert_allclose(errors[2 * i + 1], err, rtol=1e-9)
+            else:  # the two ends do move apart, and no group does worse than one factor
+                assert np.any(r_lo != r_hi)
+                shared = np_awq_clip(w * s[:, None], x / s, 3, symmetric, group,
+                                     [(r, r) for r in ratios])[2]
+                if group == 48:  # one group per column: the error is the group's own
+                    assert err <= np.mean((x @ w - (x / s) @ shared) ** 2) * (1 + 1e-12)
     assert np.min(errors[1::2]) < np.min(errors[::2])  # clipping helps at 3 bits
 
 
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3, 4]),
        grid=st.sampled_from(["g8", "channel", "tensor"]), symmetric=st.booleans(),
-       joint=st.booleans())
-def test_awq_output_error_never_exceeds_round_to_nearest(seed, bits, grid, symmetric, joint):
+       joint=st.booleans(), ends=st.sampled_from(["independent", "shared"]))
+def test_awq_output_error_never_exceeds_round_to_nearest(seed, bits, grid, symmetric, joint,
+                                                         ends):
     """On a q/k/v-shaped DenseGeneral kernel (D, H, Dh): the served layer's error on
     the calibration rows is at most round-to-nearest's, and equals ``details``."""
     rng = np.random.default_rng(seed)
@@ -334,7 +364,7 @@ def test_awq_output_error_never_exceeds_round_to_nearest(seed, bits, grid, symme
             "tensor": pj.QuantSpec(bits=bits, symmetric=symmetric)}[grid]
     layout = KernelLayout((32, 2, 8), (0,), (1, 2), (-1,))
     stats = pj.algorithms.batch_stats(x, pj.AWQ.statistics, 4096)
-    result, details = pj.AWQ(joint=joint).apply(w, layout, spec, stats)
+    result, details = pj.AWQ(joint=joint, ends=ends).apply(w, layout, spec, stats)
     ref = jnp.einsum("mk,khd->mhd", x, w)
     served = jnp.einsum("mk,khd->mhd", x * result.input_scale, result.kernel)
     rtn = jnp.einsum("mk,khd->mhd", x, pj.fake_quant(w, pj.calibrate(w, spec)))
