@@ -32,6 +32,7 @@ from pychop_jax.algorithms import (
     smoothquant_scales,
 )
 from pychop_jax.flax.quantize_model import METHOD, STATS
+from pychop_jax.serving.algorithms.hqq import l2_range_search
 
 KEY = jax.random.key(0)
 
@@ -94,10 +95,39 @@ def np_gptq(w, h, bits, symmetric, group, damp, act_order):
     return out
 
 
-def np_hqq(w_rows, bits, symmetric, iters, p, beta, kappa, optimize_scale):
-    """HQQ's iterations per row on the integer-zero-point grid (module docstring of
-    hqq.py), keeping each row's best iterate on sum |r|^p."""
+def np_l2_range(w_rows, bits, symmetric, factors):
+    """HQQ's start (hqq.py's module docstring), one row at a time: round-to-nearest's
+    qparams, replaced by each candidate ``(f * s_rtn, clip(zc + d))`` whose weight l2
+    error is strictly lower."""
     scale, zp, qmin, qmax = np_qparams(w_rows, bits, symmetric, axis=1)
+    s_out, z_out = scale.copy(), zp.copy()
+    for i, w in enumerate(w_rows):
+        def l2(s, z, w=w):
+            q = np.clip(np.round(w / s) + z, qmin, qmax)
+            return float(np.sum((w - (q - z) * s) ** 2))
+        best = l2(scale[i, 0], zp[i, 0])
+        for f in factors:
+            s = scale[i, 0] * f
+            if symmetric:
+                zs = [0.0]
+            else:
+                zc = np.round((qmin + qmax) / 2 - (w.min() + w.max()) * (0.5 / s))
+                zs = [min(max(zc + d, qmin), qmax) for d in (-1, 0, 1)]
+            for z in zs:
+                e = l2(s, z)
+                if e < best:
+                    best, s_out[i, 0], z_out[i, 0] = e, s, z
+    return s_out, z_out
+
+
+def np_hqq(w_rows, bits, symmetric, iters, p, beta, kappa, optimize_scale, factors=None):
+    """HQQ's iterations per row on the integer-zero-point grid (module docstring of
+    hqq.py), keeping each row's best iterate on sum |r|^p (round-to-nearest's to begin
+    with); they start from ``np_l2_range`` with ``factors``, else from round to nearest."""
+    scale, zp, qmin, qmax = np_qparams(w_rows, bits, symmetric, axis=1)
+    best_s, best_z = scale.copy(), zp.astype(np.float64)
+    if factors is not None:
+        scale, zp = np_l2_range(w_rows, bits, symmetric, factors)
     s, zf = scale.copy(), zp.astype(np.float64)
 
     def evaluate(s, zf):
@@ -106,8 +136,7 @@ def np_hqq(w_rows, bits, symmetric, iters, p, beta, kappa, optimize_scale):
         r = w_rows - (q - zi) * s
         return zi, q, r, np.sum(np.abs(r) ** p, axis=1, keepdims=True)
 
-    best_s, best_z = s.copy(), zf.copy()
-    best = evaluate(s, zf)[3]
+    best = evaluate(best_s, best_z)[3]
     for _ in range(iters):
         zi, q, r, phi = evaluate(s, zf)
         better = phi < best
@@ -192,16 +221,19 @@ def test_gptq_rejects_a_non_positive_definite_hessian():
 
 
 # ==== HQQ =======================================================================================
+@pytest.mark.parametrize("init", ["rtn", "l2"])
 @pytest.mark.parametrize("symmetric,optimize_scale", [(False, False), (False, True),
                                                       (True, True)])
-def test_hqq_equals_the_reference_iterations(symmetric, optimize_scale):
+def test_hqq_equals_the_reference_iterations(symmetric, optimize_scale, init):
     rng = np.random.default_rng(3)
     w = rng.standard_t(3, size=(64, 48)) * 0.05  # heavy tails
     spec = pj.QuantSpec(bits=3, symmetric=symmetric, axis=0, group_size=16)
     rows = w.reshape(4, 16, 48).transpose(0, 2, 1).reshape(-1, 16)  # one row per group
-    s_ref, z_ref = np_hqq(rows, 3, symmetric, 20, 0.7, 10.0, 1.01, optimize_scale)
+    factors = None if init == "rtn" else np.linspace(0.6, 1.0, 9)
+    s_ref, z_ref = np_hqq(rows, 3, symmetric, 20, 0.7, 10.0, 1.01, optimize_scale, factors)
     with jax.enable_x64(True):
-        state, phi0, phi = hqq(jnp.asarray(w), spec, optimize_scale=optimize_scale)
+        state, phi0, phi = hqq(jnp.asarray(w), spec, optimize_scale=optimize_scale, init=init,
+                               init_grid=9, max_shrink=0.4)
         scale = np.asarray(state.scale).reshape(-1, 1)  # (groups, N): row g * N + n
         zp = np.asarray(state.zero_point).reshape(-1, 1)
         np.testing.assert_allclose(scale, s_ref, rtol=1e-12)
@@ -214,16 +246,37 @@ def test_hqq_equals_the_reference_iterations(symmetric, optimize_scale):
     assert (phi < phi0) if optimize_scale else (phi <= phi0 * (1 + 1e-12))
 
 
+def test_hqq_l2_start_equals_the_reference_search():
+    """The start alone (the default 56 factors down to 0.5) against ``np_l2_range``; its
+    weight l2 error is never above round to nearest's and, on heavy tails, below."""
+    rng = np.random.default_rng(11)
+    rows = rng.standard_t(2.5, size=(96, 32)) * 0.03
+    rows[:4] = np.abs(rows[:4])  # all positive: zero point at the grid's end
+    rows[4] = 0.0  # constant row: round-to-nearest's scale 1 stays
+    factors = np.linspace(0.5, 1.0, 56)
+    spec = pj.QuantSpec(bits=3, symmetric=False, axis=0)
+    s_ref, z_ref = np_l2_range(rows, 3, False, factors)
+    with jax.enable_x64(True):
+        s, z = l2_range_search(jnp.asarray(rows), spec, tuple(factors))
+        np.testing.assert_allclose(np.asarray(s), s_ref, rtol=1e-12)
+        np.testing.assert_array_equal(np.asarray(z), z_ref)
+    scale, zp, qmin, qmax = np_qparams(rows, 3, False, axis=1)
+    err = lambda s, z: np.sum((rows - np_rtn(rows, s, z, qmin, qmax)[1]) ** 2, axis=1)  # noqa: E731
+    e_rtn, e = err(scale, zp), err(s_ref, z_ref)
+    assert np.all(e <= e_rtn) and np.sum(e) < 0.9 * np.sum(e_rtn)
+
+
 @settings(max_examples=6, deadline=None)
 @given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 4]),
        group=st.sampled_from([None, 8]), optimize_scale=st.booleans(),
-       dof=st.sampled_from([2.0, 5.0, 50.0]))
-def test_hqq_lp_objective_never_exceeds_round_to_nearest(seed, bits, group, optimize_scale, dof):
+       dof=st.sampled_from([2.0, 5.0, 50.0]), init=st.sampled_from(["l2", "rtn"]))
+def test_hqq_lp_objective_never_exceeds_round_to_nearest(seed, bits, group, optimize_scale, dof,
+                                                         init):
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_t(dof, size=(32, 24)).astype(np.float32) * 0.02)
     axis = -1 if group is None else 0
     spec = pj.QuantSpec(bits=bits, symmetric=False, axis=axis, group_size=group)
-    state, phi0, phi = hqq(w, spec, optimize_scale=optimize_scale)
+    state, phi0, phi = hqq(w, spec, optimize_scale=optimize_scale, init=init)
     rtn = pj.calibrate(w, spec)
     assert float(lp_objective(w, state, 0.7)) <= float(lp_objective(w, rtn, 0.7)) * (1 + 1e-6)
     assert state.scale.shape == rtn.scale.shape and state.zero_point.dtype == jnp.int32
@@ -474,6 +527,10 @@ def test_rules_validate_methods():
         pj.QuantRule(".*", weight=4, method=pj.HQQ(optimize_scale=False))
     with pytest.raises(ValueError, match="alpha"):
         pj.SmoothQuant(alpha=1.5)
+    for bad, match in [(dict(init="mse"), "HQQ.init"), (dict(init_grid=1), "init_grid"),
+                       (dict(max_shrink=1.0), "max_shrink")]:
+        with pytest.raises(ValueError, match=match):
+            pj.HQQ(**bad)
     rule = pj.QuantRule(".*", weight=4, method=pj.GPTQ(act_order=True))
     assert hash(rule) == hash(pj.QuantRule(".*", weight=4, method=pj.GPTQ(act_order=True)))
 
