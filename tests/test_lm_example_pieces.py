@@ -47,6 +47,28 @@ def tiny():
             lambda x: nnx_fn(nmodel, x))
 
 
+_SETUPS = {}
+
+
+@pytest.fixture
+def example(monkeypatch):
+    """The example script, its ``setup`` (corpus, fp32 training) run once per argument
+    set in this process: the --quick runs below train the same fp32 model.  Each run
+    gets its own Context (the rows' dicts fresh, its own args)."""
+    ex = _load("transformer_lm")
+    real = ex.setup
+
+    def setup(args):
+        key = repr(sorted((k, v) for k, v in vars(args).items() if k != "out"))
+        if key not in _SETUPS:
+            _SETUPS[key] = real(args)
+        return dataclasses.replace(_SETUPS[key], args=args, quantized={}, reports={},
+                                   curves={}, algorithm_log={})
+
+    monkeypatch.setattr(ex, "setup", setup)
+    return ex
+
+
 def test_corpus_is_the_stdlib_sources(corpus):
     train, heldout, info = corpus
     files = lm.corpus_files()
@@ -182,8 +204,9 @@ def mixed_rules(config):
             pj.QuantRule(".*", weight=g[-1].weight, act=8)]
 
 
-def test_quick_script_run_lowers_the_loss(tmp_path):
-    ex = _load("transformer_lm")
+@pytest.mark.slow
+def test_quick_script_run_lowers_the_loss(tmp_path, example):
+    ex = example
     out = tmp_path / "lm.png"
     rows = [ex.fp32_row,
             ex.ptq_row("w8a8 PTQ", "w8a8", lambda c: ex.per_channel_rules(c, act=8)),
@@ -219,6 +242,7 @@ def test_quick_script_run_lowers_the_loss(tmp_path):
     assert "fp32" in ex.table(results)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["MXFP4", "NVFP4", "NF4"])
 def test_format_rules_put_blocks_on_the_contraction(preset):
     """The "formats" suite's rules: blocks along each kernel's contracted axis, clipped to
@@ -252,10 +276,11 @@ def test_format_rules_put_blocks_on_the_contraction(preset):
     assert (table.spec.axis, table.spec.group_size) == (1, min(g, 64))
 
 
-def test_quick_algorithm_rows(capsys):
+@pytest.mark.slow
+def test_quick_algorithm_rows(capsys, example):
     """The "algorithms" suite's machinery on the --quick model: an RTN and an HQQ row on
     the same grid, then the SmoothQuant w8a8 row that prints the suite's table."""
-    ex = _load("transformer_lm")
+    ex = example
     import pychop_jax as pj
 
     rules = functools.partial(ex.algorithm_rules, bits=3, group=128)

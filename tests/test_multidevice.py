@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 
 def _run(script: str) -> str:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -15,10 +17,12 @@ def _run(script: str) -> str:
     return result.stdout
 
 
+@pytest.mark.slow
 def test_sharded_calibrate_quantize_bit_identical_and_state_stays_sharded():
     assert "OK 40 sharded runs bit-identical" in _run("multidevice_check.py")
 
 
+@pytest.mark.slow
 def test_sharded_lm_qat_step_matches_one_device_and_served_params_stay_sharded():
     # the example LM's QAT step, batch over 'data' and kernel outputs over 'model',
     # gives the single-device losses; serving keeps the sharding

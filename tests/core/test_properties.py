@@ -1,4 +1,7 @@
-"""Properties of the JAX API (hypothesis, 200 examples each)."""
+"""Properties of the JAX API (hypothesis).
+
+Every new (shape, spec) compiles the ops for it: properties of the same draw run in one
+test (``test_grid_properties``) so that they share those compilations."""
 
 import jax
 import jax.numpy as jnp
@@ -21,19 +24,13 @@ def expand(a, spec, ndim):
     return np.repeat(a, spec.group_size, axis=spec.resolve_axis(ndim))
 
 
-@settings(max_examples=200)
-@given(array_and_spec(allow_groups=True, subnormal=True, extremes=True))
-def test_codes_in_range_with_code_dtype(case):
-    x, spec = case
+def check_codes_in_range_with_code_dtype(x, spec):
     q = np.asarray(pj.quantize(x, pj.calibrate(x, spec)))
     assert q.dtype == spec.code_dtype
     assert q.min() >= spec.qmin and q.max() <= spec.qmax
 
 
-@settings(max_examples=200)
-@given(array_and_spec(allow_groups=True, extremes=True))
-def test_round_trip_error_at_most_half_a_step(case):
-    x, spec = case
+def check_round_trip_error_at_most_half_a_step(x, spec):
     state = pj.calibrate(x, spec)
     xhat = np.asarray(pj.dequantize(pj.quantize(x, state), state), np.float64)
     scale = expand(state.scale, spec, x.ndim).astype(np.float64)
@@ -43,10 +40,7 @@ def test_round_trip_error_at_most_half_a_step(case):
     assert np.all(err <= bound), (err.max(), bound.min())
 
 
-@settings(max_examples=200)
-@given(array_and_spec(allow_groups=True), st.integers(0, 32))
-def test_zero_maps_exactly_to_zero(case, where):
-    x, spec = case
+def check_zero_maps_exactly_to_zero(x, spec, where):
     x = x.copy()
     flat = x.reshape(-1)
     flat[where % flat.size] = 0.0
@@ -56,13 +50,61 @@ def test_zero_maps_exactly_to_zero(case, where):
     assert np.all(np.asarray(pj.dequantize(pj.quantize(x, state), state))[x == 0] == 0.0)
 
 
-@settings(max_examples=200)
-@given(array_and_spec(allow_groups=True, subnormal=True, extremes=True))
-def test_quantize_dequantize_is_idempotent(case):
-    x, spec = case
+def check_quantize_dequantize_is_idempotent(x, spec):
     state = pj.calibrate(x, spec)
     q = pj.quantize(x, state)
     np.testing.assert_array_equal(pj.quantize(pj.dequantize(q, state), state), q)
+
+
+def check_fake_quant_equals_dequantize_of_quantize(x, spec):
+    state = pj.calibrate(x, spec)
+    y = np.asarray(pj.fake_quant(x, state))
+    expected = np.asarray(pj.dequantize(pj.quantize(x, state), state))
+    np.testing.assert_array_equal(y.view(np.uint8), expected.view(np.uint8))  # +0.0, not -0.0
+
+
+_jit_quantize = jax.jit(pj.quantize)
+
+
+def check_stochastic_rounding_picks_a_neighbour_and_is_reproducible(x, spec):
+    state = pj.calibrate(x, spec)
+    key = jax.random.key(0)
+    q = np.asarray(pj.quantize(x, state, key=key), np.int64)
+    np.testing.assert_array_equal(q, _jit_quantize(x, state, key=key))
+    nearest = np.asarray(pj.quantize(x, state), np.int64)
+    assert np.all(np.abs(q - nearest) <= 1)
+    assert q.min() >= spec.qmin and q.max() <= spec.qmax
+
+
+@st.composite
+def one_grid_three_inputs(draw):
+    """One (shape, spec) and three arrays of that shape: with subnormals and extremes,
+    with extremes only, and plain (the draws of the separate tests these checks were)."""
+    x_sub, spec = draw(array_and_spec(allow_groups=True, subnormal=True, extremes=True))
+    x_ext = draw(float_arrays(x_sub.shape, extremes=True))
+    x_plain = draw(float_arrays(x_sub.shape))
+    return spec, x_sub, x_ext, x_plain
+
+
+@settings(max_examples=200)
+@given(one_grid_three_inputs(), st.integers(0, 32), st.booleans())
+def test_grid_properties(case, where, stochastic):
+    """Five properties of one (shape, spec) per example, so that they share its
+    compiled calibrate / quantize / dequantize / fake_quant (every new (shape, spec)
+    compiles them; as five tests they compiled them five times): codes in range with the
+    code dtype and idempotent quantize(dequantize(q)) (subnormals and extremes), the
+    round trip within half a step (extremes), zero maps exactly to zero and fake_quant
+    is dequantize(quantize) bit for bit (plain inputs); and in half of the examples
+    (``stochastic``: its two extra compilations), stochastic rounding picks a neighbour
+    of round-to-nearest, reproducibly from a key, eager and jitted (plain inputs)."""
+    spec, x_sub, x_ext, x_plain = case
+    check_codes_in_range_with_code_dtype(x_sub, spec)
+    check_quantize_dequantize_is_idempotent(x_sub, spec)
+    check_round_trip_error_at_most_half_a_step(x_ext, spec)
+    check_zero_maps_exactly_to_zero(x_plain, spec, where)
+    check_fake_quant_equals_dequantize_of_quantize(x_plain, spec)
+    if stochastic:
+        check_stochastic_rounding_picks_a_neighbour_and_is_reproducible(x_plain, spec)
 
 
 @settings(max_examples=200)
@@ -82,16 +124,18 @@ def _pipeline(x, spec):
     return state.scale, state.zero_point, pj.quantize(x, state)
 
 
-@settings(max_examples=120)
+@settings(max_examples=60)
 @given(array_and_spec(allow_groups=True, subnormal=True, extremes=True),
        st.integers(0, 3))
 def test_jit_eager_numpy_bit_identical(case, which):
     """Eager, jitted (traced, constant-folded, closed-over state), op-by-op and NumPy
     agree bit for bit.  The op-by-op run (``jax.disable_jit``) compiles every primitive
     for the example's shape, half of this test's time: it runs in a quarter of the
-    examples (``which == 0``).  120 examples: each compiles three pipelines, and the
-    suite's largest cost; the backends' identity is also property-tested at 200 examples
-    in ``tests/interop/test_backends.py``."""
+    examples (``which == 0``).  60 examples: each compiles three pipelines, and the
+    suite's largest cost; eager JAX against NumPy (the numerics with the NumPy namespace
+    and the NumPy adapter's XLA kernel) is also property-tested, bit for bit, on the
+    same draws at 200 examples in ``tests/interop/test_backends.py`` (per group at 150 in
+    ``tests/interop/test_groups_backends.py``)."""
     x, spec = case
     eager = _pipeline(x, spec)
     eager_state = pj.QuantState(eager[0], eager[1], spec)
@@ -128,29 +172,3 @@ def test_vmap_equals_loop(case):
         for a, b in zip(mapped, _pipeline(x, spec), strict=True):
             np.testing.assert_array_equal(np.asarray(a[i]).view(np.uint8),
                                           np.asarray(b).view(np.uint8))
-
-
-@settings(max_examples=200)
-@given(array_and_spec(allow_groups=True))
-def test_fake_quant_equals_dequantize_of_quantize(case):
-    x, spec = case
-    state = pj.calibrate(x, spec)
-    y = np.asarray(pj.fake_quant(x, state))
-    expected = np.asarray(pj.dequantize(pj.quantize(x, state), state))
-    np.testing.assert_array_equal(y.view(np.uint8), expected.view(np.uint8))  # +0.0, not -0.0
-
-
-_jit_quantize = jax.jit(pj.quantize)
-
-
-@settings(max_examples=100)
-@given(array_and_spec(allow_groups=True))
-def test_stochastic_rounding_picks_a_neighbour_and_is_reproducible(case):
-    x, spec = case
-    state = pj.calibrate(x, spec)
-    key = jax.random.key(0)
-    q = np.asarray(pj.quantize(x, state, key=key), np.int64)
-    np.testing.assert_array_equal(q, _jit_quantize(x, state, key=key))
-    nearest = np.asarray(pj.quantize(x, state), np.int64)
-    assert np.all(np.abs(q - nearest) <= 1)
-    assert q.min() >= spec.qmin and q.max() <= spec.qmax

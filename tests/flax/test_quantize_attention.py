@@ -88,7 +88,7 @@ def test_linen_gradients_reach_qkv_kernels():
         y, _ = qmodel.apply({**variables, "params": params}, x, mutable=["quant_stats"])
         return jnp.sum(y ** 2)
 
-    grads = jax.grad(loss)(variables["params"])
+    grads = jax.jit(jax.grad(loss))(variables["params"])  # one compilation, not one per op
     for name in ("query", "key", "value", "out"):
         g = np.asarray(grads["attn"][name]["kernel"])
         assert np.all(np.isfinite(g)) and np.abs(g).sum() > 0, name
@@ -217,8 +217,10 @@ def test_lm_example_attention_rules_take_every_block():
     took = [m.path for m in report.layers if m.rule == 0]
     assert took == ["blocks_0/attn", "blocks_1/attn"] and not report.unmatched
     qmodel = pj.quantize_model(model, ex.attention_rules(config))
-    variables = {**qmodel.init(jax.random.key(0), tokens), "params": params}
-    _, upd = qmodel.apply(variables, tokens, mutable=["quant_stats"])
+    # jitted: one compilation each instead of one per quantizing op
+    variables = {**jax.jit(qmodel.init)(jax.random.key(0), tokens), "params": params}
+    _, upd = jax.jit(lambda v, t: qmodel.apply(v, t, mutable=["quant_stats"]))(variables,
+                                                                               tokens)
     ranges = upd["quant_stats"]["blocks_1"]["attn"]
     assert all(int(ranges[f"attn_{n}_range"].count) == 1
                for n in ("query", "key", "probs", "value"))
