@@ -13,16 +13,20 @@ head; embeddings float; float32 scales; ``--calib-batches`` (16) training batche
 * RTN: round to nearest on each group's min / max range;
 * the **weight-l2 ceiling** (calibration-free): ``RangeSearch("l2")``, each group's
   (scale, integer zero point) of least weight error ``||w - Q(w)||^2`` found by
-  exhaustive search.  No method that picks a group's range from its weights by that
-  error does better on it; HQQ's ``init="l2"`` start is a coarser version of it;
+  exhaustive search (to the resolution of its scale factors).  No method that picks a
+  group's range from its weights by that error does better on it; HQQ's
+  ``init="l2"`` start is a coarser version of it;
 * the **output-error ceiling** (data-aware): ``RangeSearch("output")``, each group's
   (scale, integer zero point) of least ``e^T H_gg e``, ``e = w - Q(w)`` the group's
   error and ``H_gg`` its block of the layer's ``H = X^T X / R`` (the calibration rows
   ``X`` reaching the layer, earlier layers already quantized): the squared error of the
-  group's partial sum of the layer's output, averaged over the rows.  It bounds, on
-  that objective, any per-group range choice from the same data -- AWQ's clipping
-  family (shrinking / widening the two ends of a range) included, though not AWQ's
-  per-input-channel scaling, which changes the weights being quantized;
+  group's partial sum of the layer's output, averaged over the rows.  On that
+  objective it is at least as good as any per-group range choice from the same data
+  (to the resolution of its scale factors) -- AWQ's clipping family (shrinking /
+  widening the two ends of a range) included, though not AWQ's per-input-channel
+  scaling, which changes the weights being quantized.  It is a ceiling on a proxy: the
+  per-group errors' cross terms and the later layers are ignored, so another range
+  choice can still come out (slightly) lower on bits/byte;
 * ``pj.AWQ()`` and ``pj.HQQ()`` with their defaults (and ``pj.GPTQ(act_order=True)``
   with ``--gptq``: error feedback, which changes the codes, not only the ranges).
 
@@ -35,8 +39,8 @@ weight ``l_0.7`` error for HQQ (``lp / lp_rtn``); GPTQ reports no RTN reference.
 load and is no result of this benchmark).
 
 Issue 13 asked AWQ and HQQ for >= 50 % of the gap: the ceilings say how much any
-range choice can give on this model.  ``--quick``: the example's tiny model (seconds;
-a smoke test, the numbers mean nothing).
+range choice can give on this model.  ``--quick``: the example's tiny model (a smoke
+test of the script, about two minutes, mostly compilation; the numbers mean nothing).
 """
 
 from __future__ import annotations
@@ -274,7 +278,8 @@ def main(argv=None):
     p.add_argument("--factors", type=int, default=201,
                    help="scale factors of the searches, linspace(0.25, 1.25, N)")
     p.add_argument("--gptq", action="store_true", help="also GPTQ (act_order) per grid")
-    p.add_argument("--quick", action="store_true", help="the example's tiny model (smoke test)")
+    p.add_argument("--quick", action="store_true",
+                   help="the example's tiny model (a smoke test of the script)")
     args = p.parse_args(argv)
     if args.factors < 1:
         p.error("--factors must be >= 1")
