@@ -207,14 +207,7 @@ def kernel_state(scale, zero_point, layout: KernelLayout, spec: QuantSpec,
     qparams; ``group=None``: one per output column, ``(1, N)``."""
     if group is not None:
         return layout.state_from_matrix(scale, zero_point, spec)
-    order = tuple(int(i) for i in np.argsort(layout.out_axes))
-    ones = [1 if a in layout.in_axes else layout.shape[a] for a in range(len(layout.shape))]
-
-    def back(a):  # (1, N) -> the kernel's axes, 1 on the contracted ones
-        t = jnp.transpose(jnp.reshape(a, layout.out_dims), order)
-        return jnp.reshape(jnp.reshape(t, ones), spec.scale_shape(layout.shape))
-
-    return QuantState(back(scale), back(zero_point), spec)
+    return layout.state_from_columns(scale, zero_point, spec)
 
 
 # -- the benchmark ----------------------------------------------------------------------------

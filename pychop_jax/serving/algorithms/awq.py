@@ -75,7 +75,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
 from ...core import numerics
@@ -325,13 +324,6 @@ def _clipped_qparams(v, r_lo, r_hi, spec: QuantSpec, layout: KernelLayout):
     scale, zp = numerics.qparams_from_range(jnp, lo * r_lo, hi * r_hi, mspec)
     if layout.plan(spec) is not None:
         state = layout.state_from_matrix(scale, zp, spec)
-        return state.scale, state.zero_point
-    # one range per output column: (1, N) -> the kernel's scale shape (1 on the in-axes)
-    order = tuple(int(i) for i in np.argsort(layout.out_axes))
-    ones = [1 if a in layout.in_axes else layout.shape[a] for a in range(len(layout.shape))]
-
-    def back(a):
-        t = jnp.transpose(jnp.reshape(a, layout.out_dims), order)
-        return jnp.reshape(jnp.reshape(t, ones), spec.scale_shape(layout.shape))
-
-    return back(scale), back(zp)
+    else:  # one range per output column, (1, N)
+        state = layout.state_from_columns(scale, zp, spec)
+    return state.scale, state.zero_point

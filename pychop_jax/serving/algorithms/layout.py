@@ -165,6 +165,18 @@ class KernelLayout:
         back = lambda a: jnp.transpose(jnp.reshape(a, dims), inverse)  # noqa: E731
         return QuantState(back(scale), back(zero_point), spec)
 
+    def state_from_columns(self, scale, zero_point, spec: QuantSpec) -> QuantState:
+        """The kernel's ``QuantState`` (``spec``'s scale shape, size 1 on the contracted
+        axes) from per-output-column ``(1, N)`` qparams: ``column_qparams``' inverse."""
+        order = tuple(int(i) for i in np.argsort(self.out_axes))
+        ones = [1 if a in self.in_axes else self.shape[a] for a in range(len(self.shape))]
+
+        def back(a):
+            t = jnp.transpose(jnp.reshape(a, self.out_dims), order)
+            return jnp.reshape(jnp.reshape(t, ones), spec.scale_shape(self.shape))
+
+        return QuantState(back(scale), back(zero_point), spec)
+
     def column_qparams(self, state: QuantState):
         """``(scale, zero_point)`` per output column, ``(1, N)`` each, of a state whose
         scales are constant along the contracted axes."""
