@@ -67,7 +67,6 @@ from _timing import cpu_info  # noqa: E402
 import pychop_jax as pj  # noqa: E402
 from pychop_jax.core import numerics  # noqa: E402
 from pychop_jax.core.spec import QuantSpec  # noqa: E402
-from pychop_jax.core.state import QuantState  # noqa: E402
 from pychop_jax.flax.operands import MethodResult  # noqa: E402
 from pychop_jax.flax.rules import QuantMethod  # noqa: E402
 from pychop_jax.serving.algorithms.layout import KernelLayout  # noqa: E402
@@ -147,7 +146,7 @@ class RangeSearch(QuantMethod):
                              narrow_range=spec.narrow_range, axis=0)
         scale, zp, before, after = search(layout.matrix(kernel), hessian, row_spec, g,
                                           self.grid())
-        state = kernel_state(scale, zp, layout, spec, group)
+        state = layout.state_from_matrix(scale, zp, spec)
         values = numerics.fake_quant(jnp, kernel, state.scale, state.zero_point, spec)
         return MethodResult(values, state), {"objective_rtn": float(before),
                                              "objective": float(after)}
@@ -199,15 +198,6 @@ def search(w, hessian, row_spec: QuantSpec, g: int, factors: tuple[float, ...]):
                               jnp.asarray(zs, jnp.int32))
     return (jnp.reshape(s, (G, n)), jnp.reshape(z, (G, n)).astype(jnp.int32),
             jnp.sum(rtn), jnp.sum(err))
-
-
-def kernel_state(scale, zero_point, layout: KernelLayout, spec: QuantSpec,
-                 group: int | None) -> QuantState:
-    """The kernel's ``QuantState`` (``spec``'s scale shape) from ``W``'s ``(K / g, N)``
-    qparams; ``group=None``: one per output column, ``(1, N)``."""
-    if group is not None:
-        return layout.state_from_matrix(scale, zero_point, spec)
-    return layout.state_from_columns(scale, zero_point, spec)
 
 
 # -- the benchmark ----------------------------------------------------------------------------

@@ -322,8 +322,5 @@ def _clipped_qparams(v, r_lo, r_hi, spec: QuantSpec, layout: KernelLayout):
     mspec, _ = _matrix_grid(layout, spec)
     lo, hi = _ranges(v, spec, layout, mspec)
     scale, zp = numerics.qparams_from_range(jnp, lo * r_lo, hi * r_hi, mspec)
-    if layout.plan(spec) is not None:
-        state = layout.state_from_matrix(scale, zp, spec)
-    else:  # one range per output column, (1, N)
-        state = layout.state_from_columns(scale, zp, spec)
+    state = layout.state_from_matrix(scale, zp, spec)
     return state.scale, state.zero_point

@@ -158,7 +158,11 @@ class KernelLayout:
         return QuantSpec(**fields, axis=0, group_size=group)
 
     def state_from_matrix(self, scale, zero_point, spec: QuantSpec) -> QuantState:
-        """The kernel's ``QuantState`` from a grouped ``W``'s ``(K / g, N)`` qparams."""
+        """The kernel's ``QuantState`` from the qparams of ``W``'s grid
+        (``matrix_spec(spec, plan(spec))``): ``(K / g, N)`` for groups of ``g`` rows,
+        ``(1, N)`` for a grid without groups (``state_from_columns``)."""
+        if self.plan(spec) is None:
+            return self.state_from_columns(scale, zero_point, spec)
         g = spec.group_size
         dims = self.in_dims[:-1] + (self.in_dims[-1] // g,) + self.out_dims
         inverse = np.argsort(self.in_axes + self.out_axes)
