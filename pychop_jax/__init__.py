@@ -29,11 +29,11 @@ from .core.ops import calibrate, check_finite, dequantize, fake_quant, lsq_init,
 from .core.qarray import QuantizedArray
 from .core.spec import QuantSpec
 from .core.state import QuantState
-from .flax import qat
 from .flax import serialization as _serialization  # noqa: F401  (registers the pytrees)
-from .flax.quantize_model import quantization_report, quantize_model
-from .flax.rules import QuantReport, QuantRule
+from .flax.models import quantization_report, quantize_model
 from .serving.algorithms import AWQ, GPTQ, HQQ, CalibrationReport, SmoothQuant, calibrate_model
+from .transform import qat
+from .transform.rules import QuantReport, QuantRule
 from .serving.checkpoint import load_quantized, save_quantized
 from .serving.float_matmul import float_dot_general
 from .serving.int_matmul import (
@@ -45,7 +45,7 @@ from .serving.int_matmul import (
 )
 from .serving.ptq import PTQReport, dequantize_params, quantize_params
 from .serving.scaled_kernel import ScaledKernel
-from .serving.serve_model import serve_model
+from .serving.deploy import serve_model
 
 __version__ = "0.1.0"
 

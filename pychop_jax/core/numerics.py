@@ -243,10 +243,11 @@ def layout(spec: QuantSpec, shape):
     """
     shape = tuple(int(n) for n in shape)
     state_shape = spec.scale_shape(shape)  # validates axis and divisibility
-    axis = spec.resolve_axis(len(shape))
     if spec.group_size is None:
-        reduce_axes = tuple(d for d in range(len(shape)) if d != axis)
+        kept = spec.resolve_axes(len(shape))
+        reduce_axes = tuple(d for d in range(len(shape)) if d not in kept)
         return shape, reduce_axes, state_shape
+    axis = spec.resolve_axis(len(shape))
     g = spec.group_size
     view = shape[:axis] + (shape[axis] // g, g) + shape[axis + 1 :]
     state_view = shape[:axis] + (shape[axis] // g, 1) + shape[axis + 1 :]

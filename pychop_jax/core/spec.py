@@ -18,6 +18,11 @@ Granularity, expressed as the shape of the scale (always the input's rank):
 * ``axis=None``: per-tensor, one scale; every axis is reduced.
 * ``axis=a``: per-channel along ``a``; every other axis is reduced, so the scale has
   shape ``(1, .., C, .., 1)``.
+* ``axis=(a, b, ..)``: per channel over several axes, one scale per element of the
+  kept axes (every other axis is reduced): a weight's output channels when its
+  matmul keeps more than one axis free (an einsum kernel ``(d, heads, head_dim)``:
+  ``axis=(1, 2)``; a stacked ``(layers, in, out)``: ``axis=(0, 2)``).  A one-element
+  tuple is the same spec as the int.
 * ``axis=a, group_size=g``: per-group; one scale per block of ``g`` consecutive
   elements along ``a`` (every other axis is kept), so the scale has the input's shape
   with ``n_a`` replaced by ``n_a // g``.  ``n_a`` must be a multiple of ``g``.
@@ -131,7 +136,8 @@ class QuantSpec:
       narrow_range: symmetric only; drop the most negative code so the grid is
         ``[-(2^(b-1) - 1), 2^(b-1) - 1]``.
       axis: ``None`` for per-tensor; an int (negative allowed) for per-channel, or
-        the grouped axis when ``group_size`` is given.
+        the grouped axis when ``group_size`` is given; a tuple of distinct ints for
+        per channel over several axes (not with ``group_size``).
       group_size: ``None``, or the block length g for per-group quantization along
         ``axis``.
       dtype: element grid: ``None`` (the integer grid of ``bits``), ``"int<b>"`` /
@@ -150,7 +156,7 @@ class QuantSpec:
     bits: int = 8
     symmetric: bool = False
     narrow_range: bool = False
-    axis: int | None = None
+    axis: int | tuple[int, ...] | None = None
     group_size: int | None = None
     dtype: str | None = None
     scale_dtype: str | None = None
@@ -227,9 +233,16 @@ class QuantSpec:
                 "QuantSpec.narrow_range applies to symmetric quantization only; "
                 "set symmetric=True or narrow_range=False."
             )
-        if self.axis is not None:
+        if isinstance(self.axis, (tuple, list)):
+            axes = tuple(_require_int("axis", a, "(or a tuple of them), or None")
+                         for a in self.axis)
+            if not axes:
+                raise ValueError("QuantSpec.axis=(): use axis=None for per-tensor "
+                                 "quantization, or name the kept axes.")
+            object.__setattr__(self, "axis", axes[0] if len(axes) == 1 else axes)
+        elif self.axis is not None:
             object.__setattr__(
-                self, "axis", _require_int("axis", self.axis, "or None")
+                self, "axis", _require_int("axis", self.axis, "(or a tuple of them), or None")
             )
         if self.group_size is not None:
             g = _require_int("group_size", self.group_size, ">= 1 or None")
@@ -239,6 +252,11 @@ class QuantSpec:
                 raise ValueError(
                     "QuantSpec.group_size needs the axis to group along; "
                     "pass axis=<int> as well."
+                )
+            if isinstance(self.axis, tuple):
+                raise ValueError(
+                    f"QuantSpec.group_size groups along one axis; got axis={self.axis}. "
+                    "Pass the one axis to group along."
                 )
             object.__setattr__(self, "group_size", g)
 
@@ -352,21 +370,53 @@ class QuantSpec:
         return "channel" if self.group_size is None else "group"
 
     # -- axes ---------------------------------------------------------------------
+    @property
+    def multi_axis(self) -> bool:
+        """Whether the spec is per channel over several axes (``axis`` a tuple)."""
+        return isinstance(self.axis, tuple)
+
     def resolve_axis(self, ndim: int) -> int | None:
         """The non-negative axis for an array of rank ``ndim`` (``None`` per-tensor).
 
         Raises:
-          ValueError: the axis does not exist in an array of that rank.
+          ValueError: the axis does not exist in an array of that rank, or the spec
+            keeps several axes (``resolve_axes``).
         """
         if self.axis is None:
             return None
-        if not -ndim <= self.axis < ndim:
+        if self.multi_axis:
+            raise ValueError(
+                f"QuantSpec.axis={self.axis} keeps several axes; this operation takes "
+                "a spec with one axis (per tensor, per channel along one axis, or per "
+                "group).")
+        return self._axis_in(self.axis, ndim)
+
+    def resolve_axes(self, ndim: int) -> tuple[int, ...]:
+        """The non-negative axes along which the scale varies for an array of rank
+        ``ndim``: ``()`` per tensor, the kept axes per channel (sorted), the grouped
+        axis per group.
+
+        Raises:
+          ValueError: an axis that does not exist in an array of that rank, or the
+            same axis twice.
+        """
+        if self.axis is None:
+            return ()
+        axes = self.axis if self.multi_axis else (self.axis,)
+        resolved = tuple(sorted(self._axis_in(a, ndim) for a in axes))
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"QuantSpec.axis={self.axis} names the same axis twice for "
+                             f"an array with {ndim} dimension(s).")
+        return resolved
+
+    def _axis_in(self, axis: int, ndim: int) -> int:
+        if not -ndim <= axis < ndim:
             raise ValueError(
                 f"QuantSpec.axis={self.axis} is out of range for an array with "
                 f"{ndim} dimension(s); use an axis in [{-ndim}, {ndim - 1}] "
                 "or axis=None for per-tensor quantization."
             )
-        return self.axis % ndim
+        return axis % ndim
 
     def scale_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """Shape of the scale / zero point for an input of ``shape``.
@@ -376,11 +426,10 @@ class QuantSpec:
             ``group_size``.
         """
         shape = tuple(int(n) for n in shape)
-        axis = self.resolve_axis(len(shape))
-        if axis is None:
-            return (1,) * len(shape)
         if self.group_size is None:
-            return tuple(n if d == axis else 1 for d, n in enumerate(shape))
+            kept = self.resolve_axes(len(shape))
+            return tuple(n if d in kept else 1 for d, n in enumerate(shape))
+        axis = self.resolve_axis(len(shape))
         n = shape[axis]
         if n % self.group_size:
             raise ValueError(

@@ -50,8 +50,8 @@ from jax import lax
 
 from ..core import observers
 from ..core.spec import QuantSpec
-from . import qat
-from .qat import QuantOptions
+from ..transform import qat
+from ..transform.qat import QuantOptions
 
 __all__ = ["IntQuantizedLayer", "QuantDense", "QuantConv", "WeightQuant", "init_lsq"]
 

@@ -48,8 +48,8 @@ from jax import lax
 
 from ..core import observers, ops
 from ..core.spec import QuantSpec
-from . import qat
-from .qat import QuantOptions
+from ..transform import qat
+from ..transform.qat import QuantOptions
 
 __all__ = ["QuantStats", "IntQuantizedLayer", "WeightQuant", "QuantDense", "QuantConv",
            "init_lsq"]

@@ -38,8 +38,8 @@ _SCALED = "__scaled_kernel__"
 def _encode_spec(spec: QuantSpec) -> list:
     """The spec's fields as a list; the element / scale formats are appended (as ``""``
     when absent), so checkpoints of integer specs written before them still load."""
-    return [spec.bits, spec.symmetric, spec.narrow_range,
-            -1 if spec.axis is None else spec.axis, spec.axis is None,
+    axis = -1 if spec.axis is None else list(spec.axis) if spec.multi_axis else spec.axis
+    return [spec.bits, spec.symmetric, spec.narrow_range, axis, spec.axis is None,
             0 if spec.group_size is None else spec.group_size,
             spec.dtype or "", spec.scale_dtype or "", spec.scale_rounding]
 
@@ -47,8 +47,10 @@ def _encode_spec(spec: QuantSpec) -> list:
 def _decode_spec(fields) -> QuantSpec:
     bits, symmetric, narrow, axis, per_tensor, group = fields[:6]
     dtype, scale_dtype, scale_rounding = (list(fields[6:9]) + ["", "", "floor"])[:3]
+    if not per_tensor:
+        axis = tuple(int(a) for a in axis) if isinstance(axis, (list, tuple)) else int(axis)
     return QuantSpec(bits=int(bits), symmetric=bool(symmetric), narrow_range=bool(narrow),
-                     axis=None if per_tensor else int(axis), group_size=int(group) or None,
+                     axis=None if per_tensor else axis, group_size=int(group) or None,
                      dtype=str(dtype) or None, scale_dtype=str(scale_dtype) or None,
                      scale_rounding=str(scale_rounding))
 

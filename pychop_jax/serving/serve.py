@@ -41,7 +41,7 @@ from ..core import numerics, observers, ops
 from ..core.qarray import QuantizedArray
 from ..core.spec import QuantSpec
 from ..core.state import QuantState
-from ..flax import qat
+from ..transform import qat
 from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
 
 __all__ = ["IntDense", "IntConv", "ServedLayer", "to_served", "to_served_nnx"]

@@ -18,7 +18,7 @@ Each algorithm is also a function on arrays (``gptq``, ``awq_search``,
 """
 
 from .awq import AWQ, awq_candidate, awq_clip_ratios, awq_scales, awq_search
-from .calibration import CalibrationReport, LayerCalibration, calibrate_model
+from .calibration import CalibrationReport, LayerCalibration, calibrate_model  # noqa
 from .gptq import GPTQ, gptq
 from .hqq import HQQ, hqq, lp_objective
 from .layout import KernelLayout, for_layer

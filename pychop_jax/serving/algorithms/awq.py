@@ -80,8 +80,8 @@ from jax import lax
 from ...core import numerics
 from ...core.spec import QuantSpec
 from ...core.state import QuantState
-from ...flax.operands import MethodResult
-from ...flax.rules import QuantMethod
+from ...transform.methods import MethodResult
+from ...transform.methods import QuantMethod
 from .layout import KernelLayout
 
 __all__ = ["AWQ", "awq_scales", "awq_search", "awq_candidate", "awq_clip_ratios"]

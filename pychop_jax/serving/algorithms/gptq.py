@@ -54,8 +54,8 @@ from jax import lax
 from ...core import numerics
 from ...core.spec import QuantSpec
 from ...core.state import QuantState
-from ...flax.operands import MethodResult
-from ...flax.rules import QuantMethod
+from ...transform.methods import MethodResult
+from ...transform.methods import QuantMethod
 from .layout import KernelLayout
 
 __all__ = ["GPTQ", "gptq", "block_size_for"]

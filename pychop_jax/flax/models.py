@@ -1,0 +1,451 @@
+"""``quantize_model`` for every framework: linen, nnx, Equinox and plain functions.
+
+One mechanism quantizes them all (``pychop_jax.transform``): the model becomes a
+function of its parameters, traced once per signature; its weights are found by
+dataflow and its matmuls re-emitted quantized.  This module only maps each
+framework's variables to and from that function:
+
+* **linen** (``QuantizedModel``): ``qmodel.init(key, x)`` / ``qmodel.apply(variables,
+  x, mutable=[...], method=..., rngs=...)`` as for the float module; ``variables`` are
+  the module's own collections plus ``quant_stats`` / ``quant_params`` /
+  ``quant_method`` (``transform.plan``).  ``mutable`` containing ``"quant_stats"``
+  is training (the observers update), otherwise evaluation.  ``nn.scan`` stacks,
+  ``nn.remat``, boxed (logically partitioned) parameters and every other module
+  system feature work as they do for the float model: the transform sees the traced
+  function, not the modules.
+* **nnx** (``QuantizedNnxModel``): a module with the model's call signature holding a
+  copy of the model (``model`` is not modified) and the quantization state
+  (``QuantStats``, LSQ ``nnx.Param`` s, ``QuantMethodState``); ``train()`` / ``eval()``
+  switch the observers as for ``BatchNorm``.  The state is created by the optional
+  sample call of ``quantize_model(model, rules, *args)`` or by the first call.
+* **Equinox** (``QuantizedEquinox``, an ``eqx.Module``): ``qmodel, state =
+  quantize_model(model, rules, *args, call=...)``; ``y, state = qmodel(*args,
+  state=state)``; ``eqx.nn.inference_mode(qmodel)`` freezes the observers.
+  ``call(model, *args)`` is how the model runs on a batch (default ``model(*args)``;
+  ``lambda m, x: jax.vmap(m)(x)`` for per-example modules), so that an input range is
+  a batch's.
+* **a plain function** ``f(params, *args)``: ``transform.function.QuantizedFunction``
+  (``init(params, x)`` -> variables; ``apply`` as linen).
+
+Anything else (a transformers ``FlaxPreTrainedModel`` wrapper, a params dict, an
+object that is not a module or function) is a ``TypeError`` naming what to pass.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import warnings
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+
+from ..transform.function import QuantizedFunction, VariablesModel, as_rules
+from ..transform.plan import COLLECTIONS, LEARNED, METHOD, STATS
+from ..transform.rules import QuantReport
+from ..transform.tracing import join_static, leaf_paths
+
+__all__ = ["quantize_model", "quantization_report", "QuantizedModel", "QuantizedNnxModel",
+           "QuantizedEquinox", "STATS", "LSQ_PARAMS", "METHOD", "is_equinox"]
+
+#: the collection of learned (LSQ) step sizes
+LSQ_PARAMS = LEARNED
+
+
+def _is_box_key(k) -> bool:
+    return getattr(k, "name", None) == "value"
+
+
+def _box_paths(params) -> list[str]:
+    """Parameter paths without the ``value`` attribute of boxes (``nn.Partitioned``,
+    ``nnx.Variable``): a boxed kernel is named like an unboxed one."""
+    return leaf_paths(params, skip=_is_box_key)
+
+
+def _warn_unmatched(report: QuantReport, stacklevel: int = 3) -> None:
+    message = report.warning()
+    if message:
+        warnings.warn(message, stacklevel=stacklevel)
+
+
+# ==== linen ===================================================================================
+class QuantizedModel(VariablesModel):
+    """A linen model with its weights quantized by ``rules`` (``quantize_model``).
+
+    Attributes:
+      float_model: the float model (not modified).
+      rules: the ``QuantRule`` s, first match wins.
+    """
+
+    def __init__(self, model: nn.Module, rules):
+        super().__init__(rules)
+        self.float_model = model
+
+    def split(self, variables):
+        params = variables.get("params", {})
+        others = {k: v for k, v in variables.items() if k != "params" and k not in COLLECTIONS}
+        return params, others
+
+    def paths(self, params) -> list[str]:
+        return _box_paths(params)
+
+    def own_collections(self, mutable):
+        if mutable is True:
+            return True
+        if not mutable:
+            return ()
+        names = (mutable,) if isinstance(mutable, str) else tuple(mutable)
+        return tuple(c for c in names if c not in COLLECTIONS)
+
+    def function(self, method, static):
+        static_args, mutable = static
+        model = self.float_model
+
+        def fn(params, dynamic):
+            others, args, kwargs = join_static(dynamic, static_args)
+            kwargs = dict(kwargs)
+            own = mutable if mutable is True else list(mutable) if mutable else False
+            return model.apply({"params": params, **others}, *args, method=method,
+                               mutable=own, **kwargs)
+
+        return fn
+
+    def init(self, rngs, *args, method=None, **kwargs):
+        """``Module.init`` of the float model, then the quantization collections from
+        the same call (empty observer ranges; LSQ step sizes from the data)."""
+        variables = self.float_model.init(rngs, *args, method=method, **kwargs)
+        variables = dict(variables)
+        out = self.init_variables(variables, args, _without(kwargs, "rngs"), method)
+        _warn_unmatched(self.trace(variables, args, _without(kwargs, "rngs"),
+                                   method)[0].plan.report)
+        return out
+
+    def apply(self, variables, *args, method=None, mutable=False, **kwargs):
+        """``Module.apply`` of the float model with its weights (and inputs)
+        fake-quantized; ``mutable`` as linen's (``"quant_stats"`` among them: training,
+        the observers update), ``rngs=`` / ``method=`` as linen's."""
+        return super().apply(variables, *args, method=method, mutable=mutable, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"QuantizedModel({type(self.float_model).__name__}, {len(self.rules)} rule(s))"
+
+
+def _without(kwargs: dict, key: str) -> dict:
+    return {k: v for k, v in kwargs.items() if k != key}
+
+
+# ==== nnx =====================================================================================
+@functools.cache
+def _nnx_types():
+    from flax import nnx
+
+    class QuantStats(nnx.Variable):
+        """Observer ranges of a quantized nnx model (not trained)."""
+
+    class QuantMethodState(nnx.Variable):
+        """Post-training algorithms' results (not trained)."""
+
+    return nnx, QuantStats, QuantMethodState
+
+
+class _NnxFunction(VariablesModel):
+    """The nnx model as a function of its ``nnx.Param`` s (the rest of its state is
+    passed along and returned updated)."""
+
+    def __init__(self, rules, graphdef, rest_filter):
+        super().__init__(rules)
+        self.graphdef, self.rest_filter = graphdef, rest_filter
+
+    def split(self, variables):
+        return variables["params"], {"rest": variables["rest"]}
+
+    def paths(self, params) -> list[str]:
+        return _box_paths(params)
+
+    def function(self, method, static):
+        nnx = _nnx_types()[0]
+        static_args, _ = static
+        graphdef = self.graphdef
+
+        def fn(params, dynamic):
+            others, args, kwargs = join_static(dynamic, static_args)
+            model = nnx.merge(graphdef, params, others["rest"])
+            target = model if method is None else getattr(model, method)
+            out = target(*args, **kwargs)
+            return out, nnx.state(model, nnx.Not(nnx.Param))
+
+        return fn
+
+
+def _nnx_variables(module) -> dict:
+    """The quantized nnx module's state as transform variables."""
+    nnx, _, _ = _nnx_types()
+    graphdef, params, rest = nnx.split(module.model, nnx.Param, ...)
+    return graphdef, {"params": params, "rest": rest,
+                      STATS: module.quant_stats.get_value(),
+                      LEARNED: module.quant_params.get_value(),
+                      METHOD: module.quant_method.get_value()}
+
+
+def _make_nnx_model_class():
+    nnx, QuantStats, QuantMethodState = _nnx_types()
+
+    class QuantizedNnxModel(nnx.Module):
+        """An nnx model with its weights quantized by ``rules`` (see the module
+        docstring).  ``model``: a copy of the float model."""
+
+        def __init__(self, model, rules):
+            self.model = nnx.clone(model)
+            self.rules = as_rules(rules)
+            self.quant_stats = QuantStats({})
+            self.quant_params = nnx.Param({})
+            self.quant_method = QuantMethodState({})
+            self.use_running_average = False
+            self.initialized = False
+
+        @property
+        def float_model(self):
+            return self.model
+
+        def _functions(self, graphdef):
+            cache = self.__dict__.setdefault("_fns", {})
+            fn = cache.get(graphdef)
+            if fn is None:
+                fn = cache[graphdef] = _NnxFunction(self.rules, graphdef, None)
+            return fn
+
+        def run(self, args, kwargs, mode=None, method=None):
+            graphdef, variables = _nnx_variables(self)
+            fn = self._functions(graphdef)
+            if not self.initialized:
+                made = fn.init_variables(variables, args, kwargs, method)
+                self.quant_stats.set_value(made.get(STATS, {}))
+                self.quant_params.set_value(made.get(LEARNED, {}))
+                self.initialized = True
+                graphdef, variables = _nnx_variables(self)
+            if mode is None:
+                mode = "eval" if self.use_running_average else "train"
+            (out, rest), scope, traced, _ = fn.run(variables, args, kwargs, method=method,
+                                                   mode=mode)
+            nnx.update(self.model, rest)
+            if mode == "train":
+                exported = traced.plan.export(scope)
+                self.quant_stats.set_value(exported.get(STATS, {}))
+            return out, traced
+
+        def __call__(self, *args, **kwargs):
+            return self.run(args, kwargs)[0]
+
+        def report(self, *args, **kwargs) -> QuantReport:
+            graphdef, variables = _nnx_variables(self)
+            return self._functions(graphdef).trace(variables, args, kwargs)[0].plan.report
+
+    return QuantizedNnxModel
+
+
+def __getattr__(name):  # the nnx / Equinox classes load their framework on first access
+    if name == "QuantizedNnxModel":
+        return _nnx_class()
+    if name == "QuantizedEquinox":
+        return _equinox_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+@functools.cache
+def _nnx_class():
+    return _make_nnx_model_class()
+
+
+# ==== Equinox =================================================================================
+def is_equinox(model) -> bool:
+    """Whether ``model`` is an Equinox module (without importing Equinox)."""
+    eqx = sys.modules.get("equinox")
+    return eqx is not None and isinstance(model, eqx.Module)
+
+
+class _EqxFunction(VariablesModel):
+    """An Equinox model as a function of its inexact arrays."""
+
+    def __init__(self, rules, static, call):
+        super().__init__(rules)
+        self.static, self.call = static, call
+
+    def function(self, method, static):
+        import equinox as eqx
+
+        static_args, _ = static
+        model_static, call = self.static, self.call
+
+        def fn(params, dynamic):
+            _, args, kwargs = join_static(dynamic, static_args)
+            model = eqx.combine(params, model_static)
+            return call(model, *args, **kwargs)
+
+        return fn
+
+
+@functools.cache
+def _equinox_class():
+    import equinox as eqx
+
+    class QuantizedEquinox(eqx.Module):
+        """An Equinox model with its weights quantized by ``rules`` (see the module
+        docstring).
+
+        Attributes:
+          model: the float model (its arrays are what training updates).
+          quant_params: learned (LSQ) step sizes (trained with the model).
+          quant_method: post-training algorithms' results (``calibrate_model``).
+          rules: the rules (static).
+          call: how the model runs on a batch (static).
+          inference: ``True`` freezes the observers (``eqx.nn.inference_mode``).
+        """
+
+        model: eqx.Module
+        quant_params: dict
+        quant_method: dict
+        rules: tuple = eqx.field(static=True)
+        call: Callable = eqx.field(static=True)
+        inference: bool = False
+
+        def function(self) -> _EqxFunction:
+            params, static = eqx.partition(self.model, eqx.is_inexact_array)
+            return _EqxFunction(self.rules, static, self.call), params
+
+        def variables(self, state):
+            fn, params = self.function()
+            return fn, {"params": params, STATS: (state or {}).get(STATS, {}),
+                        LEARNED: self.quant_params, METHOD: self.quant_method}
+
+        def __call__(self, *args, state=None, **kwargs):
+            fn, variables = self.variables(state)
+            mode = "eval" if self.inference else "train"
+            out, scope, traced, _ = fn.run(variables, args, kwargs, mode=mode)
+            exported = traced.plan.export(scope)
+            return out, {STATS: exported.get(STATS, {}) if mode == "train"
+                         else variables[STATS]}
+
+        def report(self, *args, **kwargs) -> QuantReport:
+            fn, variables = self.variables(None)
+            return fn.trace(variables, args, kwargs)[0].plan.report
+
+    return QuantizedEquinox
+
+
+def _quantize_equinox(model, rules, args, kwargs, call):
+    cls = _equinox_class()
+    call = call or (lambda m, *a, **k: m(*a, **k))
+    qmodel = cls(model, {}, {}, as_rules(rules), call)
+    if not args and not kwargs:
+        raise TypeError("quantize_model(equinox_model, rules, *args): an Equinox model "
+                        "needs a sample call (its quantization state is made from it); "
+                        "pass the model's inputs after the rules.")
+    fn, variables = qmodel.variables(None)
+    made = fn.init_variables(variables, args, kwargs)
+    _warn_unmatched(fn.trace(variables, args, kwargs)[0].plan.report, stacklevel=4)
+    qmodel = cls(model, made.get(LEARNED, {}), {}, qmodel.rules, call)
+    return qmodel, {STATS: made.get(STATS, {})}
+
+
+# ==== dispatch ================================================================================
+def _is_nnx(model) -> bool:
+    nnx = sys.modules.get("flax.nnx")
+    return nnx is not None and isinstance(model, nnx.Module)
+
+
+def _refuse(model) -> TypeError:
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    if hasattr(model, "module") and hasattr(model, "params"):
+        return TypeError(
+            f"quantize_model got a {name}, a wrapper around a Flax module (transformers' "
+            "FlaxPreTrainedModel): pass its module, quantize_model(model.module, rules), "
+            "and use {'params': model.params} as the variables.")
+    if isinstance(model, dict):
+        return TypeError("quantize_model got a dict (parameters?): pass the model -- a linen "
+                         "Module, an nnx Module, an Equinox Module, or a function "
+                         "f(params, *args) -- and give the parameters to its init / apply.")
+    return TypeError(
+        f"quantize_model cannot trace a {name}: pass a flax.linen Module (unbound), a "
+        "flax.nnx Module, an Equinox Module, or a function f(params, *args).")
+
+
+def _is_function(model) -> bool:
+    import inspect
+
+    return inspect.isfunction(model) or inspect.ismethod(model) or \
+        isinstance(model, functools.partial) or inspect.isbuiltin(model)
+
+
+def quantize_model(model, rules, *args, call=None, **kwargs):
+    """A quantization-aware version of ``model`` whose weights follow ``rules``.
+
+    Args:
+      model: a ``flax.linen.Module`` (unbound), a ``flax.nnx.Module``, an Equinox
+        ``Module``, or a function ``f(params, *args, **kwargs)``.
+      rules: ``QuantRule`` s; the first one matching a weight's module path decides.
+      *args, **kwargs: a sample call -- nnx: optional (otherwise the first call makes
+        the quantization state); Equinox: required.
+      call: Equinox only: ``call(model, *args)``, how the model runs on a batch.
+
+    Returns:
+      linen: a ``QuantizedModel`` (``init`` / ``apply``); nnx: a
+      ``QuantizedNnxModel`` (call it like the model); Equinox: ``(qmodel, state)``;
+      a function: a ``QuantizedFunction`` (``init(params, *args)`` / ``apply``).
+
+    Raises:
+      TypeError: anything else (the message names what to pass).
+      ValueError: rules that do not fit the model (at the first trace).
+    """
+    rules = as_rules(rules)
+    if call is not None and not is_equinox(model):
+        raise TypeError("quantize_model(call=...) is for Equinox models.")
+    if isinstance(model, nn.Module):
+        if args or kwargs:
+            raise TypeError("quantize_model: a linen model takes no sample call; "
+                            "qmodel.init(key, *args) initialises from data.")
+        if model.scope is not None:
+            raise TypeError("quantize_model takes an unbound linen Module (the model's "
+                            "definition), not a bound one; pass model.clone(parent=None).")
+        return QuantizedModel(model, rules)
+    if _is_nnx(model):
+        qmodel = _nnx_class()(model, rules)
+        if args or kwargs:
+            qmodel.run(args, kwargs, mode="init")
+            _warn_unmatched(qmodel.report(*args, **kwargs))
+        return qmodel
+    if is_equinox(model):
+        return _quantize_equinox(model, rules, args, kwargs, call)
+    if _is_function(model):
+        if args or kwargs:
+            raise TypeError("quantize_model(f, rules): a function takes no sample call; "
+                            "qf.init(params, *args) initialises from data.")
+        return QuantizedFunction(model, rules)
+    raise _refuse(model)
+
+
+def quantization_report(model, rules, *args, **kwargs) -> QuantReport:
+    """Every op the rules concern in ``model``, all at once (nothing is computed: the
+    model is traced abstractly).
+
+    linen: ``quantization_report(model, rules, *args, rngs=key, **kwargs)``, a sample
+    call; nnx / Equinox: ``(model, rules, *args)``; a function: ``(f, rules, params,
+    *args)``.  Also ``qmodel.report(...)`` of a quantized model.
+    """
+    rules = as_rules(rules)
+    if isinstance(model, nn.Module):
+        rngs = kwargs.pop("rngs", jax.random.key(0))
+        variables = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs))
+        return QuantizedModel(model, rules).report(variables, *args, **kwargs)
+    if _is_nnx(model):
+        return _nnx_class()(model, rules).report(*args, **kwargs)
+    if is_equinox(model):
+        call = kwargs.pop("call", None) or (lambda m, *a, **k: m(*a, **k))
+        qmodel = _equinox_class()(model, {}, {}, rules, call)
+        return qmodel.report(*args, **kwargs)
+    if _is_function(model):
+        if not args:
+            raise TypeError("quantization_report(f, rules, params, *args): a function needs "
+                            "its parameters and a sample call.")
+        return QuantizedFunction(model, rules).report({"params": args[0]}, *args[1:], **kwargs)
+    raise _refuse(model)

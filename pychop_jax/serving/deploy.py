@@ -1,0 +1,3 @@
+"""placeholder"""
+def serve_model(*a, **k):
+    raise NotImplementedError
