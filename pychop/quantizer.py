@@ -23,10 +23,34 @@ scale); ``dequantize(q)`` (``ValueError`` before calibration); ``q(x)`` = fake
 quantization ``dequantize(quantize(x))`` (``TorchChopi``: its ``forward``).  An array
 of another framework raises ``TypeError``.
 
-Under ``jax.jit`` a ``JaxChopi`` that is not calibrated yet calibrates on the traced
-input for that call only: an object never keeps a tracer (its ``scale`` stays
-``None``, so a later eager call calibrates on concrete data).  ``calibrate(x)`` itself
-refuses a traced ``x``.
+Under ``jax.jit`` (or ``vmap``, ``grad``, a ``lax`` control-flow body: any JAX trace) a
+``JaxChopi`` that is not calibrated yet calibrates on the first traced input it gets
+and keeps that calibration for the rest of **that trace only**, so a traced function
+behaves as the same code run eagerly on a fresh quantizer:
+``jax.jit(lambda v: ch.dequantize(ch.quantize(v)))(x)`` dequantizes with the scale
+and zero point its ``quantize`` calibrated, and bit for bit equals the eager round
+trip.  The object never keeps a tracer:
+
+* ``scale`` / ``zero_point`` (and ``state``, ``calibrated``) describe the eager
+  calibration only; they stay ``None`` / ``False`` during and after a traced call;
+* the traced calibration is filed under the trace that made it
+  (``pychop_jax.core.ops.current_trace``) and is looked up only while that same trace
+  is the one being recorded: another jitted function, a nested trace (an inner
+  ``jit``, ``vmap``, ``grad`` or loop body: each calibrates for itself, and the outer
+  trace never sees the inner's) and later eager calls never see it.  After the
+  trace, ``dequantize`` raises ``ValueError`` and ``quantize`` calibrates on concrete
+  data, as before any call;
+* it is held only weakly: the module's registry references the trace and the
+  calibration through weak references, and what keeps the calibration alive is the
+  arrays computed with it (a ``weakref.finalize`` on each result), so it lives as
+  long as the trace's own results and a leak check (``jax.checking_leaks``) finds
+  nothing left.  A traced ``quantize`` whose results were all dropped may leave no
+  calibration behind (the next traced call calibrates again).
+
+An eager calibration (``calibrate``, or a first eager ``quantize``) serves every later
+call, traced or not.  A jitted function keeps the program it traced, so calling it
+again with the same shapes does not see a calibration made since.  ``calibrate(x)``
+itself refuses a traced ``x``.
 
 pychop 0.6's names are accepted: ``bits=`` for ``num_bits``, ``axis=`` for
 ``channel_dim``.
@@ -34,6 +58,7 @@ pychop 0.6's names are accepted: ``bits=`` for ``num_bits``, ``axis=`` for
 
 from __future__ import annotations
 
+import weakref
 from typing import ClassVar
 
 from pychop_jax.core import validation
@@ -63,8 +88,44 @@ def _alias(name, value, default, alias, alias_value):
     return alias_value
 
 
+class _TracedCalibration:
+    """A calibration made inside one trace: ``scale`` / ``zero_point`` in pychop's
+    shapes (values of that trace).  Only the arrays computed with it hold it strongly."""
+
+    __slots__ = ("scale", "zero_point", "__weakref__")
+
+    def __init__(self, scale, zero_point):
+        self.scale = scale
+        self.zero_point = zero_point
+
+
+#: trace -> {quantizer: weak reference to the ``_TracedCalibration`` it made in that
+#: trace}; weak in all three, so nothing here outlives the trace or extends a tracer.
+_TRACED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _hold(_calibration):
+    """The no-op callback of the finalizer that keeps a calibration alive."""
+
+
+def _kept(out, calibration):
+    """``out``, which keeps ``calibration`` (if any) alive for as long as it lives."""
+    if calibration is not None:
+        try:
+            weakref.finalize(out, _hold, calibration).atexit = False
+        except TypeError:  # not weakly referenceable: the calibration may go sooner
+            pass
+    return out
+
+
 class Quantizer:
     """pychop's ``Chopi``: a calibrated integer quantizer over one backend.
+
+    Eagerly it calibrates once (``calibrate``, or the first ``quantize`` /
+    ``fake_quant``) and keeps ``scale`` / ``zero_point``.  Inside a JAX trace, while
+    not calibrated eagerly, the first traced call calibrates for that trace only (see
+    the module docstring): later calls in the same trace use it, nothing is stored on
+    the object.
 
     Args:
       num_bits: code width, 2..16 (``bits=`` is accepted too).
@@ -136,43 +197,91 @@ class Quantizer:
         self._store(self.backend.calibrate(x, self.spec), x.shape)
 
     def quantize(self, x):
-        """Integer codes of ``x`` (calibrates on ``x`` first if not calibrated yet)."""
+        """Integer codes of ``x`` (calibrates on ``x`` first if not calibrated yet;
+        inside a JAX trace: if that trace has no calibration yet, for that trace)."""
         self._require_array(x, "quantize")
-        state, fresh = self._state_or_calibrate(x, "quantize")
-        return self.backend.quantize(x, state, check=not fresh)
+        state, fresh, traced = self._state_or_calibrate(x, "quantize")
+        return _kept(self.backend.quantize(x, state, check=not fresh), traced)
 
     def dequantize(self, q):
-        """Floats ``(q - zero_point) * scale``.
+        """Floats ``(q - zero_point) * scale`` (inside a JAX trace, with the calibration
+        that trace made if the quantizer is not calibrated eagerly).
 
         Raises:
-          ValueError: not calibrated yet.
+          ValueError: not calibrated yet (nor by an earlier call in the current trace).
         """
+        traced = None
         if not self.calibrated:
-            raise ValueError(f"{type(self).__name__}.dequantize: the quantizer is not "
-                             "calibrated; call calibrate(x) or quantize(x) first (eagerly: "
-                             "inside jax.jit a quantize does not store its calibration).")
+            traced = self._traced_calibration()
+            if traced is None:
+                raise ValueError(
+                    f"{type(self).__name__}.dequantize: the quantizer is not calibrated; "
+                    "call calibrate(x) or quantize(x) first (a quantize inside jax.jit / "
+                    "vmap / grad calibrates for that trace only, not for later calls).")
         self._require_array(q, "dequantize")
-        return self.backend.dequantize(q, self._state_for(q.shape, "dequantize"))
+        state = self._state_for(q.shape, "dequantize", traced)
+        return _kept(self.backend.dequantize(q, state), traced)
 
     def fake_quant(self, x):
-        """``dequantize(quantize(x))`` in ``x``'s dtype (calibrates first if needed)."""
+        """``dequantize(quantize(x))`` in ``x``'s dtype (calibrates first if needed, as
+        ``quantize``)."""
         self._require_array(x, "fake_quant")
-        state, fresh = self._state_or_calibrate(x, "fake_quant")
-        return self.backend.fake_quant(x, state, check=not fresh)
+        state, fresh, traced = self._state_or_calibrate(x, "fake_quant")
+        return _kept(self.backend.fake_quant(x, state, check=not fresh), traced)
 
     def __call__(self, x):
         return self.fake_quant(x)
 
-    def _state_or_calibrate(self, x, what: str) -> tuple[QuantState, bool]:
-        """The state for ``x``, calibrated on ``x`` first unless calibrated, and whether
-        it was (then ``x`` is known to be finite and the backend can skip its NaN /
-        inf check).  A traced ``x`` gets a state of its own that is not stored."""
+    def _state_or_calibrate(self, x, what: str):
+        """``(state, fresh, traced)``: the state for ``x``, calibrated on ``x`` first
+        unless calibrated; ``fresh``: whether it was (then ``x`` is known to be finite
+        and the backend can skip its NaN / inf check); ``traced``: the current trace's
+        calibration it came from, which the result must keep alive, or ``None``.
+
+        A traced ``x`` uses the eager calibration if there is one, else the current
+        trace's, else calibrates for the current trace (not stored on the object)."""
         if self.calibrated:
-            return self._state_for(x.shape, what), False
+            return self._state_for(x.shape, what), False, None
         if self.backend.is_traced(x):
-            return self.backend.calibrate(x, self.spec), True
+            traced = self._traced_calibration()
+            if traced is not None:
+                return self._state_for(x.shape, what, traced), False, traced
+            state = self.backend.calibrate(x, self.spec)
+            return state, True, self._remember_traced(state)
         self.calibrate(x)
-        return self._state_for(x.shape, what), True
+        return self._state_for(x.shape, what), True, None
+
+    # -- calibration for one trace -----------------------------------------------------------
+    def _traced_calibration(self) -> _TracedCalibration | None:
+        """The calibration this quantizer made in the trace being recorded now, if any
+        (and still held by a result of that trace)."""
+        if self.backend is None:
+            return None
+        trace = self.backend.current_trace()
+        if trace is None:
+            return None
+        try:
+            ref = _TRACED.get(trace, {}).get(self)
+        except TypeError:  # an unhashable trace: see _remember_traced
+            return None
+        return None if ref is None else ref()
+
+    def _remember_traced(self, state: QuantState) -> _TracedCalibration | None:
+        """File ``state`` (just calibrated on a traced input) under the current trace;
+        ``None`` where no trace is being recorded (a tracer met outside its trace, e.g.
+        under ``jax.ensure_compile_time_eval``): the state then serves this call only."""
+        trace = self.backend.current_trace()
+        if trace is None:
+            return None
+        traced = _TracedCalibration(self._squeeze(state.scale), self._squeeze(state.zero_point))
+        try:
+            mine = _TRACED.get(trace)
+            if mine is None:
+                mine = _TRACED[trace] = weakref.WeakKeyDictionary()
+            mine[self] = weakref.ref(traced)
+        except TypeError:  # a trace (or quantizer) that cannot be a key: this call only
+            return None
+        return traced
 
     # -- state in pychop's shapes ----------------------------------------------------------
     def _require_array(self, x, what: str) -> None:
@@ -198,9 +307,12 @@ class Quantizer:
             validation.require_state_fits(shape, have, expected, what)
         return [self.backend.xp.reshape(a, expected) for a in arrays]
 
-    def _state_for(self, shape, what: str) -> QuantState:
-        """The ``QuantState`` that applies ``scale`` / ``zero_point`` to ``shape``."""
-        scale, zero_point = self._state_shaped((self.scale, self.zero_point), shape, what)
+    def _state_for(self, shape, what: str, source=None) -> QuantState:
+        """The ``QuantState`` that applies ``scale`` / ``zero_point`` (of ``source``: a
+        ``_TracedCalibration``; default: this object's) to ``shape``."""
+        source = self if source is None else source
+        scale, zero_point = self._state_shaped((source.scale, source.zero_point), shape,
+                                               what)
         return QuantState(scale, zero_point, self.spec)
 
 

@@ -34,6 +34,7 @@ __all__ = [
     "widen_scale",
     "fit_state",
     "is_traced",
+    "current_trace",
     "as_float",
     "calibrate_kernel",
     "quantize_kernel",
@@ -52,6 +53,16 @@ def is_traced(x) -> bool:
 with jax.core.eval_context():
     #: the trace JAX runs operations on when nothing is being traced
     _EVAL_TRACE = type(find_top_trace(()))
+
+
+def current_trace():
+    """The trace JAX is recording operations on now (one per ``jit``, ``vmap``, ``grad``
+    level, control-flow body, ...), or ``None`` when it runs them eagerly.
+
+    An object that must remember something for the duration of one trace and never past
+    it keys it by this (weakly: a trace is alive while its tracers are)."""
+    trace = find_top_trace(())
+    return None if type(trace) is _EVAL_TRACE else trace
 
 
 def _as_jax(x, what: str):

@@ -121,6 +121,10 @@ class Framework:
         """Whether ``x`` is a placeholder of a program being traced (JAX only)."""
         return False
 
+    def current_trace(self):
+        """The JAX trace being recorded now, or ``None`` (always ``None`` but for JAX)."""
+        return None
+
 
 @functools.cache
 def _on_cpu():

@@ -37,6 +37,9 @@ class _JaxFramework(engine.Framework):
     def is_traced(self, x) -> bool:
         return ops.is_traced(x)
 
+    def current_trace(self):
+        return ops.current_trace()
+
 
 def _identity(a):
     return a

@@ -1,15 +1,18 @@
 """The ``pychop`` surface: backend selection, the Chopi classes' attributes, methods and
 errors, pychop 0.6 aliases, and agreement of the three classes."""
 
+import gc
 import os
 import re
 import subprocess
 import sys
+import weakref
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend.core import find_top_trace
 
 import pychop
 import pychop_jax as pj
@@ -210,7 +213,7 @@ def test_jax_chopi_never_keeps_a_tracer():
     np.testing.assert_array_equal(q, pj.quantize(x, pj.calibrate(x, ch.spec)))
     np.testing.assert_array_equal(jax.jit(ch.fake_quant)(x),
                                   pj.fake_quant(x, pj.calibrate(x, ch.spec)))
-    with pytest.raises(ValueError, match="inside jax.jit a quantize does not store"):
+    with pytest.raises(ValueError, match="calibrates for that trace only"):
         ch.dequantize(q)
     # an explicit calibrate on a tracer is refused, with the way out
     with pytest.raises(TypeError, match="pychop_jax.calibrate"):
@@ -219,3 +222,121 @@ def test_jax_chopi_never_keeps_a_tracer():
     ch.calibrate(x)
     np.testing.assert_array_equal(jax.jit(ch.quantize)(x), q)
     np.testing.assert_array_equal(ch.dequantize(q), pj.dequantize(q, pj.calibrate(x, ch.spec)))
+
+
+# -- JaxChopi inside one trace -----------------------------------------------------------------
+CHOPI_CONFIGS = [dict(), dict(per_channel=True, channel_dim=1),
+                 dict(symmetric=True, per_channel=True, channel_dim=0)]
+NOT_CALIBRATED = "JaxChopi.dequantize: the quantizer is not calibrated"
+
+
+def eager_round_trip(x, **config):
+    ch = pychop.JaxChopi(num_bits=8, **config)
+    return ch.dequantize(ch.quantize(x))
+
+
+def assert_trace_freed(traces):
+    """The traces recorded by ``traced`` are gone: nothing (a tracer in a calibration
+    among them) outlived them."""
+    gc.collect()
+    assert traces and all(ref() is None for ref in traces)
+
+
+def traced(fn, traces):
+    """``fn``, recording a weak reference to each trace it runs in."""
+    def wrapper(*args):
+        traces.append(weakref.ref(find_top_trace(())))
+        return fn(*args)
+    return wrapper
+
+
+@pytest.mark.parametrize("config", CHOPI_CONFIGS, ids=str)
+def test_jitted_round_trip_uses_the_calibration_its_trace_made(config):
+    # pychop users write jit(lambda v: ch.dequantize(ch.quantize(v))) on a fresh quantizer
+    ch = pychop.JaxChopi(num_bits=8, **config)
+    x = jnp.asarray(X)
+    traces = []
+    with jax.checking_leaks():  # raises if a tracer outlives its trace
+        y = jax.jit(traced(lambda v: ch.dequantize(ch.quantize(v)), traces))(x)
+    expected = eager_round_trip(x, **config)
+    assert y.dtype == expected.dtype
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(expected))  # bit for bit
+    # nothing stored on the object, nothing kept past the trace
+    assert ch.scale is None and ch.zero_point is None and ch.state is None
+    assert not ch.calibrated
+    assert_trace_freed(traces)
+    # the eager calls afterwards behave as on a fresh quantizer
+    with pytest.raises(ValueError, match=NOT_CALIBRATED):
+        ch.dequantize(jnp.zeros(X.shape, jnp.uint8 if not ch.symmetric else jnp.int8))
+    q = ch.quantize(3 * x)  # calibrates on first eager use, on this input
+    reference = pychop.JaxChopi(num_bits=8, **config)
+    np.testing.assert_array_equal(q, reference.quantize(3 * x))
+    np.testing.assert_array_equal(ch.scale, reference.scale)
+    # and the stored calibration now serves new traces
+    np.testing.assert_array_equal(jax.jit(lambda v: ch.dequantize(ch.quantize(v)))(x),
+                                  reference.dequantize(reference.quantize(x)))
+
+
+def test_a_trace_keeps_its_first_calibration_as_eager_code_does():
+    # eagerly the second quantize saturates with the first input's scale; so it does
+    # inside one jitted function (and fake_quant shares the calibration too)
+    x = jnp.asarray(X)
+    ch = pychop.JaxChopi(num_bits=8)
+    q1, q2, y = jax.jit(lambda v: (ch.quantize(v), ch.quantize(3 * v), ch(v)))(x)
+    reference = pychop.JaxChopi(num_bits=8)
+    np.testing.assert_array_equal(q1, reference.quantize(x))
+    np.testing.assert_array_equal(q2, reference.quantize(3 * x))
+    assert q2.max() == 255
+    np.testing.assert_array_equal(y, reference(x))
+    assert ch.scale is None
+
+
+def test_traces_do_not_share_a_calibration():
+    ch = pychop.JaxChopi(num_bits=8)
+    x = jnp.asarray(X)
+    q = jax.jit(ch.quantize)(x)
+    # another jitted function (another trace) does not see the first one's calibration
+    with pytest.raises(ValueError, match=NOT_CALIBRATED):
+        jax.jit(ch.dequantize)(q)
+    # two traces of one function each calibrate on their own input
+    round_trip = jax.jit(lambda v: ch.dequantize(ch.quantize(v)))
+    np.testing.assert_array_equal(round_trip(x), eager_round_trip(x))
+    np.testing.assert_array_equal(round_trip(x[:3] * 5), eager_round_trip(x[:3] * 5))
+
+    # nested: an inner trace calibrates for itself, and neither sees the other's
+    def outer(v):
+        codes = ch.quantize(v)  # the outer trace's calibration
+        with pytest.raises(ValueError, match=NOT_CALIBRATED):
+            jax.jit(ch.dequantize)(codes)
+        inner = jax.jit(lambda w: ch.dequantize(ch.quantize(w)))(2 * v)  # its own
+        return ch.dequantize(codes), inner
+
+    traces = []
+    with jax.checking_leaks():
+        y, inner = jax.jit(traced(outer, traces))(x)
+    np.testing.assert_array_equal(y, eager_round_trip(x))
+    np.testing.assert_array_equal(inner, eager_round_trip(2 * x))
+    assert ch.scale is None
+    assert_trace_freed(traces)
+
+
+def test_round_trip_under_vmap_and_grad():
+    x = jnp.asarray(X)
+    ch = pychop.JaxChopi(num_bits=8, per_channel=True, channel_dim=0)
+    # vmap: each example is the traced input, so each calibrates on its own row
+    traces = []
+    with jax.checking_leaks():
+        y = jax.vmap(traced(lambda v: ch.dequantize(ch.quantize(v)), traces))(x)
+    rows = [eager_round_trip(row, per_channel=True, channel_dim=0) for row in x]
+    np.testing.assert_array_equal(y, jnp.stack(rows))
+    assert ch.scale is None
+    assert_trace_freed(traces)
+    # grad: the codes are integers, so no gradient flows through the round trip
+    traces = []
+    value, grad = jax.value_and_grad(
+        traced(lambda v: ch.dequantize(ch.quantize(v)).sum(), traces))(x)
+    expected = eager_round_trip(x, per_channel=True, channel_dim=0)
+    np.testing.assert_array_equal(value, expected.sum())
+    np.testing.assert_array_equal(grad, np.zeros_like(X))
+    assert ch.scale is None
+    assert_trace_freed(traces)
