@@ -1,178 +1,382 @@
-"""The ops of served layers with an ``IntKernel``: the integer path when the kernel's
-quantizer allows it, else the float path with the same quantized values.
+"""Served weights and the one place that chooses how a served matmul computes.
 
-``serve_model`` puts these in a served layer's op slot (``dot_general``,
-``conv_general_dilated``, nnx ``einsum_op``; linen ``Einsum``, which has no op slot,
-is computed by its interceptor with ``served_einsum``).  Each one, given an
-``IntKernel`` ``rhs``:
+A served model's weights are codes + scales (``QuantizedArray``).  Inside the served
+function a weight is a ``ServedWeight``: the ``QuantizedArray`` in its storage layout,
+a pending transpose (``perm``), the float dtype its view has, and an AWQ /
+SmoothQuant input factor.  Views (``view``) act on codes and scales, never on
+dequantized floats: a transpose is kept pending and folded into the consuming
+matmul's dimension numbers (GPT-2's ``(out, in)`` kernels, Equinox's ``W @ x``); a
+reshape, slice or squeeze moves the codes (unpacked first only when it touches the
+packed last axis) and their scales (``views.apply_to_companion``).
 
-* **integer path** (``int_dot_general`` / ``int_conv_general_dilated``: int8 codes x
-  int8 codes -> int32, scales and zero points applied once) when ``int_ready``: codes
-  of at most 8 bits on integer grids with float32 scales (input and kernel), the
-  input not per block, and the kernel's scales constant along the contracted
-  axes (per tensor, or per channel / group on free axes only), so that they factor
-  out of the sum;
-* **float codes** (``float_codes_ready``, ``dot_general`` only): float element formats
-  for the weights and the input (fp8, MX, NVFP4, ...): ``int_dot_general`` hands them
-  to ``float_dot_general``, which multiplies the codes (fp8 x fp8 with float32
-  accumulation; MX x MX through ``jax.nn.scaled_matmul`` on GPU, emulated elsewhere);
-* **float path** otherwise -- e.g. int4 kernels with groups along the contracted
-  (input) axis, kernels of more than 8 bits, per-block inputs (MX / NVFP4 /
-  ``group_size``, calibrated on each call): the input fake-quantized with the
-  kernel's stored input quantizer (``input_state``; calibrated on this input when the
-  observer saw nothing, as the QAT evaluation does), the kernel dequantized
-  (``(q - z) * s``), then the float op with the layer's ``precision`` /
-  ``preferred_element_type``.
+``served_dot_general`` / ``served_conv_general_dilated`` / ``served_gather`` decide,
+per site, from the weight's and the input quantizer's formats:
 
-Both equal the QAT model's frozen evaluation (the same codes x scales) up to float
-summation order.  A plain float ``rhs`` goes to the float op unchanged.
+* **weight only** (no input quantizer): the weight dequantized inside the jitted
+  computation, then the float op;
+* **integer path** (``int_matmul.int_dot_general``, int8 x int8 -> int32, scales and
+  zero points after): integer grids of at most 8 bits on both sides, a per-tensor input
+  quantizer and weight scales constant along the contracted axes;
+* **float codes** (``float_matmul.float_dot_general``): float element formats on both
+  sides (fp8 x fp8, MX x MX);
+* **float path** otherwise (int4 groups along the contraction with a quantized input,
+  per-block inputs with integer weights, > 8-bit codes): the input fake-quantized with
+  its quantizer, the weight dequantized, the float op.
 
-Einsum: ``einsum_dimension_numbers("btd,dnh->btnh", ...)`` turns a two-operand
-explicit einsum without repeated or summed-out indices into ``lax.dot_general``
-dimension numbers plus the transpose from ``dot_general``'s output layout (batch,
-lhs free, rhs free) to the einsum's; other einsums (``...``, a diagonal, an index
-summed out of one operand) take the float path with ``jnp.einsum``.
+All of them equal the fake-quantized evaluation (the same codes x scales) up to float
+summation order; a lookup (``served_gather``) gathers codes and scales of the rows it
+takes and equals ``take(fake_quant(table))`` bit for bit.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Any
+
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from ..core.ops import calibrate, fake_quant
-from .int_matmul import (
-    IntKernel,
-    int_conv_general_dilated,
-    int_dot_general,
-    is_float_kernel,
-    is_integer_format,
-)
+from ..core.qarray import QuantizedArray, storage_state
+from ..core.spec import QuantSpec
+from ..transform import views
+from .float_matmul import float_dot_general
+from .int_matmul import int_conv_general_dilated, int_dot_general, is_integer_format
 
-__all__ = ["int_ready", "float_codes_ready", "quantized_input", "served_dot_general",
-           "served_conv_general_dilated", "einsum_dimension_numbers", "served_einsum"]
+__all__ = ["ServedWeight", "InputQuant", "view", "dequantize", "served_dot_general",
+           "served_conv_general_dilated", "served_gather", "scan_parts", "respec"]
 
 
-def _integer_codes(spec) -> bool:
-    return spec is not None and is_integer_format(spec) and spec.bits <= 8
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ServedWeight:
+    """A view of a served weight (see the module docstring).
+
+    Attributes:
+      qa: codes and state in storage layout.
+      input_scale: ``None`` or the per-input-channel factor (storage layout, size 1
+        along the weight's output channels).
+      perm: the view's axis ``i`` is storage axis ``perm[i]`` (``None``: identity).
+      dtype: the float dtype of the view.
+    """
+
+    qa: QuantizedArray
+    input_scale: Any = None
+    perm: tuple | None = dataclasses.field(default=None, metadata=dict(static=True))
+    dtype: Any = dataclasses.field(default=jnp.float32, metadata=dict(static=True))
+
+    @property
+    def shape(self) -> tuple:
+        s = self.qa.shape
+        return s if self.perm is None else tuple(s[p] for p in self.perm)
 
 
-def int_ready(kernel: IntKernel, contracted) -> bool:
-    """Whether ``kernel`` can take the integer path when its axes ``contracted`` are
-    summed over (see the module docstring)."""
-    weights = kernel.weights
-    input_spec = kernel.input_quant_spec
-    if not (_integer_codes(weights.spec) and _integer_codes(input_spec)):
+@dataclasses.dataclass(frozen=True)
+class InputQuant:
+    """A served matmul's input quantizer: a frozen ``state`` (an observer's range, a
+    learned step size), or calibrated on each call under ``spec`` (per-block inputs,
+    and ranges that saw nothing)."""
+
+    spec: QuantSpec
+    state: Any = None
+
+    def fake_quant(self, x):
+        return fake_quant(x, self.state if self.state is not None else calibrate(x, self.spec))
+
+    def quantize(self, x) -> QuantizedArray:
+        if self.state is not None:
+            return QuantizedArray.quantize(x, self.state.spec, state=self.state, pack=False)
+        return QuantizedArray.quantize(x, self.spec, pack=False)
+
+    @property
+    def per_tensor(self) -> bool:
+        spec = self.state.spec if self.state is not None else self.spec
+        return spec.axis is None
+
+
+# -- the spec of a view ----------------------------------------------------------------------
+def respec(spec: QuantSpec, shape, scale_shape) -> tuple[QuantSpec, tuple | None]:
+    """The spec whose scale shape is ``scale_shape`` for an array of ``shape`` (the same
+    grid), and the axes along which the scale must first be expanded to full size
+    (``None``: none) so that such a spec exists.
+
+    Full-size scale axes (of length > 1) are kept axes; one axis with fewer scales than
+    elements is the grouped axis, whose spec keeps every other axis (those the scale
+    is constant along are expanded)."""
+    shape, scale_shape = tuple(shape), tuple(scale_shape)
+    grouped = [d for d, (s, n) in enumerate(zip(scale_shape, shape, strict=True)) if 1 < s < n]
+    if not grouped:
+        kept = tuple(d for d, (s, n) in enumerate(zip(scale_shape, shape, strict=True))
+                     if s == n and n > 1)
+        axis = None if not kept else kept[0] if len(kept) == 1 else kept
+        return dataclasses.replace(spec, axis=axis, group_size=None), None
+    g = grouped[-1]
+    expand = tuple(d for d in range(len(shape)) if d != g and scale_shape[d] != shape[d])
+    return (dataclasses.replace(spec, axis=g, group_size=shape[g] // scale_shape[g]),
+            expand or None)
+
+
+def _with_state(qa: QuantizedArray, shape, codes, scale, zero_point, packed) -> QuantizedArray:
+    """A ``QuantizedArray`` of a view: codes, (compute) scale and zero point broadcastable
+    to ``shape``, its spec recomputed (``respec``)."""
+    state = qa.compute_state()
+    spec, expand = respec(state.spec, shape, jnp.shape(scale))
+    if expand:
+        scale = views.expand_to(scale, shape, expand)
+        zero_point = views.expand_to(jnp.broadcast_to(zero_point, jnp.shape(zero_point)), shape,
+                                     expand)
+    zero_point = jnp.broadcast_to(zero_point, jnp.shape(scale))
+    tensor = None if state.tensor_scale is None else jnp.reshape(state.tensor_scale,
+                                                                 (1,) * len(shape))
+    new = dataclasses.replace(state, scale=scale, zero_point=zero_point, spec=spec,
+                              tensor_scale=tensor)
+    return QuantizedArray(codes, storage_state(new), tuple(int(n) for n in shape), packed)
+
+
+# -- views ----------------------------------------------------------------------------------
+def materialize(w: ServedWeight) -> ServedWeight:
+    """``w`` with its pending transpose applied to codes and scales."""
+    if w.perm is None or w.perm == tuple(range(len(w.perm))):
+        return dataclasses.replace(w, perm=None)
+    qa, perm = w.qa, w.perm
+    packed = qa.packed and perm[-1] == qa.ndim - 1
+    if not packed:
+        qa = qa.unpack()
+    state = qa.compute_state()
+    shape = tuple(qa.shape[p] for p in perm)
+    new = _with_state(qa, shape, jnp.transpose(qa.codes, perm),
+                      jnp.transpose(state.scale, perm), jnp.transpose(state.zero_point, perm),
+                      packed)
+    scale = None if w.input_scale is None else jnp.transpose(w.input_scale, perm)
+    return ServedWeight(new, scale, None, w.dtype)
+
+
+def _touches_last(eqn, ndim: int) -> bool:
+    """Whether a view changes the last axis (so packed codes must be unpacked first)."""
+    name, p = eqn.primitive.name, eqn.params
+    shape = tuple(eqn.invars[0].aval.shape)
+    out = tuple(eqn.outvars[0].aval.shape)
+    if name == "squeeze":
+        return (ndim - 1) in {d % ndim for d in p["dimensions"]}
+    if name in ("slice", "dynamic_slice"):
+        return out[-1] != shape[-1]
+    if name == "reshape":
+        return not out or out[-1] != shape[-1]
+    if name == "broadcast_in_dim":
+        bd = p["broadcast_dimensions"]
+        return not bd or bd[-1] != len(out) - 1 or out[-1] != shape[-1]
+    return True
+
+
+def _packed_eqn_codes(eqn, codes, qa: QuantizedArray, dynamic):
+    """The view ``eqn`` applied to packed codes (it leaves the last axis whole)."""
+    name, p = eqn.primitive.name, dict(eqn.params)
+    width = codes.shape[-1]
+    if name == "squeeze":
+        return lax.squeeze(codes, p["dimensions"])
+    if name == "slice":
+        limit = tuple(p["limit_indices"][:-1]) + (width,)
+        strides = p["strides"]
+        return lax.slice(codes, p["start_indices"], limit, strides)
+    if name == "dynamic_slice":
+        sizes = tuple(p["slice_sizes"][:-1]) + (width,)
+        return lax.dynamic_slice(codes, dynamic, sizes)
+    if name == "reshape":
+        return jnp.reshape(codes, tuple(p["new_sizes"][:-1]) + (width,))
+    if name == "broadcast_in_dim":
+        shape = tuple(p["shape"][:-1]) + (width,)
+        return lax.broadcast_in_dim(codes, shape, p["broadcast_dimensions"])
+    raise NotImplementedError(name)
+
+
+def view(eqn, w: ServedWeight, dynamic) -> ServedWeight:
+    """The ``ServedWeight`` of the view ``eqn`` makes of ``w`` (see the module
+    docstring)."""
+    name, p = eqn.primitive.name, eqn.params
+    if name == "convert_element_type":
+        return dataclasses.replace(w, dtype=p["new_dtype"])
+    if name in views.IDENTITY:
+        return w
+    if name == "transpose":
+        perm = w.perm or tuple(range(w.qa.ndim))
+        return dataclasses.replace(w, perm=tuple(perm[a] for a in p["permutation"]))
+    w = materialize(w)
+    qa = w.qa
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    packed = qa.packed and not _touches_last(eqn, qa.ndim) and len(out_shape) > 0
+    if packed:
+        codes = _packed_eqn_codes(eqn, qa.codes, qa, dynamic)
+    else:
+        qa = qa.unpack()
+        codes = eqn.primitive.bind(qa.codes, *dynamic, **p)
+    state = qa.compute_state()
+    scale = views.apply_to_companion(eqn, state.scale, dynamic)
+    zero_point = views.apply_to_companion(eqn, jnp.broadcast_to(state.zero_point,
+                                                                state.scale.shape), dynamic)
+    factor = None if w.input_scale is None else \
+        views.apply_to_companion(eqn, w.input_scale, dynamic)
+    return ServedWeight(_with_state(qa, out_shape, codes, scale, zero_point, packed), factor,
+                        None, w.dtype)
+
+
+def dequantize(w: ServedWeight):
+    """The view's float values (where an equation needs floats)."""
+    w = materialize(w)
+    return w.qa.dequantize(jnp.float32).astype(w.dtype)
+
+
+def scan_parts(w: ServedWeight):
+    """``(arrays, rebuild)``: ``w`` as arrays a scan slices along axis 0 (every scale
+    full along it), and ``rebuild(sliced)`` -> the ``ServedWeight`` of one slice."""
+    w = materialize(w)
+    qa = w.qa
+    state = qa.compute_state()
+    lead = qa.shape[0]
+    full0 = lambda a: None if a is None else views.expand_to(a, (lead,) + jnp.shape(a)[1:], (0,))  # noqa: E731
+    parts = (qa.codes, full0(state.scale), full0(jnp.broadcast_to(state.zero_point,
+                                                                  state.scale.shape)),
+             full0(w.input_scale))
+    shape = qa.shape[1:]
+
+    def rebuild(sliced):
+        codes, scale, zero_point, factor = sliced
+        return ServedWeight(_with_state(qa, shape, codes, scale, zero_point, qa.packed),
+                            factor, None, w.dtype)
+
+    return parts, rebuild
+
+
+# -- matmuls ----------------------------------------------------------------------------------
+def _weight_as_rhs(dn, operand: int, ndim_x: int, ndim_w: int):
+    """``(dn', out_perm)``: ``dot_general(x, w, dn')`` transposed by ``out_perm`` is the
+    original ``dot_general`` (whose weight was operand ``operand``)."""
+    (lc, rc), (lb, rb) = dn
+    if operand == 1:
+        return dn, None
+    swapped = ((rc, lc), (rb, lb))
+    nb = len(lb)
+    n_w = ndim_w - len(lc) - len(lb)  # the weight's free axes (originally lhs)
+    n_x = ndim_x - len(rc) - len(rb)
+    perm = list(range(nb)) + list(range(nb + n_x, nb + n_x + n_w)) + list(range(nb, nb + n_x))
+    return swapped, tuple(perm)
+
+
+def _storage_dn(dn, perm, ndim: int):
+    """A rhs weight's dimension numbers on its storage axes, and the permutation of the
+    output's rhs-free block from storage order back to the view's order."""
+    if perm is None:
+        return dn, None
+    (lc, rc), (lb, rb) = dn
+    rc_s, rb_s = tuple(perm[d] for d in rc), tuple(perm[d] for d in rb)
+    free = [d for d in range(ndim) if d not in rc and d not in rb]
+    storage = [perm[d] for d in free]
+    order = sorted(storage)
+    block = [order.index(s) for s in storage]
+    return ((lc, rc_s), (lb, rb_s)), block
+
+
+def _int_ready(x: InputQuant, qa: QuantizedArray, contracted) -> bool:
+    spec_x = x.state.spec if x.state is not None else x.spec
+    ok = lambda s: is_integer_format(s) and s.bits <= 8  # noqa: E731
+    if not (ok(spec_x) and ok(qa.spec)) or spec_x.group_size is not None:
         return False
-    if input_spec.group_size is not None:  # per-block inputs: scales along the contraction
-        return False
-    shape = tuple(weights.state.scale.shape)
-    return len(shape) == weights.ndim and all(shape[a] == 1 for a in contracted)
+    shape = qa.state.scale.shape
+    return len(shape) == qa.ndim and all(shape[a] == 1 for a in contracted)
 
 
-def float_codes_ready(kernel: IntKernel) -> bool:
-    """Whether a ``dot_general`` with ``kernel`` runs on the float-format codes
-    (``int_dot_general`` hands it to ``float_dot_general``: fp8 x fp8 codes with float32
-    accumulation, MX x MX through ``jax.nn.scaled_matmul`` on GPU, emulated elsewhere):
-    float element formats for both the weights and the input."""
-    input_spec = kernel.input_quant_spec
-    return is_float_kernel(kernel) and input_spec is not None and input_spec.is_float
+def _float_codes_ready(x: InputQuant, qa: QuantizedArray) -> bool:
+    spec_x = x.state.spec if x.state is not None else x.spec
+    return qa.spec.is_float and spec_x.is_float
 
 
-def quantized_input(x, kernel: IntKernel):
-    """``x`` fake-quantized with ``kernel``'s input quantizer: its stored
-    ``input_state``, else calibrated on ``x`` under ``input_spec`` (as the QAT evaluation
-    does when the observer saw nothing)."""
-    return fake_quant(x, kernel.input_state or calibrate(x, kernel.input_spec))
+def _weight_only(x, qa: QuantizedArray, dn, out_dtype):
+    """``dot_general(x, dequantize(qa), dn)`` of a float input and a served weight."""
+    return lax.dot_general(x, qa.dequantize(jnp.float32).astype(x.dtype), dn,
+                           preferred_element_type=jnp.float32).astype(out_dtype)
 
 
-def _float_operands(lhs, kernel: IntKernel):
-    """The input fake-quantized with the kernel's input quantizer, the kernel dequantized."""
-    return quantized_input(lhs, kernel), kernel.weights.dequantize()
+def served_dot_general(x, w: ServedWeight, params: dict, operand: int,
+                       quant: InputQuant | None, out_dtype):
+    """The served ``dot_general`` of input ``x`` and weight ``w`` (operand ``operand``
+    of the original equation, whose ``params`` these are); see the module docstring."""
+    dn = params["dimension_numbers"]
+    dn, out_perm = _weight_as_rhs(dn, operand, jnp.ndim(x), len(w.shape))
+    dn, block = _storage_dn(dn, w.perm, len(w.shape))
+    qa = w.qa
+    (_, rc), _ = dn
+    if quant is None:
+        y = _weight_only(x, qa, dn, out_dtype)
+    elif _int_ready(quant, qa, rc):
+        y = int_dot_general(quant.quantize(x), qa, dn, preferred_element_type=jnp.float32)
+    elif _float_codes_ready(quant, qa):
+        y = float_dot_general(quant.quantize(x), qa, dn, preferred_element_type=jnp.float32)
+    else:
+        y = lax.dot_general(quant.fake_quant(x), qa.dequantize(jnp.float32).astype(x.dtype),
+                            dn, preferred_element_type=jnp.float32)
+    y = y.astype(out_dtype)
+    if block is not None:
+        n_free = len(block)
+        lead = y.ndim - n_free
+        y = jnp.transpose(y, tuple(range(lead)) + tuple(lead + b for b in block))
+    if out_perm is not None:
+        y = jnp.transpose(y, out_perm)
+    return y
 
 
-def served_dot_general(lhs, rhs, dimension_numbers, precision=None,
-                       preferred_element_type=None, out_sharding=None):
-    """``lax.dot_general`` for a served layer (``dot_general=`` of ``Dense`` /
-    ``DenseGeneral`` / ``nnx.Linear`` / ``LinearGeneral``): an ``IntKernel`` ``rhs`` on
-    the integer path when ``int_ready`` (its contracting axes), else on the float path."""
-    if isinstance(rhs, IntKernel):
-        if int_ready(rhs, dimension_numbers[0][1]) or float_codes_ready(rhs):
-            return int_dot_general(lhs, rhs, dimension_numbers,
-                                   preferred_element_type=preferred_element_type,
-                                   out_sharding=out_sharding)
-        lhs, rhs = _float_operands(lhs, rhs)
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type,
-                           out_sharding=out_sharding)
+def served_conv_general_dilated(x, w: ServedWeight, params: dict, quant: InputQuant | None,
+                                out_dtype):
+    """The served convolution of input ``x`` with kernel ``w``: the integer path for a
+    per-tensor integer input quantizer and kernel scales per output feature, else the
+    float convolution of the (fake-quantized) input and the dequantized kernel."""
+    w = materialize(w)
+    qa = w.qa.unpack()
+    p = {k: v for k, v in params.items() if k != "preferred_element_type"}
+    dn = lax.conv_dimension_numbers(jnp.shape(x), qa.shape, p["dimension_numbers"])
+    contracted = [d for d in range(qa.ndim) if d != dn.rhs_spec[0]]
+    plain = (p.get("lhs_dilation") is None or all(d == 1 for d in p["lhs_dilation"])) and \
+        p.get("batch_group_count", 1) == 1
+    if quant is not None and plain and _int_ready(quant, qa, contracted) and quant.per_tensor:
+        y = int_conv_general_dilated(
+            quant.quantize(x), qa, p["window_strides"], p["padding"], p.get("lhs_dilation"),
+            p.get("rhs_dilation"), p["dimension_numbers"], p.get("feature_group_count", 1),
+            p.get("batch_group_count", 1), preferred_element_type=jnp.float32)
+    else:
+        xf = x if quant is None else quant.fake_quant(x)
+        y = lax.conv_general_dilated(
+            xf, qa.dequantize(jnp.float32).astype(xf.dtype), p["window_strides"], p["padding"],
+            p.get("lhs_dilation"), p.get("rhs_dilation"), p["dimension_numbers"],
+            p.get("feature_group_count", 1), p.get("batch_group_count", 1),
+            precision=p.get("precision"), preferred_element_type=jnp.float32)
+    return y.astype(out_dtype)
 
 
-def served_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
-                                rhs_dilation=None, dimension_numbers=None,
-                                feature_group_count=1, batch_group_count=1, precision=None,
-                                preferred_element_type=None, out_sharding=None):
-    """``lax.conv_general_dilated`` for a served ``Conv``: an ``IntKernel`` ``rhs`` on the
-    integer path when ``int_ready`` (every kernel axis but the output feature is
-    contracted), else on the float path."""
-    args = (window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count)
-    if isinstance(rhs, IntKernel):
-        dn = lax.conv_dimension_numbers(jnp.shape(lhs), rhs.shape, dimension_numbers)
-        contracted = [d for d in range(len(rhs.shape)) if d != dn.rhs_spec[0]]
-        if int_ready(rhs, contracted):
-            return int_conv_general_dilated(lhs, rhs, *args,
-                                            preferred_element_type=preferred_element_type,
-                                            out_sharding=out_sharding)
-        lhs, rhs = _float_operands(lhs, rhs)
-    return lax.conv_general_dilated(lhs, rhs, *args, precision=precision,
-                                    preferred_element_type=preferred_element_type,
-                                    out_sharding=out_sharding)
+def served_gather(eqn, w: ServedWeight, indices):
+    """A lookup of rows of a served table: the rows' codes and scales gathered, only
+    they dequantized (``take(fake_quant(table))`` bit for bit)."""
+    w = materialize(w)
+    qa = w.qa
+    p = dict(eqn.params)
+    dn = p["dimension_numbers"]
+    gathered = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    sizes = tuple(p["slice_sizes"])
+    packed = qa.packed and (qa.ndim - 1) not in gathered and sizes[-1] == qa.shape[-1]
+    if not packed:
+        qa = qa.unpack()
+    codes_sizes = sizes[:-1] + (qa.codes.shape[-1],) if packed else sizes
+    codes = lax.gather(qa.codes, indices, dn, codes_sizes, mode=p["mode"],
+                       indices_are_sorted=p["indices_are_sorted"],
+                       unique_indices=p["unique_indices"])
+    state = qa.compute_state()
 
+    def take(a):
+        a = views.expand_to(a, qa.shape, gathered)
+        a_sizes = tuple(1 if d in gathered else a.shape[d] for d in range(qa.ndim))
+        return lax.gather(a, indices, dn, a_sizes, mode=p["mode"],
+                          indices_are_sorted=p["indices_are_sorted"],
+                          unique_indices=p["unique_indices"])
 
-def einsum_dimension_numbers(einsum_str: str, lhs_ndim: int, rhs_ndim: int):
-    """``(dimension_numbers, perm)`` for ``lax.dot_general`` equal to the einsum
-    ``einsum_str`` (``"lhs,rhs->out"``): ``transpose(dot_general(lhs, rhs, dn), perm)``
-    has the einsum's output layout.  ``None`` for an einsum that is not a plain
-    contraction (``...``, a repeated index in one operand, an index of one operand
-    absent from the other and from the output)."""
-    spec = einsum_str.replace(" ", "")
-    if "..." in spec or "->" not in spec or spec.count(",") != 1:
-        return None
-    inputs, out = spec.split("->")
-    a, b = inputs.split(",")
-    if len(a) != lhs_ndim or len(b) != rhs_ndim:
-        return None
-    if any(len(set(s)) != len(s) for s in (a, b, out)):
-        return None
-    if any(c not in b and c not in out for c in a) or any(c not in a and c not in out for c in b):
-        return None
-    if any(c not in a and c not in b for c in out):
-        return None
-    contract = [c for c in a if c in b and c not in out]
-    batch = [c for c in a if c in b and c in out]
-    lhs_free = [c for c in a if c not in b]
-    rhs_free = [c for c in b if c not in a]
-    dn = (([a.index(c) for c in contract], [b.index(c) for c in contract]),
-          ([a.index(c) for c in batch], [b.index(c) for c in batch]))
-    layout = batch + lhs_free + rhs_free
-    perm = tuple(layout.index(c) for c in out)
-    return dn, perm
-
-
-def served_einsum(einsum_str, lhs, rhs, *, precision=None, preferred_element_type=None,
-                  out_sharding=None):
-    """``jnp.einsum(einsum_str, lhs, rhs)`` for a served ``Einsum`` (nnx ``einsum_op``):
-    an ``IntKernel`` ``rhs`` as ``served_dot_general`` (integer path when the einsum is
-    a plain contraction and ``int_ready``), else the float path."""
-    if isinstance(rhs, IntKernel):
-        parsed = einsum_dimension_numbers(einsum_str, jnp.ndim(lhs), len(rhs.shape))
-        if parsed is not None and int_ready(rhs, parsed[0][0][1]):
-            dn, perm = parsed
-            y = int_dot_general(lhs, rhs, dn, preferred_element_type=preferred_element_type)
-            y = jnp.transpose(y, perm)
-            if out_sharding is not None:
-                y = lax.with_sharding_constraint(y, out_sharding)
-            return y
-        lhs, rhs = _float_operands(lhs, rhs)
-    kwargs = {} if out_sharding is None else {"out_sharding": out_sharding}
-    return jnp.einsum(einsum_str, lhs, rhs, precision=precision,
-                      preferred_element_type=preferred_element_type, **kwargs)
+    out_shape = tuple(eqn.outvars[0].aval.shape)
+    rows = _with_state(qa, out_shape, codes, take(state.scale),
+                       take(jnp.broadcast_to(state.zero_point, state.scale.shape)), packed)
+    return rows.dequantize(jnp.float32).astype(eqn.outvars[0].aval.dtype)

@@ -110,6 +110,10 @@ class VariablesModel:
                                   self.paths(params))
         return traced, arrays
 
+    def last_trace(self) -> Traced | None:
+        """The most recent trace (``None`` before the first call)."""
+        return self._traces.last
+
     def report(self, variables, *args, method=None, **kwargs) -> QuantReport:
         """The ``QuantReport`` of one call (abstract: nothing is computed)."""
         return self.trace(variables, args, kwargs, method)[0].plan.report

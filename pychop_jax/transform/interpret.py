@@ -78,6 +78,16 @@ class Handler:
         """A carrier's float value where an equation needs one."""
         return carrier.value
 
+    def float_value(self, weight, value):
+        """The float value a weight's carrier keeps (``None``: only the twin, e.g.
+        served codes)."""
+        return value
+
+    def scan_parts(self, twin):
+        """``(arrays, rebuild)``: a twin as arrays a scan slices along their axis 0, and
+        the function that makes one iteration's twin from their slices."""
+        return twin, lambda sliced: sliced
+
     def site(self, site: Site, eqn, ins, scope: dict):
         """The outputs of ``site``'s equation; ``ins``: its operands (``Carrier`` s for
         weights); ``scope``: the states, to read and update (``scope[site.callpath]``)."""
@@ -181,12 +191,15 @@ class _Run:
         body_path = path + (0,)
         given = self.states(self.inner(body_path), scope, depth)
         const_vals, carry, xs = vals[:nc], self.floats(vals[nc:nc + nk]), vals[nc + nk:]
-        xs_split = [(x.value, x.twin) if isinstance(x, Carrier) else (x, None) for x in xs]
+        parts = [self.handler.scan_parts(x.twin) if isinstance(x, Carrier) else (None, None)
+                 for x in xs]
+        xs_split = [(x.value, part) if isinstance(x, Carrier) else (x, None)
+                    for x, (part, _) in zip(xs, parts, strict=True)]
 
         def body(c, x):
             x_vals, local = x[0], dict(x[1])
-            ins = [Carrier(v, t) if isinstance(orig, Carrier) else v
-                   for (v, t), orig in zip(x_vals, xs, strict=True)]
+            ins = [Carrier(v, rebuild(t)) if isinstance(orig, Carrier) else v
+                   for (v, t), orig, (_, rebuild) in zip(x_vals, xs, parts, strict=True)]
             outs = self.floats(self.eval(jaxpr, consts, [*const_vals, *c, *ins], body_path,
                                          local, depth + 1))
             return outs[:nk], (outs[nk:], local)
@@ -268,7 +281,7 @@ def run(graph: Graph, handler: Handler, inputs, scope: dict | None = None):
     for index, weight in graph.weights.items():
         twin = handler.weight(weight, ins[index])
         if twin is not None:
-            ins[index] = Carrier(ins[index], twin)
+            ins[index] = Carrier(handler.float_value(weight, ins[index]), twin)
     scope = runner.states(runner.stateful, scope, 0)
     outs = runner.eval(closed.jaxpr, closed.consts, ins, (), scope)
     return runner.floats(outs), scope

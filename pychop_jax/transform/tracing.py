@@ -124,6 +124,7 @@ class Traces:
     def __init__(self, rules):
         self.rules = tuple(rules)
         self._cache: dict = {}
+        self.last: Traced | None = None
 
     def get(self, fn: Callable, params, dynamic, key, paths: list[str]) -> Traced:
         """The trace of ``fn(params, dynamic)``; ``key``: the static part of the
@@ -148,6 +149,7 @@ class Traces:
             plan = make_plan(analyze(closed, paths), self.rules)
             traced = Traced(plan, p_tree, d_tree, out_tree["tree"])
             self._cache[cache_key] = traced
+        self.last = traced
         return traced
 
     @staticmethod
