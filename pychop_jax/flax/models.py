@@ -20,7 +20,9 @@ framework's variables to and from that function:
   sample call of ``quantize_model(model, rules, *args)`` or by the first call.
 * **Equinox** (``QuantizedEquinox``, an ``eqx.Module``): ``qmodel, state =
   quantize_model(model, rules, *args, call=...)``; ``y, state = qmodel(*args,
-  state=state)``; ``eqx.nn.inference_mode(qmodel)`` freezes the observers.
+  state=state)``; ``eqx.nn.inference_mode(qmodel)`` freezes the observers.  The module
+  holds the float model and the LSQ step sizes (what training updates); ``state``
+  the observer ranges and the algorithms' results.
   ``call(model, *args)`` is how the model runs on a batch (default ``model(*args)``;
   ``lambda m, x: jax.vmap(m)(x)`` for per-example modules), so that an input range is
   a batch's.
@@ -47,7 +49,7 @@ from ..transform.rules import QuantReport
 from ..transform.tracing import join_static, leaf_paths
 
 __all__ = ["quantize_model", "quantization_report", "QuantizedModel", "QuantizedNnxModel",
-           "QuantizedEquinox", "STATS", "LSQ_PARAMS", "METHOD", "is_equinox"]
+           "QuantizedEquinox", "STATS", "LSQ_PARAMS", "METHOD", "is_equinox", "is_quantized_nnx"]
 
 #: the collection of learned (LSQ) step sizes
 LSQ_PARAMS = LEARNED
@@ -296,7 +298,6 @@ def _equinox_class():
         Attributes:
           model: the float model (its arrays are what training updates).
           quant_params: learned (LSQ) step sizes (trained with the model).
-          quant_method: post-training algorithms' results (``calibrate_model``).
           rules: the rules (static).
           call: how the model runs on a batch (static).
           inference: ``True`` freezes the observers (``eqx.nn.inference_mode``).
@@ -304,7 +305,6 @@ def _equinox_class():
 
         model: eqx.Module
         quant_params: dict
-        quant_method: dict
         rules: tuple = eqx.field(static=True)
         call: Callable = eqx.field(static=True)
         inference: bool = False
@@ -315,16 +315,17 @@ def _equinox_class():
 
         def variables(self, state):
             fn, params = self.function()
-            return fn, {"params": params, STATS: (state or {}).get(STATS, {}),
-                        LEARNED: self.quant_params, METHOD: self.quant_method}
+            state = state or {}
+            return fn, {"params": params, STATS: state.get(STATS, {}),
+                        LEARNED: self.quant_params, METHOD: state.get(METHOD, {})}
 
         def __call__(self, *args, state=None, **kwargs):
             fn, variables = self.variables(state)
             mode = "eval" if self.inference else "train"
             out, scope, traced, _ = fn.run(variables, args, kwargs, mode=mode)
-            exported = traced.plan.export(scope)
-            return out, {STATS: exported.get(STATS, {}) if mode == "train"
-                         else variables[STATS]}
+            stats = traced.plan.export(scope).get(STATS, {}) if mode == "train" \
+                else variables[STATS]
+            return out, {**(state or {}), STATS: stats}
 
         def report(self, *args, **kwargs) -> QuantReport:
             fn, variables = self.variables(None)
@@ -336,7 +337,7 @@ def _equinox_class():
 def _quantize_equinox(model, rules, args, kwargs, call):
     cls = _equinox_class()
     call = call or (lambda m, *a, **k: m(*a, **k))
-    qmodel = cls(model, {}, {}, as_rules(rules), call)
+    qmodel = cls(model, {}, as_rules(rules), call)
     if not args and not kwargs:
         raise TypeError("quantize_model(equinox_model, rules, *args): an Equinox model "
                         "needs a sample call (its quantization state is made from it); "
@@ -344,11 +345,16 @@ def _quantize_equinox(model, rules, args, kwargs, call):
     fn, variables = qmodel.variables(None)
     made = fn.init_variables(variables, args, kwargs)
     _warn_unmatched(fn.trace(variables, args, kwargs)[0].plan.report, stacklevel=4)
-    qmodel = cls(model, made.get(LEARNED, {}), {}, qmodel.rules, call)
+    qmodel = cls(model, made.get(LEARNED, {}), qmodel.rules, call)
     return qmodel, {STATS: made.get(STATS, {})}
 
 
 # ==== dispatch ================================================================================
+def is_quantized_nnx(qmodel) -> bool:
+    """Whether ``qmodel`` is a ``QuantizedNnxModel`` (without importing nnx)."""
+    return "flax.nnx" in sys.modules and isinstance(qmodel, _nnx_class())
+
+
 def _is_nnx(model) -> bool:
     nnx = sys.modules.get("flax.nnx")
     return nnx is not None and isinstance(model, nnx.Module)
@@ -441,7 +447,7 @@ def quantization_report(model, rules, *args, **kwargs) -> QuantReport:
         return _nnx_class()(model, rules).report(*args, **kwargs)
     if is_equinox(model):
         call = kwargs.pop("call", None) or (lambda m, *a, **k: m(*a, **k))
-        qmodel = _equinox_class()(model, {}, {}, rules, call)
+        qmodel = _equinox_class()(model, {}, rules, call)
         return qmodel.report(*args, **kwargs)
     if _is_function(model):
         if not args:

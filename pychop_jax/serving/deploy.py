@@ -309,17 +309,9 @@ def serve_model(qmodel, *args, **kwargs):
         if not args:
             raise TypeError("serve_model(qmodel, state, *sample_args) for an Equinox model.")
         return _serve_equinox(qmodel, args[0], args[1:], kwargs)
-    if _is_quantized_nnx(qmodel):
+    if models.is_quantized_nnx(qmodel):
         return _serve_nnx(qmodel, args, kwargs)
     raise TypeError(f"serve_model takes a quantize_model model; got {type(qmodel).__name__}.")
-
-
-def _is_quantized_nnx(qmodel) -> bool:
-    import sys
-
-    if "flax.nnx" not in sys.modules:
-        return False
-    return isinstance(qmodel, models.__getattr__("QuantizedNnxModel"))
 
 
 # -- nnx ----------------------------------------------------------------------------------------

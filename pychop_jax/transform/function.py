@@ -119,8 +119,10 @@ class VariablesModel:
         return self.trace(variables, args, kwargs, method)[0].plan.report
 
     # -- the QAT model ----------------------------------------------------------------------
-    def run(self, variables, args, kwargs, *, method=None, mutable=(), mode="eval"):
-        """``(outputs, scope, traced)`` of one call in ``mode``."""
+    def run(self, variables, args, kwargs, *, method=None, mutable=(), mode="eval",
+            handler=None):
+        """``(outputs, scope, traced, learned)`` of one call in ``mode``; ``handler(plan,
+        mode, learned, methods)`` makes the handler (default: ``FakeQuant``)."""
         traced, arrays = self.trace(variables, args, kwargs, method, mutable)
         plan = traced.plan
         params, _ = self.split(variables)
@@ -132,8 +134,9 @@ class VariablesModel:
         if mode == "init":
             leaves = jax.tree_util.tree_leaves(params)
             learned = {**init_weight_steps(plan, leaves), **learned}
-        handler = FakeQuant(plan, mode, learned=learned, methods=methods)
-        out, scope = Traces.run(traced, handler, params, arrays, plan.import_scope(variables))
+        make = handler or (lambda p, m, lr, ms: FakeQuant(p, m, learned=lr, methods=ms))
+        out, scope = Traces.run(traced, make(plan, mode, learned, methods), params, arrays,
+                                plan.import_scope(variables))
         return out, scope, traced, learned
 
     def apply(self, variables, *args, method=None, mutable=False, **kwargs):

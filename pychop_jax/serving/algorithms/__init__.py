@@ -8,8 +8,8 @@ Public as ``pychop_jax.algorithms`` (``pychop_jax.ptq`` is the older
 * ``SmoothQuant`` (``smoothquant.py``): activation outliers moved into w8a8 weights;
 * ``HQQ`` (``hqq.py``): calibration-free half-quadratic zero-point / scale search;
 * ``calibrate_model`` (``calibration.py``): runs them on a ``quantize_model`` model
-  from calibration batches (statistics: ``stats.py``; kernels as matrices:
-  ``layout.py``).
+  of any framework from calibration batches (statistics: ``stats.py``; weights as
+  matrices: ``layout.py``).
 
 Each algorithm is also a function on arrays (``gptq``, ``awq_search``,
 ``smoothquant_scales``, ``hqq``) and each settings class has
@@ -18,14 +18,14 @@ Each algorithm is also a function on arrays (``gptq``, ``awq_search``,
 """
 
 from .awq import AWQ, awq_candidate, awq_clip_ratios, awq_scales, awq_search
-from .calibration import CalibrationReport, LayerCalibration, calibrate_model  # noqa
+from .calibration import CalibrationReport, LayerCalibration, calibrate_model, site_layout
 from .gptq import GPTQ, gptq
 from .hqq import HQQ, hqq, lp_objective
-from .layout import KernelLayout, for_layer
+from .layout import KernelLayout
 from .smoothquant import SmoothQuant, outlier_ratio, smoothquant_scales
 from .stats import LayerStats, batch_stats
 
 __all__ = ["GPTQ", "AWQ", "SmoothQuant", "HQQ", "calibrate_model", "CalibrationReport",
-           "LayerCalibration", "KernelLayout", "for_layer", "LayerStats", "batch_stats", "gptq",
+           "LayerCalibration", "KernelLayout", "site_layout", "LayerStats", "batch_stats", "gptq",
            "awq_search", "awq_scales", "awq_candidate", "awq_clip_ratios", "smoothquant_scales",
            "outlier_ratio", "hqq", "lp_objective"]

@@ -152,7 +152,7 @@ class AWQ(QuantMethod):
                          joint=self.joint, independent=independent)
         errors, best, error, r_lo, r_hi, s, values, scale, zero_point = out
         result = MethodResult(values, QuantState(scale, zero_point, spec),
-                              layout.input_vector(1.0 / s))
+                              layout.weight_vector(1.0 / s))
         return result, {"alpha": int(best) // 2 / self.n_grid,
                         "clip_mean": float(jnp.mean(r_lo + r_hi) / 2),
                         "rtn_error": float(errors[0]), "error": float(error)}

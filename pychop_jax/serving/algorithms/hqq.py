@@ -113,7 +113,7 @@ class HQQ(QuantMethod):
 
     def check_rule(self, rule) -> None:
         super().check_rule(rule)
-        spec = rule.weight_spec("dense")
+        spec = rule.weight_template()
         if spec.symmetric and not self.optimize_scale:
             raise ValueError(
                 f"QuantRule({rule.module_path!r}, method=HQQ): a symmetric grid has no zero "

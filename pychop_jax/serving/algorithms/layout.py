@@ -1,27 +1,23 @@
-"""A layer's kernel as the 2-D matrix the algorithms work on.
+"""A weight as the 2-D matrix the algorithms work on.
 
-Every covered matmul layer contracts some kernel axes (``in_axes``) with some input
-axes (``x_axes``) and keeps the other kernel axes (``out_axes``).  The algorithms see
+A weight's matmul contracts some of its axes (``in_axes``) with some axes of the
+other operand, its input (``x_axes``), and keeps the others (``out_axes``).  The
+algorithms see
 
 * ``W = matrix(kernel)``: shape ``(K, N)``, ``K = prod(in dims)`` rows (one per input
-  channel, in the kernel's order of its in-axes, row-major), ``N = prod(out dims)``;
+  channel, in the order of ``in_axes``, row-major), ``N = prod(out dims)``;
 * ``X = rows(x)``: shape ``(M, K)``, the input's contracted axes moved last in the
   same order and flattened, every other axis flattened into ``M``;
 
-so that the layer computes ``X @ W`` (up to the output's layout).  ``kernel(W)``
-undoes ``matrix``.  Per-input-channel vectors (AWQ / SmoothQuant scales) go back to
-the input's layout with ``input_vector``: an array that broadcasts against the input
-from its trailing axes.
+so that the matmul computes ``X @ W`` (up to the output's layout).  ``kernel(W)``
+undoes ``matrix``.  A per-input-channel vector (AWQ / SmoothQuant scales) goes back to
+the weight's layout with ``weight_vector`` (its rank, size 1 along ``out_axes``) or to
+the input's with ``input_vector`` (broadcasting from the input's trailing axes).
 
-Layouts, from the layer (``for_layer``):
-
-* ``Dense`` / ``nnx.Linear``: kernel ``(K, N)``, ``x_axes = (-1,)``;
-* ``DenseGeneral`` / ``LinearGeneral`` (no batch dims): kernel ``(in.., out..)``,
-  ``x_axes`` = the layer's ``axis``, sorted as Flax sorts them (so the attention projections: q/k/v
-  ``(D, H, Dh)``, out ``(H, Dh, D)`` with ``x_axes = (-2, -1)``);
-* ``Einsum``: from the equation ``"lhs,rhs->out"``: kernel letters absent from the
-  output are contracted, the rest are outputs (letters shared by input, kernel and
-  output, i.e. batch axes, are not supported).
+``calibrate_model`` reads a weight's layout off its matmul (``calibration.site_layout``:
+the dimension numbers, seen through the weight's views): a Dense kernel ``(K, N)``,
+GPT-2's transposed ``(N, K)``, an einsum kernel ``(D, H, Dh)``, one layer of a scanned
+stack.
 
 Grids (``plan``): the algorithms handle kernels whose scales are constant along the
 contracted axes (per tensor, per output channel: ``"fixed"``) or grouped along the
@@ -42,7 +38,7 @@ import numpy as np
 from ...core.spec import QuantSpec
 from ...core.state import QuantState
 
-__all__ = ["KernelLayout", "for_layer"]
+__all__ = ["KernelLayout"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +121,12 @@ class KernelLayout:
             shape[depth + a] = d
         return jnp.reshape(t, shape)
 
+    def weight_vector(self, v):
+        """A per-input-channel vector ``(K,)`` in the kernel's own layout: its rank, the
+        contracted axes full, size 1 along the output axes (``MethodResult.input_scale``)."""
+        t = jnp.reshape(v, self.in_dims + (1,) * len(self.out_axes))
+        return jnp.transpose(t, tuple(int(i) for i in np.argsort(self.in_axes + self.out_axes)))
+
     # -- grids ------------------------------------------------------------------------------
     def plan(self, spec: QuantSpec) -> int | None:
         """``None`` for a grid constant along the contracted axes; ``g`` for groups of
@@ -134,12 +136,11 @@ class KernelLayout:
           ValueError: any other grid (see the module docstring).
         """
         scale_shape = spec.scale_shape(self.shape)
-        axis = spec.resolve_axis(len(self.shape))
-        if spec.group_size is not None and axis == self.in_axes[-1]:
+        axis = None if spec.group_size is None else spec.resolve_axis(len(self.shape))
+        if axis is not None and axis == self.in_axes[-1]:
             # one scale per (other in-axes, group, outputs): groups of g consecutive rows
             return spec.group_size
-        if (spec.group_size is None or axis not in self.in_axes) and all(
-                scale_shape[a] == 1 for a in self.in_axes):
+        if axis not in self.in_axes and all(scale_shape[a] == 1 for a in self.in_axes):
             return None
         raise ValueError(
             f"{spec} on a kernel of shape {self.shape} (contracted axes {self.in_axes}): the "
@@ -186,62 +187,3 @@ class KernelLayout:
         scales are constant along the contracted axes."""
         full = lambda a: self.matrix(jnp.broadcast_to(a, self.shape))[:1]  # noqa: E731
         return full(state.scale), full(state.zero_point)
-
-
-def _normalized(axes, ndim: int) -> tuple[int, ...]:
-    """Negative and sorted, as Flax's DenseGeneral / LinearGeneral order them."""
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(sorted(int(a) % ndim - ndim for a in axes))
-
-
-def _einsum_layout(equation: str, kernel_shape, x_ndim: int) -> KernelLayout:
-    equation = equation.replace(" ", "")
-    if "->" not in equation or equation.count(",") != 1:
-        raise ValueError(f"Einsum {equation!r}: expected 'lhs,rhs->out'.")
-    inputs, out = equation.split("->")
-    lhs, rhs = inputs.split(",")
-    if "." in rhs:
-        raise ValueError(f"Einsum {equation!r}: a kernel with '...' is not supported.")
-    lhs_letters = lhs.replace("...", "")
-    bad = [c for c in rhs if c in lhs_letters and c in out]
-    if bad or any(c not in lhs_letters and c not in out for c in rhs):
-        raise ValueError(
-            f"Einsum {equation!r}: the algorithms need every kernel axis to be either "
-            "contracted with the input or an output axis (no batch or summed-out axes).")
-    if "..." in lhs:
-        before, after = lhs.split("...")
-        pos = {c: i - x_ndim for i, c in enumerate(before)}
-        pos.update({c: i - len(after) for i, c in enumerate(after)})
-    else:
-        pos = {c: i - len(lhs) for i, c in enumerate(lhs)}
-    in_axes = tuple(i for i, c in enumerate(rhs) if c in lhs_letters)
-    out_axes = tuple(i for i, c in enumerate(rhs) if c not in lhs_letters)
-    return KernelLayout(tuple(kernel_shape), in_axes, out_axes, tuple(pos[rhs[i]] for i in in_axes))
-
-
-def for_layer(kind: str, layer, kernel_shape, x_ndim: int, einsum_str: str | None = None
-              ) -> KernelLayout:
-    """The layout of a covered layer (linen or nnx) called on an input of rank ``x_ndim``.
-
-    Raises:
-      ValueError: a layer the algorithms do not cover (``Conv``, ``Embed``, batch axes).
-    """
-    shape = tuple(int(n) for n in kernel_shape)
-    if kind == "dense":
-        return KernelLayout.dense(*shape)
-    if kind == "dense_general":
-        batch = getattr(layer, "batch_dims", None) or getattr(layer, "batch_axis", None)
-        if batch:
-            raise ValueError("the algorithms do not cover DenseGeneral / LinearGeneral "
-                             "kernels with batch axes.")
-        x_axes = _normalized(layer.axis, x_ndim)
-        n_in = len(x_axes)
-        return KernelLayout(shape, tuple(range(n_in)), tuple(range(n_in, len(shape))), x_axes)
-    if kind == "einsum":
-        equation = einsum_str or layer.einsum_str
-        if equation is None:
-            raise ValueError("Einsum without an einsum_str.")
-        return _einsum_layout(equation, shape, x_ndim)
-    raise ValueError(f"the algorithms cover Dense, DenseGeneral and Einsum layers (and the "
-                     f"attention projections built from them), not {kind!r}; exclude it "
-                     "from the method's rule.")

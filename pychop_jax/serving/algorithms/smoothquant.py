@@ -68,7 +68,7 @@ class SmoothQuant(QuantMethod):
         scaled = layout.kernel(w * s[:, None])
         state = QuantState(*numerics.calibrate(jnp, scaled, spec), spec)
         values = numerics.fake_quant(jnp, scaled, state.scale, state.zero_point, spec)
-        result = MethodResult(values, state, layout.input_vector(1.0 / s))
+        result = MethodResult(values, state, layout.weight_vector(1.0 / s))
         return result, {"outliers": float(outlier_ratio(stats.abs_max)),
                         "outliers_smoothed": float(outlier_ratio(stats.abs_max / s))}
 
