@@ -39,8 +39,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import logging
 import math
+import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -151,6 +154,23 @@ def _per_layer(n_layers, template):
 # -- a. GPT-2 (transformers' Flax model) --------------------------------------------------
 
 
+def _transformers():
+    """``transformers``, imported (if this process has not yet) with ``USE_TORCH=0``
+    unless USE_TORCH is set: with torch installed, its import pulls in its torch side and,
+    through ``generation.candidate_generator``, sklearn and scipy (5 s of CPU against
+    1.3 s).  transformers reads the variable once, at import; it is restored at once,
+    so nothing else (subprocesses included) sees it."""
+    if "transformers" not in sys.modules and "USE_TORCH" not in os.environ:
+        os.environ["USE_TORCH"] = "0"
+        try:
+            import transformers  # noqa: F401
+        finally:
+            del os.environ["USE_TORCH"]
+    import transformers
+
+    return transformers
+
+
 def _hf_quietly(build):
     """Build a transformers Flax model without its "TensorFlow and JAX classes are
     deprecated" log warning (logged once per process, by ``FlaxPreTrainedModel.__init__``;
@@ -192,7 +212,8 @@ def _hf_args(vocab):
 
 
 def gpt2() -> ZooCase:
-    from transformers import FlaxGPT2LMHeadModel, GPT2Config
+    hf = _transformers()
+    FlaxGPT2LMHeadModel, GPT2Config = hf.FlaxGPT2LMHeadModel, hf.GPT2Config
 
     d, layers, vocab, n_pos = 32, 2, 64, 16
     config = GPT2Config(n_embd=d, n_layer=layers, n_head=2, vocab_size=vocab, n_positions=n_pos)
@@ -234,7 +255,8 @@ def gpt2() -> ZooCase:
 
 
 def llama() -> ZooCase:
-    from transformers import FlaxLlamaForCausalLM, LlamaConfig
+    hf = _transformers()
+    FlaxLlamaForCausalLM, LlamaConfig = hf.FlaxLlamaForCausalLM, hf.LlamaConfig
 
     d, hidden, layers, heads, kv_heads, vocab = 32, 64, 2, 2, 1, 64
     head_dim = d // heads
@@ -936,6 +958,13 @@ _BUILDERS: dict[str, Callable[[], ZooCase]] = {
 CASES = tuple(_BUILDERS)
 # the optional (test-only) package each case needs beyond jax / flax
 REQUIRES = {"gpt2": "transformers", "llama": "transformers", "equinox_mlp": "equinox"}
+
+
+def missing(name: str) -> str | None:
+    """The optional package case ``name`` needs and this environment lacks, if any
+    (looked up without importing it: see ``_transformers``)."""
+    package = REQUIRES.get(name)
+    return package if package and importlib.util.find_spec(package) is None else None
 
 
 @functools.cache

@@ -13,8 +13,8 @@ from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
 
 def _case(name):
-    if name in zoo.REQUIRES:
-        pytest.importorskip(zoo.REQUIRES[name])
+    if zoo.missing(name):
+        pytest.skip(f"{zoo.missing(name)} is not installed (pip install -r requirements-test.txt)")
     return zoo.build(name)
 
 
