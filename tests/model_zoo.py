@@ -82,6 +82,10 @@ class ZooCase:
     float_params: tuple[str, ...]
     output_shape: tuple[int, ...]
     notes: str = ""
+    #: linen: the keyword arguments ``forward`` passes to ``module.apply`` and how it reads
+    #: the logits off its output (the same call through another ``apply``)
+    apply_kwargs: dict = dataclasses.field(default_factory=dict)
+    output: Callable = lambda y: y
 
     @property
     def state(self):
@@ -194,6 +198,9 @@ def _hf_model(cls, config):
     return hf.module, params
 
 
+HF_APPLY_KWARGS = {"deterministic": True, "return_dict": False}
+
+
 def _hf_causal_lm_forward(module):
     def forward(variables, input_ids, attention_mask, position_ids):
         return module.apply(
@@ -242,6 +249,7 @@ def gpt2() -> ZooCase:
         name="gpt2", framework="linen", model=module, params={"params": params},
         args=_hf_args(vocab), forward=_hf_causal_lm_forward(module),
         weights=weights, float_params=float_params, output_shape=(BATCH, SEQ, vocab),
+        apply_kwargs=HF_APPLY_KWARGS, output=lambda y: y[0],
         notes=(
             "hf.module.apply({'params': hf.params}, input_ids, attention_mask, position_ids, "
             "deterministic=True, return_dict=False)[0] -> logits; all three inputs int32 "
@@ -292,6 +300,7 @@ def llama() -> ZooCase:
         name="llama", framework="linen", model=module, params={"params": params},
         args=_hf_args(vocab), forward=_hf_causal_lm_forward(module),
         weights=weights, float_params=float_params, output_shape=(BATCH, SEQ, vocab),
+        apply_kwargs=HF_APPLY_KWARGS, output=lambda y: y[0],
         notes=(
             "hf.module.apply({'params': hf.params}, input_ids, attention_mask, position_ids, "
             "deterministic=True, return_dict=False)[0] -> logits; inputs int32 (batch, seq); "
@@ -394,7 +403,7 @@ class GemmaStyleLM(nn.Module):
     features: int = 32
     num_heads: int = 2
     head_dim: int = 8
-    hidden_dim: int = 48
+    hidden_dim: int = 64  # int4 g32 groups divide it
     num_layers: int = 2
 
     def setup(self):
@@ -455,7 +464,7 @@ class MtConfig:
     emb_dim: int = 16
     num_heads: int = 2
     head_dim: int = 8
-    mlp_dim: int = 40
+    mlp_dim: int = 64  # int4 g32 groups divide it
     num_layers: int = 2
 
 
@@ -635,7 +644,7 @@ class StockScanLM(nn.Module):
     features: int = 24
     num_heads: int = 2
     qkv_features: int = 16
-    mlp_dim: int = 40
+    mlp_dim: int = 64  # int4 g32 groups divide it
     num_layers: int = 2
 
     @nn.compact
@@ -699,7 +708,7 @@ class NnxBlock(nnx.Module):
 
 
 class NnxRawLM(nnx.Module):
-    def __init__(self, vocab=48, d=16, hidden=40, num_layers=2, *, rngs):
+    def __init__(self, vocab=48, d=16, hidden=64, num_layers=2, *, rngs):  # g32 divides 64
         self.embed = nnx.Embed(vocab, d, rngs=rngs)
         self.layers = nnx.List([NnxBlock(d, hidden, rngs=rngs) for _ in range(num_layers)])
         self.final_norm = nnx.LayerNorm(d, rngs=rngs)
@@ -716,7 +725,7 @@ class NnxRawLM(nnx.Module):
 
 
 def nnx_raw() -> ZooCase:
-    vocab, d, hidden, layers = 48, 16, 40, 2
+    vocab, d, hidden, layers = 48, 16, 64, 2
     abstract = nnx.eval_shape(lambda: NnxRawLM(vocab, d, hidden, layers, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     m = nnx.merge(graphdef, random_like(state))

@@ -117,10 +117,15 @@ class QuantizedModel(VariablesModel):
         """``Module.init`` of the float model, then the quantization collections from
         the same call (empty observer ranges; LSQ step sizes from the data)."""
         variables = self.float_model.init(rngs, *args, method=method, **kwargs)
+        return self.init_from(variables, *args, method=method, **_without(kwargs, "rngs"))
+
+    def init_from(self, variables, *args, method=None, **kwargs):
+        """``variables`` (the float model's, e.g. pretrained) with the quantization
+        collections added from one sample call: empty observer ranges, LSQ step sizes
+        from the given weights and the data."""
         variables = dict(variables)
-        out = self.init_variables(variables, args, _without(kwargs, "rngs"), method)
-        _warn_unmatched(self.trace(variables, args, _without(kwargs, "rngs"),
-                                   method)[0].plan.report)
+        out = self.init_variables(variables, args, kwargs, method)
+        _warn_unmatched(self.trace(variables, args, kwargs, method)[0].plan.report)
         return out
 
     def apply(self, variables, *args, method=None, mutable=False, **kwargs):

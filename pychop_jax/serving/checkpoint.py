@@ -33,6 +33,8 @@ _QA = "__quantized_array__"
 _KERNEL = "__int_kernel__"
 _SEQ = "__sequence__"
 _SCALED = "__scaled_kernel__"
+_STATE = "__quant_state__"
+_BOXED = "__boxed__"
 
 
 def _encode_spec(spec: QuantSpec) -> list:
@@ -90,6 +92,12 @@ def _encode(node, path="root"):
     if isinstance(node, ScaledKernel):
         return {_SCALED: {"kernel": _encode(node.kernel, f"{path}/kernel"),
                           "input_scale": np.asarray(node.input_scale)}}
+    if isinstance(node, QuantState):
+        return {_STATE: _encode_state(node)}
+    box = _box_class(node)
+    if box is not None:
+        return {_BOXED: {"class": box, "names": [n if n is None else str(n) for n in node.names],
+                         "value": _encode(node.value, f"{path}/value")}}
     if isinstance(node, dict):
         for k in node:
             if not isinstance(k, str):
@@ -118,12 +126,35 @@ def _decode(node):
     if isinstance(node, dict) and _SCALED in node:
         d = node[_SCALED]
         return ScaledKernel(_decode(d["kernel"]), jnp.asarray(d["input_scale"]))
+    if isinstance(node, dict) and _STATE in node:
+        return _decode_state(node[_STATE])
+    if isinstance(node, dict) and _BOXED in node:
+        d = node[_BOXED]
+        from flax.core import meta
+
+        import flax.linen as nn
+
+        cls = {"LogicallyPartitioned": nn.LogicallyPartitioned,
+               "Partitioned": meta.Partitioned}[d["class"]]
+        return cls(_decode(d["value"]), tuple(d["names"]))
     if isinstance(node, dict) and _SEQ in node:
         items = node[_SEQ]
         return [_decode(items[str(i)]) for i in range(len(items))]
     if isinstance(node, dict):
         return {k: _decode(v) for k, v in node.items()}
     return jnp.asarray(node)
+
+
+def _box_class(node) -> str | None:
+    """The name of a Flax partitioning box (``nn.LogicallyPartitioned`` /
+    ``nn.Partitioned``: the value and its axis names are stored), else ``None``."""
+    import sys
+
+    meta = sys.modules.get("flax.core.meta")
+    if meta is None or not isinstance(node, meta.Partitioned):
+        return None
+    return type(node).__name__ if type(node).__name__ in ("LogicallyPartitioned",
+                                                          "Partitioned") else None
 
 
 def to_bytes(tree) -> bytes:
@@ -144,14 +175,25 @@ def from_bytes(data: bytes):
 
 
 def save_quantized(path: str | os.PathLike, tree) -> int:
-    """Write ``tree`` to ``path``; returns the number of bytes written."""
+    """Write ``tree`` -- served variables, or a served nnx / Equinox model (its
+    ``served_variables()``) -- to ``path``; returns the number of bytes written."""
+    if hasattr(tree, "served_variables"):
+        tree = tree.served_variables()
     data = to_bytes(tree)
     with open(path, "wb") as f:
         f.write(data)
     return len(data)
 
 
-def load_quantized(path: str | os.PathLike):
-    """Read a tree written by ``save_quantized``."""
+def load_quantized(path: str | os.PathLike, like=None):
+    """Read a tree written by ``save_quantized``; with ``like`` (a served nnx / Equinox
+    model of the same structure, e.g. ``serve_model`` of a freshly built model), that
+    model with the stored codes, scales and input quantizers."""
     with open(path, "rb") as f:
-        return from_bytes(f.read())
+        tree = from_bytes(f.read())
+    if like is None:
+        return tree
+    if not hasattr(like, "with_served_variables"):
+        raise TypeError(f"load_quantized(like=...) takes a served nnx or Equinox model; got "
+                        f"{type(like).__name__}.")
+    return like.with_served_variables(tree)

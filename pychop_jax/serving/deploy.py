@@ -314,6 +314,19 @@ def serve_model(qmodel, *args, **kwargs):
     raise TypeError(f"serve_model takes a quantize_model model; got {type(qmodel).__name__}.")
 
 
+def _flat_served(served: dict) -> dict:
+    """Served variables with the parameters as a list of leaves (an nnx ``State`` or an
+    Equinox module is not a checkpoint tree; the served model knows their structure)."""
+    leaves = jax.tree_util.tree_leaves(served["params"], is_leaf=is_served_leaf)
+    return {**served, "params": leaves}
+
+
+def _unflat_served(template: dict, stored: dict) -> dict:
+    """Inverse of ``_flat_served`` with ``template``'s parameter structure."""
+    treedef = jax.tree_util.tree_structure(template["params"], is_leaf=is_served_leaf)
+    return {**stored, "params": jax.tree_util.tree_unflatten(treedef, stored["params"])}
+
+
 # -- nnx ----------------------------------------------------------------------------------------
 @functools.cache
 def _served_nnx_class():
@@ -335,8 +348,14 @@ def _served_nnx_class():
 
         def served_variables(self) -> dict:
             """The served codes, scales and input quantizers (what ``save_quantized``
-            writes)."""
-            return self.served.get_value()
+            writes: the parameters as the list of their leaves)."""
+            return _flat_served(self.served.get_value())
+
+        def with_served_variables(self, stored) -> ServedNnxModel:
+            """A copy with stored served variables (``load_quantized(path, like=...)``)."""
+            copy = nnx.clone(self)
+            copy.served.set_value(_unflat_served(self.served.get_value(), stored))
+            return copy
 
         def __call__(self, *args, **kwargs):
             served = self.served.get_value()
@@ -383,7 +402,13 @@ def _served_equinox_class():
         dtypes: tuple = eqx.field(static=True)
 
         def served_variables(self) -> dict:
-            return self.served
+            """The served codes, scales and input quantizers (what ``save_quantized``
+            writes: the parameters as the list of their leaves)."""
+            return _flat_served(self.served)
+
+        def with_served_variables(self, stored) -> ServedEquinox:
+            """A copy with stored served variables (``load_quantized(path, like=...)``)."""
+            return eqx.tree_at(lambda m: m.served, self, _unflat_served(self.served, stored))
 
         def __call__(self, *args, **kwargs):
             fn = models._EqxFunction(self.rules, self.static, self.call)

@@ -358,7 +358,7 @@ def served_gather(eqn, w: ServedWeight, indices):
     qa = w.qa
     p = dict(eqn.params)
     dn = p["dimension_numbers"]
-    gathered = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+    gathered = views.gathered_axes(p, qa.shape)
     sizes = tuple(p["slice_sizes"])
     packed = qa.packed and (qa.ndim - 1) not in gathered and sizes[-1] == qa.shape[-1]
     if not packed:

@@ -337,8 +337,7 @@ class _Analysis:
         return [_Val(sources=frozenset({site.module}), data=True)], True
 
     def lookup(self, eqn, path, val, stack, loop):
-        dn = eqn.params["dimension_numbers"]
-        gathered = set(dn.start_index_map) | set(dn.collapsed_slice_dims)
+        gathered = views.gathered_axes(eqn.params, eqn.invars[0].aval.shape)
         features = [d for d in range(len(val.prov.axes)) if d not in gathered]
         site = self.weight_site(eqn, path, val.prov, 0, features, stack, loop, kind="lookup")
         return [_Val(sources=frozenset({site.module}), data=True)], True

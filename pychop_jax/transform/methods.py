@@ -25,11 +25,13 @@ class QuantMethod:
     Subclasses set ``name`` and ``statistics`` -- the statistics of each weight's
     matmul input that calibration collects for them (``"hessian"``: sum of ``x^T x``;
     ``"abs_mean"`` / ``"abs_max"``: per input channel; ``"rows"``: a sample of input
-    rows) -- and may extend ``check_rule``.
+    rows) and ``scales_input`` -- and may extend ``check_rule``.
     """
 
     name: ClassVar[str] = "method"
     statistics: ClassVar[frozenset] = frozenset()
+    #: whether its results carry an ``input_scale`` (the input multiplied first)
+    scales_input: ClassVar[bool] = False
 
     def check_rule(self, rule) -> None:
         """Raise ``ValueError`` if ``rule`` cannot use this method (default: it needs a

@@ -7,7 +7,7 @@ against the first matching ``QuantRule``:
 * a weight's spec is the rule's ``weight`` laid on the weight's storage axes
   (``weight_spec``): ``axis=None`` per tensor; per output channel -> the axes no use
   contracts (``axis`` an int, or a tuple of them); ``group_size=g`` -> groups along the
-  last contracted axis;
+  last contracted axis (one group spanning it when it is no longer than ``g``);
 * a weight site's input spec is the rule's ``act`` (a lookup has none); a per-block
   input spec must have its blocks along an axis the matmul contracts;
 * an activation product's operand spec is the rule's ``attention``.
@@ -71,6 +71,8 @@ def weight_spec(template: QuantSpec | None, weight: Weight) -> QuantSpec | None:
                              "the contracted axis, and its matmul contracts none of its axes; "
                              "use a per-channel or per-tensor spec.")
         axis = max(weight.contracted)
+        if shape[axis] <= template.group_size:  # one group spans the axis
+            return dataclasses.replace(template, axis=axis, group_size=shape[axis])
         if shape[axis] % template.group_size:
             raise ValueError(
                 f"{_where(weight)}: groups of {template.group_size} along its contracted axis "

@@ -41,9 +41,10 @@ layer.
     ``axis`` one scale per output channel; with ``group_size=g``, groups of ``g``
     consecutive elements along the **contracted** axis (the last contracted axis in
     storage order when the matmul contracts several), one scale per group and output
-    channel -- MX / NVFP4 blocks lie there too.  So the same rule means the same thing
-    on every layer.  A group size that does not divide that axis raises ``ValueError``
-    naming the weight, the op and the shapes;
+    channel -- MX / NVFP4 blocks lie there too; an axis no longer than ``g`` is one
+    group.  So the same rule means the same thing on every layer.  A group size that
+    does not divide a longer axis raises ``ValueError`` naming the weight, the op and
+    the shapes;
   - ``None`` keeps the weight float.
 
   A weight used by several matmuls (a tied embedding's lookup and output projection)

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["STRUCTURAL", "IDENTITY", "is_structural", "map_axes", "reshape_groups",
-           "single_slice_gather", "apply_to_companion", "expand_to"]
+           "single_slice_gather", "gathered_axes", "apply_to_companion", "expand_to"]
 
 #: primitives whose output is their (first) input, element for element
 IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -46,6 +46,15 @@ def single_slice_gather(params, operand_shape, indices_shape) -> bool:
     if dn.operand_batching_dims:
         return False
     return math.prod(indices_shape[:-1]) == 1 if len(indices_shape) else True
+
+
+def gathered_axes(params, operand_shape) -> set:
+    """The operand axes a ``gather`` picks rows along: collapsed ones, and indexed ones it
+    does not take whole (an index on an axis taken whole is 0: ``vmap`` of
+    ``dynamic_slice`` makes such gathers)."""
+    dn, sizes = params["dimension_numbers"], params["slice_sizes"]
+    return set(dn.collapsed_slice_dims) | {d for d in dn.start_index_map
+                                           if sizes[d] < operand_shape[d]}
 
 
 def is_structural(eqn) -> bool:

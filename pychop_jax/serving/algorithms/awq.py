@@ -70,6 +70,7 @@ error; a per-tensor grid is not clipped (one range for the whole kernel).
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 import functools
 import math
 
@@ -117,6 +118,7 @@ class AWQ(QuantMethod):
 
     name = "AWQ"
     statistics = frozenset({"abs_mean", "hessian"})
+    scales_input: ClassVar[bool] = True
 
     def __post_init__(self):
         for field in ("n_grid", "clip_grid"):

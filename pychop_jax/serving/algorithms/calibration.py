@@ -128,15 +128,17 @@ def site_layout(site: Site, shape) -> tuple[KernelLayout, tuple[int, ...]]:
         raise ValueError("the weight reaches its matmul through indexing the algorithms do "
                          "not follow (only the per-layer slice of a scanned stack is).")
     slice_axis = {a: a - len(stacked) for a in seen}
-    in_axes = []
-    for d in w_c:
+    pairs = []  # (weight slice axis, input axis), in the weight's storage order
+    for d, x in zip(w_c, x_c, strict=True):
         if len(site.view[d]) != 1:
             raise ValueError("a contracted axis of the matmul merges several weight axes.")
-        in_axes.append(slice_axis[site.view[d][0]])
+        pairs.append((slice_axis[site.view[d][0]], x))
+    pairs.sort()
+    in_axes = tuple(a for a, _ in pairs)
     out_axes = tuple(a for a in range(len(shape) - len(stacked)) if a not in in_axes)
     x_ndim = len(eqn.invars[site.activation].aval.shape)
-    layout = KernelLayout(tuple(shape[len(stacked):]), tuple(in_axes), out_axes,
-                          tuple(d - x_ndim for d in x_c))
+    layout = KernelLayout(tuple(shape[len(stacked):]), in_axes, out_axes,
+                          tuple(x - x_ndim for _, x in pairs))
     return layout, stacked
 
 
@@ -244,32 +246,35 @@ class _Recorder(FakeQuant):
         return super().site(site, eqn, ins, scope)
 
 
-def _rtn(value, spec) -> MethodResult:
+def _rtn(value, spec, layout: KernelLayout | None) -> MethodResult:
+    """Round-to-nearest as a ``MethodResult`` (with a unit input factor when the
+    method scales the input: the results' structure is the same before and after)."""
     state = calibrate(value, spec)
-    return MethodResult(fake_quant(value, state), state)
+    factor = None if layout is None else layout.weight_vector(jnp.ones((layout.k,)))
+    return MethodResult(fake_quant(value, state), state, factor)
 
 
-def _stacked_results(units: list[_Unit], done: dict, leaves) -> dict:
-    """``{weight index: MethodResult}`` of the weights with processed units: stacked
-    weights' unprocessed layers by round-to-nearest."""
+def _results(units: list[_Unit], done: dict, leaves) -> dict:
+    """``{weight index: MethodResult}`` of every method weight: the algorithms' results
+    where they have run, round-to-nearest elsewhere (a stacked weight's layers one by
+    one), the same structure whatever has run."""
     by_weight: dict[int, list[_Unit]] = {}
     for u in units:
         by_weight.setdefault(u.weight, []).append(u)
     out = {}
     for index, group in by_weight.items():
-        if not any(u.path in done for u in group):
-            continue
-        if not group[0].index:
-            out[index] = done[group[0].path]
-            continue
         value = jnp.asarray(leaves[index])
-        parts = [done.get(u.path) or _rtn(value[u.index], u.spec) for u in group]
+        parts = []
+        for u in group:
+            part = done.get(u.path)
+            if part is None:
+                scaled = u.layout if u.method.scales_input else None
+                part = _rtn(value[u.index] if u.index else value, u.spec, scaled)
+            parts.append(part)
+        if not group[0].index:
+            out[index] = parts[0]
+            continue
         shape = tuple(value.shape[:len(group[0].index)])
-        scaled = any(p.input_scale is not None for p in parts)
-        if scaled:
-            parts = [p if p.input_scale is not None else dataclasses.replace(
-                p, input_scale=u.layout.weight_vector(jnp.ones((u.layout.k,))))
-                for p, u in zip(parts, group, strict=True)]
         stack = lambda xs: jnp.reshape(jnp.stack(xs), shape + jnp.shape(xs[0]))  # noqa: E731
         stacked = jax.tree_util.tree_map(lambda *xs: stack(xs), *parts)
         out[index] = dataclasses.replace(stacked, state=dataclasses.replace(
@@ -293,6 +298,9 @@ def _calibrate(vmodel: VariablesModel, variables: dict, batches, call_kwargs):
         value = jnp.asarray(leaves[u.weight])
         kernel = value[u.index] if u.index else value
         result, details = u.method.apply(kernel, u.layout, u.spec, stats, u.path)
+        if u.method.scales_input and result.input_scale is None:
+            result = dataclasses.replace(result, input_scale=u.layout.weight_vector(
+                jnp.ones((u.layout.k,))))
         done[u.path] = result
         return details
 
@@ -302,8 +310,12 @@ def _calibrate(vmodel: VariablesModel, variables: dict, batches, call_kwargs):
             pending.append(u)
         else:
             entries.append(LayerCalibration(u.path, u.method.name, 0, 0, apply(u, None)))
+    # one compilation for every pass: all pending sites are recorded, the results (their
+    # values change, not their structure) are an argument
+    recorded = {u.site.callpath: (u.layout, u.method.statistics, u.max_rows) for u in pending}
 
-    def run(methods, recorded, args):
+    @jax.jit
+    def step(methods, args):
         handler = lambda p, mode, learned, m: _Recorder(p, methods, recorded)  # noqa: E731
         _, scope, _, _ = vmodel.run(variables, args, call_kwargs, mode="eval", handler=handler)
         return {cp: s["record"] for cp, s in scope.items() if "record" in s}
@@ -312,22 +324,20 @@ def _calibrate(vmodel: VariablesModel, variables: dict, batches, call_kwargs):
         leader = pending[0]
         group = [u for u in pending if u.index == leader.index and
                  (u is leader or (u.site.input == leader.site.input and u.site.input))]
-        recorded = {u.site.callpath: (u.layout, u.method.statistics, u.max_rows) for u in group}
-        methods = _stacked_results(units, done, leaves)
-        step = jax.jit(lambda args, methods=methods, recorded=recorded: run(methods, recorded,
-                                                                             args))
+        methods = _results(units, done, leaves)
         totals: dict = {}
         for args in batches:
-            for cp, stats in step(args).items():
-                u = next(x for x in group if x.site.callpath == cp)
+            stats_by_site = step(methods, args)
+            for u in group:
+                stats = stats_by_site[u.site.callpath]
                 if u.index:
                     stats = jax.tree_util.tree_map(lambda a, i=u.index: a[i], stats)
                 if float(stats.count) == 0:
                     continue
-                totals[cp] = merge(totals.get(cp), stats, u.max_rows)
+                totals[u.path] = merge(totals.get(u.path), stats, u.max_rows)
         passes += 1
         for u in group:
-            s = totals.get(u.site.callpath)
+            s = totals.get(u.path)
             if s is None:
                 raise ValueError(f"calibrate_model: no calibration batch reaches {u.path!r}.")
             s.check_finite(u.path)
@@ -335,8 +345,8 @@ def _calibrate(vmodel: VariablesModel, variables: dict, batches, call_kwargs):
             entries.append(LayerCalibration(u.path, u.method.name, int(s.count), passes,
                                             details))
             pending.remove(u)
-    results = _stacked_results(units, done, leaves)
-    if results:
+    if units:
+        results = _results(units, done, leaves)
         flat = {(METHOD,) + plan.weight_key(plan.weights[i].weight): r
                 for i, r in results.items()}
         variables = {**variables, **nest(flat)}

@@ -23,6 +23,7 @@ input, and ``outliers_smoothed`` the same of ``X'``.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -48,6 +49,7 @@ class SmoothQuant(QuantMethod):
 
     name = "SmoothQuant"
     statistics = frozenset({"abs_max"})
+    scales_input: ClassVar[bool] = True
 
     def __post_init__(self):
         if not (isinstance(self.alpha, (int, float)) and 0 <= self.alpha <= 1):
