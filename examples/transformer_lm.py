@@ -311,43 +311,29 @@ def group_rules(c: lm.Config, bits: int = 4, group: int = 32, lsq: bool = False,
 
 
 def quantized_variables(qmodel, ctx: Context):
-    """The quantized model's variables around the trained fp32 ``params``: empty
-    observer ranges, and LSQ step sizes (``quant_params``) computed from the fp32
-    kernels and one training batch (created by a call with ``quant_params`` mutable)."""
+    """The quantized model's variables around the trained fp32 ``params``
+    (``qmodel.init_from``): empty observer ranges, and LSQ step sizes (``quant_params``)
+    computed from the fp32 weights and one training batch."""
     sample = next(lm.batches(ctx.train_data, ctx.args.batch, ctx.args.seq_len,
                              ctx.args.seed + 1))[0]
-    fresh = jax.eval_shape(qmodel.init, jax.random.key(0), sample[:1])
-    variables = {"params": ctx.params}
-    if STATS in fresh:
-        variables[STATS] = jax.jit(qmodel.init)(jax.random.key(0), sample[:1])[STATS]
-    if LSQ_PARAMS in fresh:
-        _, made = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=[LSQ_PARAMS]))(
-            variables, sample)
-        variables = {**variables, **made}
-    return variables
-
-
-_KINDS = {"Dense": "dense", "DenseGeneral": "dense_general", "Einsum": "einsum",
-          "Conv": "conv", "Embed": "embed"}
+    return jax.jit(qmodel.init_from)({"params": ctx.params}, sample)
 
 
 def rtn_step_sizes(ctx: Context, rules: list[QuantRule], variables):
-    """``variables`` with every learned kernel step size (``quant_params/.../weight_scale``)
-    set to the round-to-nearest scale of the fp32 kernel (``pj.calibrate`` under the
-    rule's spec): LSQ then starts from the PTQ model instead of Esser et al.'s
-    ``2 mean|w| / sqrt(Q_P)``, which for 4-bit groups clips far more of each group."""
+    """``variables`` with every learned weight step size (``quant_params/<weight>/
+    weight_scale``) set to the round-to-nearest scale of the fp32 weight (``pj.calibrate``
+    under the spec the rule lays on it, ``QuantReport.ops[i].weight_spec``): LSQ then
+    starts from the PTQ model instead of Esser et al.'s ``2 mean|w| / sqrt(Q_P)``, which
+    for 4-bit groups clips far more of each group."""
     report = pj.quantization_report(ctx.model, rules, jnp.zeros((1, 8), jnp.int32))
     steps = jax.tree_util.tree_map(lambda a: a, variables[LSQ_PARAMS])  # a copy to edit
-    for layer in report.layers:
-        if layer.rule is None or not rules[layer.rule].lsq or rules[layer.rule].weight is None:
+    for path, op in report.weights().items():
+        if op.rule is None or not rules[op.rule].lsq or op.weight_spec is None:
             continue
-        kind = _KINDS[layer.layer]
         node, step = variables["params"], steps
-        for key in layer.path.split("/"):
+        for key in path.split("/"):
             node, step = node[key], step[key]
-        kernel = node["embedding" if kind == "embed" else "kernel"]
-        scale = pj.calibrate(kernel, rules[layer.rule].weight_spec(kind)).scale
-        step["weight_scale"] = jnp.reshape(scale, step["weight_scale"].shape)
+        step["weight_scale"] = pj.calibrate(node, op.weight_spec).scale
     return {**variables, LSQ_PARAMS: steps}
 
 
@@ -425,9 +411,9 @@ def fp32_control_row(ctx: Context) -> Row:
 
 
 def served_row(source: str, name: str | None = None):
-    """Row ``source``'s model after ``pj.serve_model``: codes + scales (``IntKernel`` s
-    on the integer path for rules with weights and inputs, ``QuantizedArray`` s for
-    weight-only rules), run by the stock layers."""
+    """Row ``source``'s model after ``pj.serve_model``: codes + scales (``QuantizedArray``
+    s; integer matmuls where the rules quantize weights and inputs), run by the same
+    traced function."""
     def row(ctx: Context) -> Row:
         qmodel, variables = ctx.quantized[source]
         served_fn, served_vars = pj.serve_model(qmodel, variables, jnp.zeros((1, 8), jnp.int32))

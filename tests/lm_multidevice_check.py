@@ -106,16 +106,83 @@ def main():
     sharded_vars = {**variables, "params": jax.device_put(variables["params"], shardings)}
     s_fn, s_served = pj.serve_model(w8a8, sharded_vars, batches[0][0][:1])
     kernel = s_served["params"]["blocks_0"]["mlp_in"]["kernel"]
-    assert isinstance(kernel, pj.IntKernel)
-    for a in (kernel.weights.codes, kernel.weights.state.scale):
+    assert isinstance(kernel, pj.QuantizedArray)
+    for a in (kernel.codes, kernel.state.scale):
         assert a.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model")), 2), \
             a.sharding
-    qkv = s_served["params"]["blocks_0"]["attn"]["query"]["kernel"].weights
+    qkv = s_served["params"]["blocks_0"]["attn"]["query"]["kernel"]
     assert qkv.codes.sharding.is_equivalent_to(NamedSharding(mesh, P(None, None, "model")), 3)
     x = put(batches[0][0], P("data"))
     np.testing.assert_allclose(jax.jit(s_fn)(s_served, x),
                                jax.jit(served_fn)(served, batches[0][0]), rtol=1e-5, atol=1e-5)
     print(f"OK sharded QAT losses {losses} match one device {ref_losses}; served sharded")
+    scanned(mesh)
+
+
+#: MaxText-style logical axis rules for the zoo's scanned model on the (data, model) mesh
+LOGICAL_RULES = (("activation_batch", "data"), ("activation_length", None), ("mlp", "model"),
+                 ("heads", None), ("vocab", "model"), ("embed", None), ("kv", None),
+                 ("layers", None), ("norm", None), ("num_activations", None))
+
+
+def scanned(mesh):
+    """The same QAT step on the zoo's MaxText-style model (nn.scan over stacked layers,
+    boxed kernels with logical axis names, nn.with_logical_constraint on activations):
+    sharded by its own logical annotations, against one device."""
+    import flax.linen as nn
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import model_zoo as zoo
+
+    case = zoo.build("maxtext_style")
+    rules = [pj.QuantRule("token_embedder", weight=8),
+             pj.QuantRule(".*", weight=8, act=8)]
+    qmodel = pj.quantize_model(case.model, rules)
+    (tokens,) = case.args
+    variables = qmodel.init_from(case.params, tokens)
+    params = nn.unbox(variables["params"])
+    stats = variables[STATS]
+    assert jax.tree.leaves(stats["decoder"]["layers"])[0].shape[0] == 2  # one range a layer
+    rng = np.random.default_rng(1)
+    batches = [(jnp.asarray(rng.integers(0, 48, (8, 8)), jnp.int32),
+                jnp.asarray(rng.integers(0, 48, (8, 8)), jnp.int32)) for _ in range(3)]
+    tx = optax.sgd(0.5, momentum=0.9)
+
+    @jax.jit
+    def step(params, stats, opt_state, x, y):
+        def loss_fn(params):
+            with nn.logical_axis_rules(LOGICAL_RULES):
+                logits, upd = qmodel.apply({"params": params, STATS: stats}, x,
+                                           mutable=[STATS])
+            return ex.cross_entropy(logits, y), upd[STATS]
+
+        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), stats, opt_state, loss
+
+    def run(params, put=lambda a, spec: a):
+        opt_state, s, losses = tx.init(params), stats, []
+        for x, y in batches:
+            params, s, opt_state, loss = step(params, s, opt_state, put(x, P("data")),
+                                              put(y, P("data")))
+            losses.append(float(loss))
+        return params, losses
+
+    ref_params, ref_losses = run(params)
+    specs = nn.get_partition_spec(variables["params"])
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+    assert sum(s.spec != P() for s in jax.tree.leaves(shardings)) >= 4
+    put = lambda a, spec: jax.device_put(a, NamedSharding(mesh, spec))  # noqa: E731
+    with jax.set_mesh(mesh):  # the logical constraints become sharding constraints
+        new_params, losses = run(jax.device_put(params, shardings), put)
+    np.testing.assert_allclose(losses, ref_losses, rtol=2e-5)
+    assert losses[-1] != losses[0]
+    wo = new_params["decoder"]["layers"]["mlp"]["wo"]["kernel"]  # (layers, mlp, embed)
+    assert wo.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model", None)), 3), \
+        wo.sharding
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+    print(f"OK scanned sharded QAT losses {losses} match one device {ref_losses}")
 
 
 if __name__ == "__main__":

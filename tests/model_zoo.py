@@ -486,7 +486,11 @@ class MtDenseGeneral(nn.Module):
         kernel = self.param("kernel", _mt_init(self.kernel_axes), shape)
         kernel = jnp.asarray(kernel, x.dtype)
         contract = tuple(range(len(axis)))
-        return lax.dot_general(x, kernel, ((axis, contract), ((), ())))
+        y = lax.dot_general(x, kernel, ((axis, contract), ((), ())))
+        # MaxText annotates activations with logical axes (a sharding constraint under
+        # nn.logical_axis_rules and a mesh; nothing otherwise)
+        names = ("activation_batch", "activation_length") + (None,) * (y.ndim - 2)
+        return nn.with_logical_constraint(y, names)
 
 
 class MtRMSNorm(nn.Module):

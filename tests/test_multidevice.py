@@ -25,5 +25,8 @@ def test_sharded_calibrate_quantize_bit_identical_and_state_stays_sharded():
 @pytest.mark.slow
 def test_sharded_lm_qat_step_matches_one_device_and_served_params_stay_sharded():
     # the example LM's QAT step, batch over 'data' and kernel outputs over 'model',
-    # gives the single-device losses; serving keeps the sharding
-    assert "OK sharded QAT losses" in _run("lm_multidevice_check.py")
+    # gives the single-device losses; serving keeps the sharding; the same for a
+    # MaxText-style scanned stack sharded by its logical axis annotations
+    out = _run("lm_multidevice_check.py")
+    assert "OK sharded QAT losses" in out
+    assert "OK scanned sharded QAT losses" in out

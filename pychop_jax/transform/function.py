@@ -145,14 +145,15 @@ class VariablesModel:
         ``mutable``: the collections to return updated, linen's convention (``True``:
         all; ``"quant_stats"`` among them: the observers update their ranges --
         training; otherwise the ranges are frozen -- evaluation).  Returns the output,
-        or ``(output, updates)`` when ``mutable`` names anything.
+        or, as linen does for any ``mutable`` but ``False`` (``[]`` included), ``(output,
+        updates)``.
         """
         names = mutable_collections(mutable, (STATS, LEARNED))
         own = self.own_collections(mutable)
         mode = "train" if STATS in names else "eval"
         out, scope, traced, _ = self.run(variables, args, kwargs, method=method,
                                          mutable=own, mode=mode)
-        if not mutable:
+        if mutable is False:
             return out
         updates = {}
         if own:

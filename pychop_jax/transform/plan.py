@@ -286,10 +286,15 @@ def make_plan(graph: Graph, rules) -> Plan:
             if spec is not None:
                 rule = rules[r]
                 sites[site.callpath] = SitePlan(site, r, spec, rule.observer_fn())
-            what = (f"both operands {describe_spec(spec, act=True)}" if spec is not None
-                    else "float (no rule with attention= matches)")
+            if spec is not None:
+                what = f"both operands {describe_spec(spec, act=True)}"
+            elif r is None:
+                what = "float (no rule matches)"
+            else:
+                what = f"float (rule #{r}, the first that matches, has no attention=)"
             ops.append(OpReport(site.module, site.primitive, "product", None, site.shapes, (),
-                                r, spec is not None, what, site.stack))
+                                r if spec is not None else None, spec is not None, what,
+                                site.stack, input_spec=spec))
             continue
         wp = weights[site.weight]
         w = wp.weight
@@ -313,7 +318,8 @@ def make_plan(graph: Graph, rules) -> Plan:
             what = (f"weight {describe_spec(wp.spec, resolved=True)}, input "
                     f"{describe_spec(act, act=True) if site.kind == 'weight' else 'ids'}")
         ops.append(OpReport(site.module, site.primitive, site.kind, w.path, w.shape,
-                            site.contracted, wp.rule, quantized, what, site.stack))
+                            site.contracted, wp.rule, quantized, what, site.stack,
+                            weight_spec=wp.spec, input_spec=act))
     if errors:
         raise ValueError("quantize_model: the rules do not fit the model:\n  - "
                          + "\n  - ".join(dict.fromkeys(errors)))

@@ -270,6 +270,8 @@ class OpReport:
       what: what is quantized, in words (``"weight int8 symmetric per channel ...,
         input int8 affine per tensor"``), or why it stays float.
       stack: lengths of the enclosing scans (one state per layer of a scanned stack).
+      weight_spec: the weight's ``QuantSpec`` laid on its storage axes (``None``: float).
+      input_spec: the input's (products: each operand's) ``QuantSpec`` (``None``: float).
     """
 
     module: str
@@ -282,6 +284,8 @@ class OpReport:
     quantized: bool
     what: str
     stack: tuple = ()
+    weight_spec: QuantSpec | None = None
+    input_spec: QuantSpec | None = None
 
 
 @dataclasses.dataclass(frozen=True)
