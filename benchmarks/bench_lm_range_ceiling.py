@@ -63,12 +63,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import transformer_lm as ex  # noqa: E402
 from _timing import cpu_info  # noqa: E402
+from pychop_jax.flax.operands import MethodResult  # noqa: E402
+from pychop_jax.flax.rules import QuantMethod  # noqa: E402
 
 import pychop_jax as pj  # noqa: E402
 from pychop_jax.core import numerics  # noqa: E402
 from pychop_jax.core.spec import QuantSpec  # noqa: E402
-from pychop_jax.flax.operands import MethodResult  # noqa: E402
-from pychop_jax.flax.rules import QuantMethod  # noqa: E402
 from pychop_jax.serving.algorithms.layout import KernelLayout  # noqa: E402
 
 OBJECTIVES = ("l2", "output")

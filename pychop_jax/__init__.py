@@ -32,9 +32,8 @@ from .core.state import QuantState
 from .flax import serialization as _serialization  # noqa: F401  (registers the pytrees)
 from .flax.models import quantization_report, quantize_model
 from .serving.algorithms import AWQ, GPTQ, HQQ, CalibrationReport, SmoothQuant, calibrate_model
-from .transform import qat
-from .transform.rules import QuantReport, QuantRule
 from .serving.checkpoint import load_quantized, save_quantized
+from .serving.deploy import serve_model
 from .serving.float_matmul import float_dot_general
 from .serving.int_matmul import (
     IntKernel,
@@ -45,7 +44,8 @@ from .serving.int_matmul import (
 )
 from .serving.ptq import PTQReport, dequantize_params, quantize_params
 from .serving.scaled_kernel import ScaledKernel
-from .serving.deploy import serve_model
+from .transform import qat
+from .transform.rules import QuantReport, QuantRule
 
 __version__ = "0.1.0"
 

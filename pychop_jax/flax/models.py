@@ -48,8 +48,10 @@ from ..transform.plan import COLLECTIONS, LEARNED, METHOD, STATS
 from ..transform.rules import QuantReport
 from ..transform.tracing import join_static, leaf_paths
 
-__all__ = ["quantize_model", "quantization_report", "QuantizedModel", "QuantizedNnxModel",
-           "QuantizedEquinox", "STATS", "LSQ_PARAMS", "METHOD", "is_equinox", "is_quantized_nnx"]
+__all__ = ["quantize_model", "quantization_report", "QuantizedModel", "STATS", "LSQ_PARAMS",
+           "METHOD", "is_equinox", "is_quantized_nnx"]
+# (``QuantizedNnxModel`` / ``QuantizedEquinox`` are module attributes made on first access,
+# so that importing this module imports neither flax.nnx nor Equinox)
 
 #: the collection of learned (LSQ) step sizes
 LSQ_PARAMS = LEARNED

@@ -130,9 +130,8 @@ def _decode(node):
         return _decode_state(node[_STATE])
     if isinstance(node, dict) and _BOXED in node:
         d = node[_BOXED]
-        from flax.core import meta
-
         import flax.linen as nn
+        from flax.core import meta
 
         cls = {"LogicallyPartitioned": nn.LogicallyPartitioned,
                "Partitioned": meta.Partitioned}[d["class"]]

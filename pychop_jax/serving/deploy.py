@@ -42,11 +42,11 @@ import jax.numpy as jnp
 from ..core import observers
 from ..core.ops import calibrate
 from ..core.qarray import QuantizedArray
+from ..core.state import QuantState
 from ..flax import models
 from ..transform import qat
 from ..transform.function import VariablesModel
 from ..transform.interpret import Carrier, Handler, _bind
-from ..core.state import QuantState
 from ..transform.plan import LEARNED, METHOD, Plan, nest
 from ..transform.tracing import Traces, key_name
 from ..transform.training import input_layout

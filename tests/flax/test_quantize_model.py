@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from pychop_jax.flax.quantize_model import LSQ_PARAMS, STATS, quantization_report, quantize_model
+from pychop_jax.flax.rules import QuantRule
 from quantize_model_fixtures import (
     A8,
     IDS,
@@ -33,8 +35,6 @@ from quantize_model_fixtures import (
 )
 
 import pychop_jax as pj
-from pychop_jax.flax.quantize_model import LSQ_PARAMS, STATS, quantization_report, quantize_model
-from pychop_jax.flax.rules import QuantRule
 
 
 def fq_with(x, calib, spec):
@@ -285,8 +285,8 @@ def test_linen_matched_uncoverable_layer_raises_and_can_be_excluded(model, name)
 
 # ==== nnx ======================================================================================
 from flax import nnx  # noqa: E402
-
 from pychop_jax.flax.nnx_model import OperandQuant  # noqa: E402
+
 from pychop_jax.nnx import QuantStats  # noqa: E402
 
 

@@ -17,11 +17,11 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from pychop_jax.flax.quantize_model import STATS, quantize_model
+from pychop_jax.serving.serve_model import serve_model
 
 import pychop_jax as pj
 from pychop_jax.flax.nnx import QuantStats
-from pychop_jax.flax.quantize_model import STATS, quantize_model
-from pychop_jax.serving.serve_model import serve_model
 
 F = pj.formats
 X = jax.random.normal(jax.random.key(0), (6, 64))

@@ -11,10 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
-import pychop_jax as pj
 from pychop_jax.flax.quantize_model import LSQ_PARAMS, STATS
 from pychop_jax.serving.serve_model import serve_model
+
+import pychop_jax as pj
 
 KEY = jax.random.key(0)
 G4 = pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=4)

@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pychop_jax.flax.quantize_model import METHOD, STATS
 
 import pychop_jax as pj
 from pychop_jax.algorithms import (
@@ -31,7 +32,6 @@ from pychop_jax.algorithms import (
     lp_objective,
     smoothquant_scales,
 )
-from pychop_jax.flax.quantize_model import METHOD, STATS
 from pychop_jax.serving.algorithms.hqq import l2_range_search
 
 KEY = jax.random.key(0)

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from pychop_jax.flax.quantize_model import STATS, quantize_model
+from pychop_jax.flax.rules import QuantRule
+from pychop_jax.serving.serve_model import serve_model
 
 import pychop_jax as pj
 import pychop_jax.linen as qnn
 import pychop_jax.nnx as qnnx
-from pychop_jax.flax.quantize_model import STATS, quantize_model
-from pychop_jax.flax.rules import QuantRule
-from pychop_jax.serving.serve_model import serve_model
 
 F = pj.formats
 X = jax.random.normal(jax.random.key(0), (8, 64))

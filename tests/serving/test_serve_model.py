@@ -15,6 +15,10 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pychop_jax.flax.nnx_model import OperandQuant
+from pychop_jax.flax.quantize_model import STATS, quantize_model
+from pychop_jax.flax.rules import QuantRule
+from pychop_jax.serving.serve_model import serve_model
 from quantize_model_fixtures import (
     IDS,
     KEY,
@@ -30,10 +34,6 @@ from quantize_model_fixtures import (
 )
 
 import pychop_jax as pj
-from pychop_jax.flax.nnx_model import OperandQuant
-from pychop_jax.flax.quantize_model import STATS, quantize_model
-from pychop_jax.flax.rules import QuantRule
-from pychop_jax.serving.serve_model import serve_model
 from pychop_jax.serving.served_ops import einsum_dimension_numbers, served_dot_general
 
 SERVE_RULES = [

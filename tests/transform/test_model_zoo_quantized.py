@@ -16,11 +16,11 @@ import re
 
 import jax
 import jax.numpy as jnp
+import model_zoo as zoo
 import numpy as np
 import optax
 import pytest
 
-import model_zoo as zoo
 import pychop_jax as pj
 from pychop_jax import QuantRule
 

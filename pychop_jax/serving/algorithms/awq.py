@@ -70,9 +70,9 @@ error; a per-tensor grid is not clipped (one range for the whole kernel).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 import functools
 import math
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -81,8 +81,7 @@ from jax import lax
 from ...core import numerics
 from ...core.spec import QuantSpec
 from ...core.state import QuantState
-from ...transform.methods import MethodResult
-from ...transform.methods import QuantMethod
+from ...transform.methods import MethodResult, QuantMethod
 from .layout import KernelLayout
 
 __all__ = ["AWQ", "awq_scales", "awq_search", "awq_candidate", "awq_clip_ratios"]

@@ -59,7 +59,7 @@ from ...transform.methods import MethodResult
 from ...transform.plan import METHOD, STATS, Plan, nest
 from ...transform.training import FakeQuant
 from .layout import KernelLayout
-from .stats import LayerStats, batch_stats, merge
+from .stats import batch_stats, merge
 
 __all__ = ["calibrate_model", "CalibrationReport", "LayerCalibration", "site_layout"]
 
@@ -275,8 +275,9 @@ def _results(units: list[_Unit], done: dict, leaves) -> dict:
             out[index] = parts[0]
             continue
         shape = tuple(value.shape[:len(group[0].index)])
-        stack = lambda xs: jnp.reshape(jnp.stack(xs), shape + jnp.shape(xs[0]))  # noqa: E731
-        stacked = jax.tree_util.tree_map(lambda *xs: stack(xs), *parts)
+        stacked = jax.tree_util.tree_map(
+            lambda *xs, shape=shape: jnp.reshape(jnp.stack(xs), shape + jnp.shape(xs[0])),
+            *parts)
         out[index] = dataclasses.replace(stacked, state=dataclasses.replace(
             stacked.state, spec=group[0].plan.spec))
     return out

@@ -54,8 +54,7 @@ from jax import lax
 from ...core import numerics
 from ...core.spec import QuantSpec
 from ...core.state import QuantState
-from ...transform.methods import MethodResult
-from ...transform.methods import QuantMethod
+from ...transform.methods import MethodResult, QuantMethod
 from .layout import KernelLayout
 
 __all__ = ["GPTQ", "gptq", "block_size_for"]

@@ -58,8 +58,7 @@ from jax import lax
 from ...core import numerics
 from ...core.spec import QuantSpec
 from ...core.state import QuantState
-from ...transform.methods import MethodResult
-from ...transform.methods import QuantMethod
+from ...transform.methods import MethodResult, QuantMethod
 
 __all__ = ["HQQ", "hqq", "l2_range_search", "lp_objective", "shrink_lp"]
 

@@ -30,8 +30,7 @@ import jax.numpy as jnp
 from ...core import numerics
 from ...core.spec import QuantSpec
 from ...core.state import QuantState
-from ...transform.methods import MethodResult
-from ...transform.methods import QuantMethod
+from ...transform.methods import MethodResult, QuantMethod
 from .layout import KernelLayout
 
 __all__ = ["SmoothQuant", "smoothquant_scales", "outlier_ratio"]
