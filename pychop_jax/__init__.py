@@ -36,7 +36,7 @@ from .serving.checkpoint import load_quantized, save_quantized
 from .serving.deploy import serve_model
 from .serving.float_matmul import float_dot_general
 from .serving.int_matmul import (
-    IntKernel,
+    QuantizedKernel,
     int_conv_general_dilated,
     int_dot_general,
     make_int_dot_general,
@@ -65,7 +65,7 @@ __all__ = [
     "int_dot_general",
     "int_conv_general_dilated",
     "float_dot_general",
-    "IntKernel",
+    "QuantizedKernel",
     "make_int_dot_general",
     "promote_dtype",
     "save_quantized",
@@ -105,6 +105,10 @@ _MOVED = {
 
 
 def __getattr__(name):
+    if name == "IntKernel":  # renamed: it holds float-format codes too
+        from .serving import int_matmul
+
+        return int_matmul.IntKernel
     target = _LAZY.get(name) or _MOVED.get(name)
     if target is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

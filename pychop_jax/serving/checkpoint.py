@@ -2,7 +2,7 @@
 
 ``save_quantized(path, tree)`` writes a msgpack file (``flax.serialization``'s
 encoding) that holds, for every ``QuantizedArray`` leaf (also inside a served
-``IntKernel``), only its codes (packed or not), scale and (asymmetric only) zero
+``QuantizedKernel``), only its codes (packed or not), scale and (asymmetric only) zero
 point plus the few fields of its spec (element and scale formats included; E8M0 /
 float8 scales stay one byte each) —
 no float copy of the weights — and float leaves as they are (a ``ScaledKernel``:
@@ -23,7 +23,7 @@ import numpy as np
 from ..core.qarray import QuantizedArray, storage_state
 from ..core.spec import QuantSpec
 from ..core.state import QuantState
-from .int_matmul import IntKernel
+from .int_matmul import QuantizedKernel
 from .scaled_kernel import ScaledKernel
 
 __all__ = ["save_quantized", "load_quantized", "to_bytes", "from_bytes"]
@@ -82,7 +82,7 @@ def _encode(node, path="root"):
     if isinstance(node, QuantizedArray):
         return {_QA: {**_encode_state(node.state), "codes": np.asarray(node.codes),
                       "shape": list(node.shape), "packed": node.packed}}
-    if isinstance(node, IntKernel):
+    if isinstance(node, QuantizedKernel):
         stored = {"weights": _encode(node.weights, f"{path}/weights")}
         if node.input_state is not None:
             stored["input_state"] = _encode_state(node.input_state)
@@ -122,7 +122,7 @@ def _decode(node):
         d = node[_KERNEL]
         state = _decode_state(d["input_state"]) if "input_state" in d else None
         spec = _decode_spec(d["input_spec"]) if "input_spec" in d else None
-        return IntKernel(_decode(d["weights"]), state, spec)
+        return QuantizedKernel(_decode(d["weights"]), state, spec)
     if isinstance(node, dict) and _SCALED in node:
         d = node[_SCALED]
         return ScaledKernel(_decode(d["kernel"]), jnp.asarray(d["input_scale"]))

@@ -19,7 +19,7 @@ far slower, ``docs/performance.md``).
 
 Every operand may be a ``QuantizedArray`` or a float array; floats are quantized
 on the fly, with a fixed ``state`` (static ranges, e.g. from an observer) or by
-calibrating each call (dynamic ranges).  A served layer's kernel is an ``IntKernel``:
+calibrating each call (dynamic ranges).  A stock layer's kernel is a ``QuantizedKernel``:
 its quantized weights together with the static quantizer of the layer's input, so
 that a stock ``flax`` ``Dense`` / ``Conv`` whose op is ``int_dot_general`` /
 ``int_conv_general_dilated`` finds both in its ``kernel`` parameter.
@@ -49,7 +49,7 @@ from .float_matmul import float_dot_general
 __all__ = [
     "DEFAULT_INPUT_SPEC",
     "DEFAULT_WEIGHT_SPEC",
-    "IntKernel",
+    "QuantizedKernel",
     "KernelWrapper",
     "float_kernel_input",
     "is_float_kernel",
@@ -98,8 +98,10 @@ class KernelWrapper:
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class IntKernel(KernelWrapper):
-    """A served layer's kernel: quantized weights and the static quantizer of its input.
+class QuantizedKernel(KernelWrapper):
+    """A kernel for a stock layer's quantized op: quantized weights (integer, fp8, MX,
+    NVFP4 or NF4 codes with their scales) and the static quantizer of the layer's input.
+    (Formerly ``IntKernel``: it holds float-format codes too.)
 
     Pass it as the ``kernel`` parameter of a ``flax.linen.Dense`` / ``Conv`` (or
     ``nnx.Linear`` / ``Conv``) whose op is ``int_dot_general`` /
@@ -121,11 +123,21 @@ class IntKernel(KernelWrapper):
         return self.input_state.spec if self.input_state is not None else self.input_spec
 
 
+def __getattr__(name):
+    if name == "IntKernel":
+        import warnings
+
+        warnings.warn("pychop_jax.IntKernel is now QuantizedKernel (it holds float-format "
+                      "codes too); IntKernel will be removed.", DeprecationWarning, stacklevel=2)
+        return QuantizedKernel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def is_float_kernel(rhs) -> bool:
-    """Whether ``rhs`` is an ``IntKernel`` of float element or block-scale weights (fp8,
+    """Whether ``rhs`` is a ``QuantizedKernel`` of float element or block-scale weights (fp8,
     MX, NVFP4, NF4, ...), which the integer ops serve on the float path
     (``float_kernel_input``)."""
-    return isinstance(rhs, IntKernel) and not is_integer_format(rhs.weights.spec)
+    return isinstance(rhs, QuantizedKernel) and not is_integer_format(rhs.weights.spec)
 
 
 def is_integer_format(spec: QuantSpec) -> bool:
@@ -134,8 +146,8 @@ def is_integer_format(spec: QuantSpec) -> bool:
     return not (spec.is_float or spec.block_scaled)
 
 
-def float_kernel_input(lhs, kernel: IntKernel):
-    """The input of a float-format ``IntKernel``'s layer: a ``QuantizedArray`` under its
+def float_kernel_input(lhs, kernel: QuantizedKernel):
+    """The input of a float-format ``QuantizedKernel``'s layer: a ``QuantizedArray`` under its
     stored quantizer (``input_state``; calibrated per call under ``input_spec`` when it
     has none), or ``lhs`` itself when the layer's input stays float."""
     if kernel.input_state is not None:
@@ -146,9 +158,9 @@ def float_kernel_input(lhs, kernel: IntKernel):
     return lhs
 
 
-def _float_kernel_dot_general(lhs, kernel: IntKernel, dimension_numbers,
+def _float_kernel_dot_general(lhs, kernel: QuantizedKernel, dimension_numbers,
                               preferred_element_type, out_sharding):
-    """``int_dot_general`` of a float-format ``IntKernel``: ``float_dot_general`` of the
+    """``int_dot_general`` of a float-format ``QuantizedKernel``: ``float_dot_general`` of the
     quantized input and the weights' codes (fp8 codes with float32 accumulation, MX
     blocks, ...), or, for a float input, the dequantized weights in one float32
     ``dot_general``."""
@@ -164,8 +176,8 @@ def _float_kernel_dot_general(lhs, kernel: IntKernel, dimension_numbers,
 
 
 def _operands(lhs, rhs, lhs_spec, rhs_spec, lhs_state, rhs_state):
-    """Both operands as ``QuantizedArray``s (an ``IntKernel`` brings the lhs state)."""
-    if isinstance(rhs, IntKernel):
+    """Both operands as ``QuantizedArray``s (a ``QuantizedKernel`` brings the lhs state)."""
+    if isinstance(rhs, QuantizedKernel):
         lhs_state = rhs.input_state if lhs_state is None else lhs_state
         lhs_spec = rhs.input_spec or lhs_spec
         rhs = rhs.weights
@@ -255,7 +267,7 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     Args:
       lhs, rhs: ``QuantizedArray`` or float arrays (quantized here with
         ``*_state`` if given, else calibrated with ``*_spec``); ``rhs`` may be an
-        ``IntKernel``, whose ``input_state`` then quantizes ``lhs``.
+        ``QuantizedKernel``, whose ``input_state`` then quantizes ``lhs``.
       dimension_numbers: as for ``lax.dot_general``.
       precision: ignored (integer products are exact); accepted so that this
         function can be passed as ``dot_general=`` to ``flax.linen.Dense`` /
@@ -267,7 +279,7 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     Returns:
       floats ``s_l s_r (sum q_l q_r - corrections)`` in the ``dot_general`` layout.
       Unknown keywords raise ``TypeError`` (a misspelled ``lhs_state=`` must not be
-      dropped silently).  An ``IntKernel`` of float / block-scale weights (fp8, MX,
+      dropped silently).  An ``QuantizedKernel`` of float / block-scale weights (fp8, MX,
       NVFP4, NF4: ``to_served`` of a ``weight_format`` layer) is served on the float
       path instead: ``float_dot_general`` of its input, quantized by the kernel's
       input quantizer, and its codes; or the dequantized weights against a float
@@ -276,7 +288,7 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     Raises:
       ValueError: codes wider than 8 bits, scales that vary along a contracted axis,
         a contraction too long for the int32 accumulator (``_check_accumulator``), or
-        a float-format ``QuantizedArray`` operand (not wrapped in an ``IntKernel``).
+        a float-format ``QuantizedArray`` operand (not wrapped in a ``QuantizedKernel``).
     """
     del precision
     if is_float_kernel(rhs):
@@ -389,13 +401,13 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
     """``lax.conv_general_dilated`` of quantized operands with integer arithmetic.
 
     The input must be quantized per tensor and the kernel per output feature (or per
-    tensor); ``rhs`` may be an ``IntKernel``.  With ``x = s_x (q_x - z_x)`` and
+    tensor); ``rhs`` may be a ``QuantizedKernel``.  With ``x = s_x (q_x - z_x)`` and
     ``w = s_w q_w``, each output is ``s_x s_w [conv(q_x, q_w) - z_x sum q_w]`` (plus
     the ``z_w`` terms for an affine kernel), exact in int32; the input is padded with
     ``z_x``, the code of 0.0.  Arguments as for ``lax.conv_general_dilated``
     (``lhs_dilation`` is not supported); ``rhs_spec`` defaults to 8-bit symmetric
     per output feature.  Windows of more codes than the int32 accumulator holds
-    exactly raise ``ValueError`` (see ``int_dot_general``).  An ``IntKernel`` of float
+    exactly raise ``ValueError`` (see ``int_dot_general``).  An ``QuantizedKernel`` of float
     / block-scale weights is served as ``lax.conv_general_dilated`` in float32 of the
     input fake-quantized by the kernel's input quantizer (if any) and the dequantized
     weights (XLA:CPU has no fp8 convolution).
@@ -415,7 +427,7 @@ def int_conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=Non
                          "is not supported on the integer path.")
     if batch_group_count != 1:
         raise ValueError("int_conv_general_dilated: batch_group_count must be 1.")
-    raw_rhs = rhs.weights if isinstance(rhs, IntKernel) else rhs
+    raw_rhs = rhs.weights if isinstance(rhs, QuantizedKernel) else rhs
     dn = lax.conv_dimension_numbers(jnp.shape(lhs), raw_rhs.shape, dimension_numbers)
     out_feature = dn.rhs_spec[0]
     if rhs_spec is None:
@@ -477,7 +489,7 @@ def make_int_dot_general(*, lhs_spec: QuantSpec = DEFAULT_INPUT_SPEC,
 
 
 def promote_dtype(*args, dtype=None, inexact=True):
-    """Flax's ``promote_dtype`` that passes ``QuantizedArray`` / ``IntKernel`` through.
+    """Flax's ``promote_dtype`` that passes ``QuantizedArray`` / ``QuantizedKernel`` through.
 
     Pass it as ``promote_dtype=`` to ``flax.linen.Dense`` (called with the operands
     as arguments) or ``nnx.Linear`` (called with one tuple of operands) whose kernel
@@ -487,7 +499,7 @@ def promote_dtype(*args, dtype=None, inexact=True):
 
     as_tuple = len(args) == 1 and isinstance(args[0], tuple)
     operands = args[0] if as_tuple else args
-    kept = (QuantizedArray, IntKernel)
+    kept = (QuantizedArray, QuantizedKernel)
     floats = [a for a in operands if a is not None and not isinstance(a, kept)]
     promoted = iter(dtypes.promote_dtype(*floats, dtype=dtype, inexact=inexact))
     out = [a if a is None or isinstance(a, kept) else next(promoted) for a in operands]

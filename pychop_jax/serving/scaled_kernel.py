@@ -5,7 +5,7 @@ AWQ and SmoothQuant quantize ``diag(s) W`` and feed the layer ``x / s``; the
 factor ``input_scale = 1 / s`` is kept with the kernel (rather than folded into a
 preceding LayerNorm / Dense, which depends on the model's graph), so a served layer
 computes ``(x * input_scale) @ dequantize(kernel)`` -- or the integer product, with
-the input quantized after the multiplication, for an ``IntKernel``.
+the input quantized after the multiplication, for a ``QuantizedKernel``.
 ``input_scale`` broadcasts against the input from its trailing axes
 (``KernelLayout.input_vector``).
 
@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 from ..core.qarray import QuantizedArray
-from .int_matmul import IntKernel, KernelWrapper
+from .int_matmul import KernelWrapper, QuantizedKernel
 
 __all__ = ["ScaledKernel", "scaled_input"]
 
@@ -29,7 +29,7 @@ __all__ = ["ScaledKernel", "scaled_input"]
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ScaledKernel(KernelWrapper):
-    """An ``IntKernel`` / ``QuantizedArray`` and the factor its layer's input is
+    """An ``QuantizedKernel`` / ``QuantizedArray`` and the factor its layer's input is
     multiplied by first.
 
     Attributes:
@@ -38,7 +38,7 @@ class ScaledKernel(KernelWrapper):
       input_scale: per-input-channel factor, trailing-aligned with the input.
     """
 
-    kernel: IntKernel | QuantizedArray
+    kernel: QuantizedKernel | QuantizedArray
     input_scale: Any
 
     wrapped = "kernel"

@@ -1,11 +1,13 @@
-"""From a QAT-trained Flax model to an integer model.
+"""Deprecated: from a model built of ``QuantDense`` / ``QuantConv`` layers to an integer
+model.  Build models from stock layers and use ``pychop_jax.quantize_model`` +
+``pychop_jax.serve_model`` instead (one pipeline, every framework).
 
 ``to_served(model, variables, x)`` turns the variables of a ``flax.linen`` model built
 from ``pychop_jax.linen`` layers into the params of the same architecture built from
 *stock* Flax layers whose ops are integer (``IntDense`` / ``IntConv`` below);
 ``to_served_nnx(model)`` makes an integer-served copy of a ``flax.nnx`` model built
 from ``pychop_jax.nnx`` layers.  Either way every ``QuantDense`` / ``QuantConv``
-kernel becomes an ``IntKernel`` holding
+kernel becomes a ``QuantizedKernel`` holding
 
 * the int8 codes and per-channel scales of the kernel, quantized exactly as the QAT
   layer fake-quantizes it (calibrated on the kernel, or its learned LSQ step size), and
@@ -18,7 +20,7 @@ float: the two agree up to float summation order (``tests/test_serving.py``; the
 digits example adds the served model as a row of its table).
 
 Layers with float or block-scaled weights (``weight_format``: fp8, MX, NVFP4, NF4) get
-an ``IntKernel`` too -- the codes as the ml_dtypes dtype (uint8 indices for NF4) and
+a ``QuantizedKernel`` too -- the codes as the ml_dtypes dtype (uint8 indices for NF4) and
 the scales -- which ``int_dot_general`` / ``int_conv_general_dilated`` serve on the
 float path: ``float_dot_general`` of the input quantized by the layer's input
 quantizer (``act_format`` / ``act_bits``; fp8 x fp8 codes with float32 accumulation,
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -42,15 +45,21 @@ from ..core.qarray import QuantizedArray
 from ..core.spec import QuantSpec
 from ..core.state import QuantState
 from ..transform import qat
-from .int_matmul import IntKernel, int_conv_general_dilated, int_dot_general, promote_dtype
+from .int_matmul import QuantizedKernel, int_conv_general_dilated, int_dot_general, promote_dtype
 
 __all__ = ["IntDense", "IntConv", "ServedLayer", "to_served", "to_served_nnx"]
 
-#: ``nn.Dense`` that serves an ``IntKernel`` (any ``nn.Dense`` argument applies)
+#: ``nn.Dense`` that serves a ``QuantizedKernel`` (any ``nn.Dense`` argument applies)
 IntDense = functools.partial(nn.Dense, dot_general=int_dot_general, promote_dtype=promote_dtype)
-#: ``nn.Conv`` that serves an ``IntKernel``
+#: ``nn.Conv`` that serves a ``QuantizedKernel``
 IntConv = functools.partial(nn.Conv, conv_general_dilated=int_conv_general_dilated,
                             promote_dtype=promote_dtype)
+
+
+def _deprecated(name: str) -> None:
+    warnings.warn(f"pychop_jax.serving.{name} is deprecated: build the model from stock "
+                  "Flax layers, quantize it with pychop_jax.quantize_model(model, rules) and "
+                  "serve it with pychop_jax.serve_model.", DeprecationWarning, stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +111,7 @@ def _learned_state(params, spec: QuantSpec, shape) -> QuantState:
 
 def _int_kernel(path, kernel, w_spec, a_spec, *, weight_lsq=None, input_lsq=None,
                 observed=None):
-    """The ``IntKernel`` of one QAT layer, and its ``ServedLayer`` report.
+    """The ``QuantizedKernel`` of one QAT layer, and its ``ServedLayer`` report.
 
     ``weight_lsq`` / ``input_lsq``: the learned step sizes (``{"lsq_scale": ...[,
     "lsq_zero_point": ...]}``) of an ``lsq`` layer's kernel / input; ``observed``: the
@@ -122,11 +131,15 @@ def _int_kernel(path, kernel, w_spec, a_spec, *, weight_lsq=None, input_lsq=None
         source, in_state = "learned", _learned_state(input_lsq, a_spec, (1,))
     elif a_spec is not None and observed is not None and int(observed.count) > 0:
         source, in_state = "observed", observers.quant_state(observed, a_spec)
-    return IntKernel(weights, in_state, a_spec), ServedLayer(path, w_spec, a_spec, lsq, source)
+    return QuantizedKernel(weights, in_state, a_spec), ServedLayer(path, w_spec, a_spec, lsq, source)
 
 
 def to_served(model: nn.Module, variables, *args, **kwargs):
     """Params of the integer-served model, and a report of the layers converted.
+
+    Deprecated: write the model with stock layers, quantize it with
+    ``pychop_jax.quantize_model(model, rules)`` and serve it with
+    ``pychop_jax.serve_model`` (one pipeline for linen, nnx, Equinox and functions).
 
     Args:
       model: a ``flax.linen`` model whose quantized layers are
@@ -138,7 +151,7 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
 
     Returns:
       ``(params, layers)``: the ``params`` collection with each quantized layer's
-      ``kernel`` replaced by an ``IntKernel`` (its ``lsq_*`` / ``input_quant``
+      ``kernel`` replaced by a ``QuantizedKernel`` (its ``lsq_*`` / ``input_quant``
       entries dropped), for the same architecture built from ``IntDense`` /
       ``IntConv``; and a list of ``ServedLayer``.  A layer whose observer saw no data
       gets ``input_state=None``: the served layer calibrates its input per call under
@@ -152,6 +165,7 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
     Raises:
       ValueError: a quantized layer that keeps float weights (``weight_bits=None``).
     """
+    _deprecated('to_served')
     params = variables["params"]
     stats = variables.get("quant_stats", {})
     layers = _quant_layers(model, variables, args, kwargs)
@@ -176,9 +190,11 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
 def to_served_nnx(model):
     """An integer-served copy of a ``flax.nnx`` model, and a report of the layers.
 
+    Deprecated: see ``to_served``.
+
     ``model`` is built from ``pychop_jax.nnx.QuantDense`` / ``QuantConv`` (trained,
     its observers' ranges as they are now).  In the copy (``nnx.clone``; ``model``
-    is left as it is) each such layer's ``kernel`` becomes an ``IntKernel``, exactly
+    is left as it is) each such layer's ``kernel`` becomes a ``QuantizedKernel``, exactly
     as ``to_served`` builds it, its op slot ``int_dot_general`` /
     ``int_conv_general_dilated`` and its ``input_quant`` ``None``: the layer then
     runs as the stock ``nnx.Linear`` / ``nnx.Conv`` it extends, with integer ops.
@@ -190,6 +206,7 @@ def to_served_nnx(model):
     Raises:
       ValueError: a quantized layer that keeps float weights (``weight_bits=None``).
     """
+    _deprecated('to_served_nnx')
     from flax import nnx
 
     from ..flax import nnx as qnnx
