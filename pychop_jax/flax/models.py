@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import warnings
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -65,12 +64,6 @@ def _box_paths(params) -> list[str]:
     """Parameter paths without the ``value`` attribute of boxes (``nn.Partitioned``,
     ``nnx.Variable``): a boxed kernel is named like an unboxed one."""
     return leaf_paths(params, skip=_is_box_key)
-
-
-def _warn_unmatched(report: QuantReport, stacklevel: int = 3) -> None:
-    message = report.warning()
-    if message:
-        warnings.warn(message, stacklevel=stacklevel)
 
 
 # ==== linen ===================================================================================
@@ -125,10 +118,7 @@ class QuantizedModel(VariablesModel):
         """``variables`` (the float model's, e.g. pretrained) with the quantization
         collections added from one sample call: empty observer ranges, LSQ step sizes
         from the given weights and the data."""
-        variables = dict(variables)
-        out = self.init_variables(variables, args, kwargs, method)
-        _warn_unmatched(self.trace(variables, args, kwargs, method)[0].plan.report)
-        return out
+        return self.init_variables(dict(variables), args, kwargs, method)
 
     def apply(self, variables, *args, method=None, mutable=False, **kwargs):
         """``Module.apply`` of the float model with its weights (and inputs)
@@ -351,7 +341,6 @@ def _quantize_equinox(model, rules, args, kwargs, call):
                         "pass the model's inputs after the rules.")
     fn, variables = qmodel.variables(None)
     made = fn.init_variables(variables, args, kwargs)
-    _warn_unmatched(fn.trace(variables, args, kwargs)[0].plan.report, stacklevel=4)
     qmodel = cls(model, made.get(LEARNED, {}), qmodel.rules, call)
     return qmodel, {STATS: made.get(STATS, {})}
 
@@ -425,7 +414,6 @@ def quantize_model(model, rules, *args, call=None, **kwargs):
         qmodel = _nnx_class()(model, rules)
         if args or kwargs:
             qmodel.run(args, kwargs, mode="init")
-            _warn_unmatched(qmodel.report(*args, **kwargs))
         return qmodel
     if is_equinox(model):
         return _quantize_equinox(model, rules, args, kwargs, call)

@@ -131,7 +131,8 @@ def _int_kernel(path, kernel, w_spec, a_spec, *, weight_lsq=None, input_lsq=None
         source, in_state = "learned", _learned_state(input_lsq, a_spec, (1,))
     elif a_spec is not None and observed is not None and int(observed.count) > 0:
         source, in_state = "observed", observers.quant_state(observed, a_spec)
-    return QuantizedKernel(weights, in_state, a_spec), ServedLayer(path, w_spec, a_spec, lsq, source)
+    return (QuantizedKernel(weights, in_state, a_spec),
+            ServedLayer(path, w_spec, a_spec, lsq, source))
 
 
 def to_served(model: nn.Module, variables, *args, **kwargs):

@@ -50,10 +50,12 @@ HIGHER_ORDER = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "c
 @dataclasses.dataclass(frozen=True)
 class Prov:
     """A value that is a view of parameter ``weight``: for each of its axes, the
-    parameter axes it spans."""
+    parameter axes it spans; ``scanned``: the parameter axes enclosing scans slice
+    (the value is one iteration's slice along them)."""
 
     weight: int
     axes: tuple[tuple[int, ...], ...]
+    scanned: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass
@@ -70,6 +72,7 @@ class Site:
       weight: the parameter index (weight and lookup sites).
       operand: which operand is the parameter (0 or 1).
       view: the weight operand's axis map (its axes -> parameter axes).
+      scanned: the parameter axes the enclosing scans slice (a stacked layer axis).
       contracted: the parameter axes the equation contracts.
       stack: lengths of the enclosing scans, outermost first: the site's state is
         stacked along them.
@@ -89,6 +92,7 @@ class Site:
     weight: int | None = None
     operand: int | None = None
     view: tuple = ()
+    scanned: tuple[int, ...] = ()
     contracted: tuple[int, ...] = ()
     stack: tuple[int, ...] = ()
     loop: bool = False
@@ -241,7 +245,7 @@ class _Analysis:
             if name == "optimization_barrier":
                 return list(ins), False
             v = ins[0]
-            prov = Prov(v.prov.weight, views.map_axes(eqn, v.prov.axes))
+            prov = Prov(v.prov.weight, views.map_axes(eqn, v.prov.axes), v.prov.scanned)
             return [dataclasses.replace(v, prov=prov)], False
         if name == "dot_general":
             return self.dot(eqn, path, ins, stack, loop)
@@ -298,7 +302,8 @@ class _Analysis:
         wpath = self.paths[prov.weight]
         return self.add(Site(path, eqn.primitive.name, kind, eqn, module=module_of(wpath),
                              weight=prov.weight, operand=operand, view=prov.axes,
-                             contracted=contracted, stack=stack, loop=loop, input=input_id))
+                             scanned=prov.scanned, contracted=contracted, stack=stack,
+                             loop=loop, input=input_id))
 
     def dot(self, eqn, path, ins, stack, loop):
         (lc, rc), _ = eqn.params["dimension_numbers"]
@@ -369,7 +374,8 @@ class _Analysis:
         elif name == "scan":
             nc, nk, length = p["num_consts"], p["num_carry"], p["length"]
             xs = [v if v.prov is None else dataclasses.replace(
-                v, prov=Prov(v.prov.weight, v.prov.axes[1:])) for v in ins[nc + nk:]]
+                v, prov=Prov(v.prov.weight, v.prov.axes[1:],
+                             v.prov.scanned + v.prov.axes[0])) for v in ins[nc + nk:]]
             settle = lambda c, r: [_strip(_merge(a, b)) for a, b in zip(c, r[:nk], strict=True)]  # noqa: E731
             carry = [_strip(v) for v in ins[nc:nc + nk]]
             res, found = self.loop_body(

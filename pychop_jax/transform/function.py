@@ -22,6 +22,7 @@ parameters and the rest (``split``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -165,7 +166,8 @@ class VariablesModel:
 
     def init_variables(self, variables, args, kwargs, method=None):
         """``variables`` with the quantization collections created from one call: empty
-        observer ranges, LSQ step sizes from the weights and the inputs at hand."""
+        observer ranges, LSQ step sizes from the weights and the inputs at hand.  Warns
+        about rules that take no op."""
         out, scope, traced, learned = self.run(variables, args, kwargs, method=method,
                                                mode="init")
         del out
@@ -177,6 +179,9 @@ class VariablesModel:
             if zero_point is not None:
                 flat[(LEARNED,) + key + ("weight_zero_point",)] = zero_point
         made = _merge(plan.export(scope), nest(flat))
+        message = plan.report.warning()
+        if message:
+            warnings.warn(message, stacklevel=4)
         return {**variables, **made}
 
 

@@ -123,8 +123,9 @@ def site_layout(site: Site, shape) -> tuple[KernelLayout, tuple[int, ...]]:
     if lb:
         raise ValueError("the algorithms do not cover matmuls with batch axes on the weight.")
     seen = {a for axes in site.view for a in axes}
-    stacked = tuple(a for a in range(len(shape)) if a not in seen)
-    if stacked != tuple(range(len(stacked))) or len(stacked) != len(site.stack) or site.loop:
+    stacked = tuple(sorted(site.scanned))
+    unseen = tuple(a for a in range(len(shape)) if a not in seen)
+    if unseen != stacked or stacked != tuple(range(len(stacked))) or site.loop:
         raise ValueError("the weight reaches its matmul through indexing the algorithms do "
                          "not follow (only the per-layer slice of a scanned stack is).")
     slice_axis = {a: a - len(stacked) for a in seen}
