@@ -3,10 +3,12 @@
     python benchmarks/bench_decode_matmul.py [--repeats 12] [--rows 1,8,16,128]
                                              [--shapes 2048x8192,8192x2048]
 
-Prints the CPU (model, cores, vector / int8 instructions), then the machine's
-weight-stream bandwidth: a float32 matrix-vector product over a matrix far larger than
-the caches, GB/s = its bytes / median time.  Then, per weight shape ``K x N`` and rows
-``M`` of ``x``, jitted and timed interleaved (``benchmarks/_timing.py``, medians):
+Prints the CPU (model, cores, vector / int8 instructions), then, per weight shape
+``K x N`` and rows ``M`` of ``x``, jitted and timed interleaved
+(``benchmarks/_timing.py``, medians), together with a probe of the machine's
+weight-stream bandwidth (a float32 matrix-vector product over a 256 MiB matrix, GB/s
+= its bytes / median time; timed in the same rounds, so a shared machine's load hits
+it and the variants alike):
 
 * ``fp32 dot``, ``bf16 dot`` (context): ``x @ W`` with W stored in that dtype;
 * int8 weight-only per column, int4 per group of 128 (packed two codes per byte,
@@ -16,9 +18,14 @@ the caches, GB/s = its bytes / median time.  Then, per weight shape ``K x N`` an
 * w8a8: int8 x int8 -> int32, ``plain`` = ``lax.dot_general``, ``ours`` =
   ``xla_cpu.int8_matmul`` (the activation's quantization is not included).
 
+``--sweep`` instead times each formulation ``xla_cpu`` chooses between (the custom call,
+the K-chunked loop, one dot; for w8a8 the custom call and XLA's dot) at every M of
+``--rows``: the measurement behind ``WEIGHT_ONLY_MAX_ROWS``, ``CHUNKED_MAX_ROWS`` and
+``INT8_MAX_ROWS`` (re-run it on another CPU before trusting them there).
+
 Columns: median ms; ``vs fp32`` = fp32 dot time / this time at the same M; ``roof``
 = (bytes this variant must read: weights, scales, x, output) / bandwidth, divided by
-its time: the fraction of the memory-bandwidth roof it reaches.  Weights rotate
+its time: the fraction of the memory-bandwidth roof it reaches; ``GB/s``: the probe.  Weights rotate
 through copies that together exceed the last-level cache, as successive layers would.
 """
 
@@ -74,15 +81,13 @@ def copies(nbytes: int) -> int:
     return max(2, -(-ROTATE_BYTES // nbytes))
 
 
-def bandwidth(repeats: int) -> float:
-    """GB/s of a float32 matrix-vector product over a 256 MiB matrix."""
+def stream_probe():
+    """(callable, bytes): a float32 matrix-vector product over a 256 MiB matrix."""
     K, N = 8192, 8192
     w = jax.random.normal(jax.random.key(0), (K, N), jnp.float32)
     x = jax.random.normal(jax.random.key(1), (1, K), jnp.float32)
     f = jax.jit(lambda x, w: jnp.dot(x, w, precision=HIGHEST))
-    t = interleaved_medians({"gemv": lambda: f(x, w)}, repeats=repeats,
-                            sync=jax.block_until_ready)["gemv"]
-    return K * N * 4 / t / 1e9
+    return (lambda: f(x, w)), K * N * 4
 
 
 def variants(K: int, N: int, M: int, rng):
@@ -161,38 +166,84 @@ def check(K, N, rng):
                           a.astype(np.int64) @ q.astype(np.int64)), "w8a8"
 
 
+def sweep_variants(K: int, N: int, M: int, rng):
+    """name -> (callable, bytes read): each formulation of ``xla_cpu`` on its own."""
+    x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    a8 = jnp.asarray(rng.integers(-127, 128, (M, K)), jnp.int8)
+    io = M * K * 4 + M * N * 4
+    w32 = [(jnp.asarray(rng.standard_normal((K, N)), jnp.float32),)
+           for _ in range(copies(K * N * 4))]
+    out = {"fp32 dot": (Rotating(lambda x, w: jnp.dot(x, w, precision=HIGHEST), x, w32),
+                        K * N * 4 + io)}
+    q8 = [jnp.asarray(rng.integers(-127, 128, (K, N)), jnp.int8) for _ in range(copies(K * N))]
+    p4 = [jnp.asarray(rng.integers(0, 256, (K, N // 2)), jnp.uint8)
+          for _ in range(copies(K * N // 2))]
+    s8 = jnp.asarray(rng.random((1, N)) + 0.5, jnp.float32)
+    s4 = jnp.asarray(rng.random((K // GROUP, N)) + 0.5, jnp.float32)
+
+    def path(name, **kw):
+        def f(x, codes, scale):
+            w = xla_cpu._WeightOnly.of(x, codes, scale, None, k_axis=0, n=None, **kw)
+            if name == "custom call":
+                return xla_cpu._wo_kernel(w, isa=1)
+            kc = xla_cpu._chunk_rows(w)
+            return xla_cpu._wo_chunked(w, kc) if name == "K-chunked loop" else xla_cpu._wo_plain(w)
+        return f
+
+    for grid, weights, scale, b, kw in (
+            ("int8", q8, s8, K * N + N * 4 + io, dict(group_size=None, bits=8, packed=False,
+                                                       qmin=None)),
+            ("int4 g128", p4, s4, K * N // 2 + (K // GROUP) * N * 4 + io,
+             dict(group_size=GROUP, bits=4, packed=True, qmin=-8))):
+        for name in ("one dot", "K-chunked loop", "custom call"):
+            out[f"{grid} (K,N) {name}"] = (Rotating(path(name, **kw), x,
+                                                    [(w, scale) for w in weights]), b)
+    bi = K * N + M * K + M * N * 4
+    out["w8a8 (K,N) XLA dot"] = (Rotating(lambda a, b: xla_cpu._int8_plain(a, b, 0), a8,
+                                          [(q,) for q in q8]), bi)
+    out["w8a8 (K,N) custom call"] = (Rotating(lambda a, b: xla_cpu._int8_kernel(a, b, 0, 1),
+                                              a8, [(q,) for q in q8]), bi)
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--rows", default="1,8,16,128")
     parser.add_argument("--shapes", default="2048x8192,8192x2048")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time each formulation on its own (the thresholds)")
     args = parser.parse_args()
     print(cpu_info())
     print(cpu_flags())
     kernels = xla_cpu.decode_kernels_available()
     print(f"jax {jax.__version__} ({jax.default_backend()}); decoding custom call: "
           f"{'built' if kernels else 'NOT built (pure XLA)'}; thresholds: custom call "
-          f"M <= {xla_cpu.WEIGHT_ONLY_MAX_ROWS} (w-only) / {xla_cpu.INT8_MAX_ROWS} (w8a8), "
+          f"M <= {xla_cpu.WEIGHT_ONLY_MAX_ROWS} (w-only) / {xla_cpu.INT8_MAX_ROWS} (w8a8; "
+          f"{xla_cpu.INT8_MAX_ROWS_SMALL} under {xla_cpu.INT8_LARGE_WEIGHTS} codes), "
           f"K-chunked loop M <= {xla_cpu.CHUNKED_MAX_ROWS}")
-    gbs = bandwidth(args.repeats)
-    print(f"weight-stream bandwidth (float32 8192x8192 matrix-vector product): {gbs:.1f} GB/s")
+    probe, probe_bytes = stream_probe()
     rng = np.random.default_rng(0)
     rows = [int(m) for m in args.rows.split(",")]
-    print(f"| {'K x N':<11} | {'M':>4} | {'variant':<28} | {'ms (med)':>9} | {'vs fp32':>7} "
-          f"| {'roof':>5} |")
-    print(f"|{'-' * 13}|{'-' * 6}|{'-' * 30}|{'-' * 11}|{'-' * 9}|{'-' * 7}|")
+    print(f"| {'K x N':<11} | {'M':>4} | {'variant':<30} | {'ms (med)':>9} | {'vs fp32':>7} "
+          f"| {'roof':>5} | {'GB/s':>5} |")
+    print(f"|{'-' * 13}|{'-' * 6}|{'-' * 32}|{'-' * 11}|{'-' * 9}|{'-' * 7}|{'-' * 7}|")
     for shape in args.shapes.split(","):
         K, N = (int(d) for d in shape.split("x"))
         check(K, N, rng)
         for M in rows:
-            fns = variants(K, N, M, rng)
-            t = interleaved_medians({k: f for k, (f, _) in fns.items()}, repeats=args.repeats,
-                                    sync=jax.block_until_ready)
+            if args.sweep and not kernels:
+                raise SystemExit("--sweep needs the custom call (python setup.py build_ext "
+                                 "--inplace)")
+            fns = (sweep_variants if args.sweep else variants)(K, N, M, rng)
+            t = interleaved_medians({"probe": probe, **{k: f for k, (f, _) in fns.items()}},
+                                    repeats=args.repeats, sync=jax.block_until_ready)
+            gbs = probe_bytes / t["probe"] / 1e9
             base = t["fp32 dot"]
             for name, (_, nbytes) in fns.items():
                 roof = nbytes / (gbs * 1e9) / t[name]
-                print(f"| {shape:<11} | {M:>4} | {name:<28} | {t[name] * 1e3:9.3f} "
-                      f"| {base / t[name]:6.2f}x | {roof:5.0%} |", flush=True)
+                print(f"| {shape:<11} | {M:>4} | {name:<30} | {t[name] * 1e3:9.3f} "
+                      f"| {base / t[name]:6.2f}x | {roof:5.0%} | {gbs:5.1f} |", flush=True)
             del fns
 
 

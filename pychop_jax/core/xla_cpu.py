@@ -49,6 +49,8 @@ __all__ = [
     "jit_by_size",
     "WEIGHT_ONLY_MAX_ROWS",
     "INT8_MAX_ROWS",
+    "INT8_MAX_ROWS_SMALL",
+    "INT8_LARGE_WEIGHTS",
     "KERNEL_MIN_WEIGHTS",
     "CHUNKED_MAX_ROWS",
     "WEIGHT_ONLY_CHUNK",
@@ -203,8 +205,12 @@ def jit_by_size(fun, static_argnames):
 # -- small-row matmuls (decoding) --------------------------------------------------------
 #: ``weight_only_matmul`` takes the custom call up to this many rows of ``x``
 WEIGHT_ONLY_MAX_ROWS = 32
-#: ``int8_matmul`` takes the custom call up to this many rows of ``a``
+#: ``int8_matmul`` takes the custom call up to this many rows of ``a`` ...
 INT8_MAX_ROWS = 8
+#: ... or this many for weights under ``INT8_LARGE_WEIGHTS`` codes (XLA's int8 dot was
+#: as fast or faster at 8 rows there)
+INT8_MAX_ROWS_SMALL = 4
+INT8_LARGE_WEIGHTS = 1 << 20
 #: ... and only for weights of at least this many codes (K * N)
 KERNEL_MIN_WEIGHTS = 1 << 16
 #: otherwise, up to this many rows, the weights are dequantized in chunks of
@@ -529,10 +535,11 @@ def int8_matmul(a, b, *, b_k_axis: int = 0):
     small M on CPU.
 
     ``out[m, j] = sum_k a[m, k] * b[k, j]`` in int32.  On XLA:CPU, with the custom call
-    built, ``M <= INT8_MAX_ROWS`` and at least ``KERNEL_MIN_WEIGHTS`` codes in ``b``,
-    the custom call (XLA's int8 dot converts the whole of ``b`` to int32 first at one
-    row); otherwise, and on every other platform, ``lax.dot_general`` with int32
-    accumulation.  Bit for bit the same.
+    built, at least ``KERNEL_MIN_WEIGHTS`` codes in ``b`` and ``M <= INT8_MAX_ROWS``
+    (``INT8_MAX_ROWS_SMALL`` under ``INT8_LARGE_WEIGHTS`` codes), the custom call (XLA's
+    int8 dot converts the whole of ``b`` to int32 first at one row); otherwise, and on
+    every other platform, ``lax.dot_general`` with int32 accumulation.  Bit for bit the
+    same.
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
     if a.dtype != jnp.int8 or b.dtype != jnp.int8:
@@ -541,7 +548,7 @@ def int8_matmul(a, b, *, b_k_axis: int = 0):
         raise ValueError(f"int8_matmul: shapes {a.shape} and {b.shape} do not contract with "
                          f"b_k_axis={b_k_axis}.")
     plain = lambda: _int8_plain(a, b, b_k_axis)  # noqa: E731
-    if (a.shape[0] <= INT8_MAX_ROWS and b.size >= KERNEL_MIN_WEIGHTS
-            and decode_kernels_available()):
+    rows = INT8_MAX_ROWS if b.size >= INT8_LARGE_WEIGHTS else INT8_MAX_ROWS_SMALL
+    if a.shape[0] <= rows and b.size >= KERNEL_MIN_WEIGHTS and decode_kernels_available():
         return _on_cpu(lambda: _int8_kernel(a, b, b_k_axis, isa=1), plain)
     return plain()

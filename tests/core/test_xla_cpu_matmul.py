@@ -295,12 +295,16 @@ def test_int8_wraps_like_xla(b_k_axis):
 
 @needs_kernel
 @pytest.mark.parametrize("b_k_axis", [0, 1])
-def test_int8_rows_threshold(b_k_axis, monkeypatch):
+@pytest.mark.parametrize("large", [False, True])
+def test_int8_rows_threshold(b_k_axis, large, monkeypatch):
+    """INT8_MAX_ROWS rows for large weights, INT8_MAX_ROWS_SMALL below
+    INT8_LARGE_WEIGHTS codes; XLA's dot above; same integers."""
     monkeypatch.setattr(xla_cpu, "KERNEL_MIN_WEIGHTS", 1)
+    monkeypatch.setattr(xla_cpu, "INT8_LARGE_WEIGHTS", 64 * 96 if large else 64 * 96 + 1)
     rng = np.random.default_rng(6)
     b = rng.integers(-128, 128, (64, 96)).astype(np.int8)  # (K, N)
     stored = b if b_k_axis == 0 else np.ascontiguousarray(b.T)
-    rows = xla_cpu.INT8_MAX_ROWS
+    rows = xla_cpu.INT8_MAX_ROWS if large else xla_cpu.INT8_MAX_ROWS_SMALL
     for M, custom in [(rows, True), (rows + 1, False)]:
         a = rng.integers(-128, 128, (M, 64)).astype(np.int8)
         f = lambda a, b: xla_cpu.int8_matmul(a, b, b_k_axis=b_k_axis)  # noqa: E731
