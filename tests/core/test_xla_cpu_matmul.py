@@ -311,3 +311,22 @@ def test_int8_rows_threshold(b_k_axis, large, monkeypatch):
         assert ("pychop_int8_matmul" in _lowered(f, a, stored)) == custom
         want = a.astype(np.int64) @ b.astype(np.int64)
         np.testing.assert_array_equal(np.asarray(jax.jit(f)(a, stored)), want)
+
+
+@needs_kernel
+def test_concurrent_custom_calls_complete():
+    """Independent custom calls in one program (XLA may run them at once on its pool,
+    each scheduling chunks on the same pool) finish, with the right values."""
+    rng = np.random.default_rng(7)
+    xs = [rng.standard_normal((1, 512)).astype(np.float32) for _ in range(6)]
+    codes = rng.integers(-128, 128, (512, 1024)).astype(np.int8)
+    s = np.ones((1, 1024), np.float32)
+
+    @jax.jit
+    def many(xs, codes, s):
+        return [xla_cpu.weight_only_matmul(x, codes, s) for x in xs]
+
+    want = [x.astype(np.float64) @ codes for x in xs]
+    for _ in range(20):
+        for got, ref in zip(many(xs, codes, s), want, strict=True):
+            np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-3)
