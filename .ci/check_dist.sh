@@ -31,5 +31,12 @@ jax.jit(pj.fake_quant)(x, state)
 pychop.backend("numpy")
 ch = pychop.Chopi(num_bits=8)
 np.testing.assert_array_equal(ch.quantize(np.asarray(x)), np.asarray(q))
-print("wheel smoke test passed:", pj.__version__)
+from pychop_jax.core import xla_cpu  # the optional decoding custom call (setup.py)
+codes = np.asarray(jax.random.randint(jax.random.key(1), (512, 256), -127, 128), np.int8)
+y = jax.jit(xla_cpu.weight_only_matmul)(x[:1], codes, np.ones((1, 256), np.float32))
+x1 = np.asarray(x[:1], np.float64)  # float rounding relative to sum |x| |codes|
+np.testing.assert_allclose(np.asarray(y), x1 @ codes, rtol=1e-5,
+                           atol=1e-5 * float(np.max(np.abs(x1) @ np.abs(codes))))
+print("wheel smoke test passed:", pj.__version__, "; decoding custom call",
+      "built" if xla_cpu.decode_kernels_available() else "NOT built (pure XLA)")
 PY
