@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..core import numerics
+from ..core import numerics, xla_cpu
 from ..core.qarray import QuantizedArray
 from ..core.spec import QuantSpec
 from ..core.state import QuantState
@@ -354,8 +354,7 @@ def _product_and_rhs_sums(cl, cr, dimension_numbers, with_sums: bool, rows: int 
     (``docs/performance.md``).
     """
     (lc, rc), (lb, rb) = dimension_numbers
-    product = functools.partial(lax.dot_general, dimension_numbers=dimension_numbers,
-                                preferred_element_type=jnp.int32)
+    product = functools.partial(_int_product, dimension_numbers=dimension_numbers)
     free = [d for d in range(cl.ndim) if d not in lc and d not in lb]
     if not with_sums:
         return product(cl, cr), None
@@ -371,6 +370,18 @@ def _product_and_rhs_sums(cl, cr, dimension_numbers, with_sums: bool, rows: int 
     out = product(jnp.concatenate([cl, ones], axis=f), cr)
     pos = len(lb) + free.index(f)  # where the lhs axis f lands in the output
     return lax.slice_in_dim(out, 0, n, axis=pos), lax.slice_in_dim(out, n, n + 1, axis=pos)
+
+
+def _int_product(cl, cr, dimension_numbers):
+    """``dot_general(cl, cr)`` of int8 codes in int32: a matrix product (one contracted
+    axis, no batch axes, a 2-D rhs) through ``xla_cpu.int8_matmul``, fast at few rows
+    (XLA's own int8 dot converts the whole rhs first at one row); else XLA's."""
+    (lc, rc), (lb, _) = dimension_numbers
+    if len(lc) == 1 and not lb and cr.ndim == 2:
+        xm = jnp.moveaxis(cl, lc[0], -1)
+        y = xla_cpu.int8_matmul(jnp.reshape(xm, (-1, xm.shape[-1])), cr, b_k_axis=rc[0])
+        return jnp.reshape(y, xm.shape[:-1] + y.shape[-1:])
+    return lax.dot_general(cl, cr, dimension_numbers, preferred_element_type=jnp.int32)
 
 
 def _broadcast_axes(a, axes, full_shape):

@@ -12,8 +12,10 @@ packed last axis) and their scales (``views.apply_to_companion``).
 ``served_dot_general`` / ``served_conv_general_dilated`` / ``served_gather`` decide,
 per site, from the weight's and the input quantizer's formats:
 
-* **weight only** (no input quantizer): the weight dequantized inside the jitted
-  computation, then the float op;
+* **weight only** (no input quantizer): integer codes of a matrix product (one
+  contracted axis, no batch axes) go to ``xla_cpu.weight_only_matmul``, which at few
+  rows reads each code once instead of writing a dequantized copy (decoding); otherwise,
+  and for float-format codes, the weight is dequantized inside the jitted computation;
 * **integer path** (``int_matmul.int_dot_general``, int8 x int8 -> int32, scales and
   zero points after): integer grids of at most 8 bits on both sides, a per-tensor input
   quantizer and weight scales constant along the contracted axes;
@@ -37,6 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..core import xla_cpu
 from ..core.ops import calibrate, fake_quant
 from ..core.qarray import QuantizedArray, storage_state
 from ..core.spec import QuantSpec
@@ -291,7 +294,25 @@ def _float_codes_ready(x: InputQuant, qa: QuantizedArray) -> bool:
 
 
 def _weight_only(x, qa: QuantizedArray, dn, out_dtype):
-    """``dot_general(x, dequantize(qa), dn)`` of a float input and a served weight."""
+    """``dot_general(x, dequantize(qa), dn)`` of a float input and a served weight: a
+    matrix product of integer codes (one contracted axis, no batch axes, scales per
+    column or per group along the contraction) goes to ``xla_cpu.weight_only_matmul``,
+    which reads the codes once at few rows; the rest dequantizes, then multiplies."""
+    (lc, rc), (lb, _) = dn
+    spec = qa.spec
+    if (is_integer_format(spec) and spec.bits <= 8 and qa.ndim == 2 and len(rc) == 1
+            and not lb and len(lc) == 1):
+        k_axis = rc[0]
+        state = qa.compute_state()
+        grouped = spec.group_size is not None and spec.resolve_axis(2) == k_axis
+        if grouped or state.scale.shape[k_axis] == 1:
+            xm = jnp.moveaxis(x, lc[0], -1)
+            y = xla_cpu.weight_only_matmul(
+                jnp.reshape(xm, (-1, xm.shape[-1])), qa.codes, state.scale,
+                None if spec.symmetric else state.zero_point, k_axis=k_axis,
+                group_size=spec.group_size if grouped else None, bits=spec.bits,
+                packed=qa.packed, n=qa.shape[-1], out_dtype=jnp.float32, qmin=spec.qmin)
+            return jnp.reshape(y, xm.shape[:-1] + y.shape[-1:]).astype(out_dtype)
     return lax.dot_general(x, qa.dequantize(jnp.float32).astype(x.dtype), dn,
                            preferred_element_type=jnp.float32).astype(out_dtype)
 

@@ -173,7 +173,7 @@ def test_int_kernel_carries_the_input_state_into_flax_layers():
                    promote_dtype=pj.promote_dtype)
     params = nn.Conv(4, (3, 3)).init(jax.random.key(12), x)["params"]
     state = pj.calibrate(x, pj.QuantSpec(8))
-    kernel = pj.IntKernel(pj.QuantizedArray.quantize(params["kernel"],
+    kernel = pj.QuantizedKernel(pj.QuantizedArray.quantize(params["kernel"],
                                                      pj.QuantSpec(8, True, axis=3)), state)
     y = jax.jit(conv.apply)({"params": {**params, "kernel": kernel}}, x)
     xq = pj.QuantizedArray.quantize(x, None, state=state)
