@@ -58,6 +58,7 @@ Both take int tokens ``(batch, seq)`` with ``seq <= max_len`` and return float32
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import os
 import sysconfig
@@ -191,16 +192,58 @@ def tree_bytes(tree) -> int:
 
 
 # -- flax.linen ---------------------------------------------------------------------------------
+class CachedAttention(nn.Module):
+    """``nn.MultiHeadDotProductAttention``'s projections and parameters (``query`` /
+    ``key`` / ``value`` / ``out`` ``DenseGeneral`` s) with a KV cache for decoding: the
+    keys and values of every position seen so far live in the ``cache`` collection
+    (``cached_key`` / ``cached_value``, ``(batch, max_len, heads, head_dim)``, and
+    ``cache_index``), written with ``lax.dynamic_update_slice`` for any number of new
+    tokens -- the whole prompt at once (prefill), then one token a step.  Each new
+    query attends to every cached position up to its own."""
+
+    num_heads: int
+    features: int
+    max_len: int
+
+    @nn.compact
+    def __call__(self, x):
+        batch, new, _ = x.shape
+        head_dim = self.features // self.num_heads
+        dense = functools.partial(nn.DenseGeneral, features=(self.num_heads, head_dim),
+                                  axis=-1)
+        q, k, v = dense(name="query")(x), dense(name="key")(x), dense(name="value")(x)
+        shape = (batch, self.max_len, self.num_heads, head_dim)
+        cached_key = self.variable("cache", "cached_key", jnp.zeros, shape, k.dtype)
+        cached_value = self.variable("cache", "cached_value", jnp.zeros, shape, v.dtype)
+        index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+        start = index.value
+        at = (0, start, 0, 0)
+        keys = jax.lax.dynamic_update_slice(cached_key.value, k, at)
+        values = jax.lax.dynamic_update_slice(cached_value.value, v, at)
+        cached_key.value, cached_value.value = keys, values
+        index.value = start + new
+        visible = jnp.arange(self.max_len)[None, :] <= (start + jnp.arange(new))[:, None]
+        q = q / jnp.sqrt(head_dim).astype(q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys)
+        logits = jnp.where(visible[None, None], logits, jnp.finfo(logits.dtype).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, values)
+        return nn.DenseGeneral(self.features, axis=(-2, -1), name="out")(out)
+
+
 class Block(nn.Module):
     config: Config
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask, decode: bool = False):
         c = self.config
         h = nn.LayerNorm(name="ln_1")(x)
-        h = nn.MultiHeadDotProductAttention(
-            num_heads=c.num_heads, qkv_features=c.d_model, out_features=c.d_model,
-            deterministic=True, name="attn")(h, mask=mask)
+        if decode:
+            h = CachedAttention(c.num_heads, c.d_model, c.max_len, name="attn")(h)
+        else:
+            h = nn.MultiHeadDotProductAttention(
+                num_heads=c.num_heads, qkv_features=c.d_model, out_features=c.d_model,
+                deterministic=True, name="attn")(h, mask=mask)
         x = x + h
         h = nn.LayerNorm(name="ln_2")(x)
         h = nn.Dense(c.mlp_ratio * c.d_model, name="mlp_in")(h)
@@ -210,21 +253,40 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
+    """Logits ``(batch, seq, vocab)`` of int tokens ``(batch, seq)``.
+
+    ``decode=True`` continues from the ``cache`` collection (``init_cache``): the
+    tokens are the next ``seq`` positions (a prompt, then one token a step), the cache
+    comes back updated (``apply(..., mutable=["cache"])``)."""
+
     config: Config
 
     @nn.compact
-    def __call__(self, tokens):
+    def __call__(self, tokens, decode: bool = False):
         c = self.config
         seq = tokens.shape[-1]
         if seq > c.max_len:
             raise ValueError(f"sequence length {seq} > max_len {c.max_len}")
+        positions = jnp.arange(seq)
+        if decode:
+            start = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+            positions = positions + start.value
+            start.value = start.value + seq
         x = nn.Embed(c.vocab, c.d_model, name="tok_embed")(tokens)
-        x = x + nn.Embed(c.max_len, c.d_model, name="pos_embed")(jnp.arange(seq))
-        mask = nn.make_causal_mask(tokens)
+        x = x + nn.Embed(c.max_len, c.d_model, name="pos_embed")(positions)
+        mask = None if decode else nn.make_causal_mask(tokens)
         for i in range(c.num_layers):
-            x = Block(c, name=f"blocks_{i}")(x, mask)
+            x = Block(c, name=f"blocks_{i}")(x, mask, decode)
         x = nn.LayerNorm(name="ln_f")(x)
         return nn.Dense(c.vocab, name="head")(x)
+
+
+def init_cache(model: TransformerLM, batch: int):
+    """An empty KV cache (``model``'s ``cache`` collection) for ``batch`` sequences of
+    up to ``max_len`` tokens: zeros, made without running the model."""
+    tokens = jnp.zeros((batch, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), tokens, decode=True))
+    return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
 
 
 def init_linen(config: Config, seed: int = 0):

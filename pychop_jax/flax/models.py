@@ -87,6 +87,11 @@ class QuantizedModel(VariablesModel):
     def paths(self, params) -> list[str]:
         return _box_paths(params)
 
+    def state_paths(self, others) -> list[str]:
+        """Without the collection's name: ``cache/blocks_0/attn/cached_key`` is the
+        variable ``cached_key`` of module ``blocks_0/attn``."""
+        return [p.split("/", 1)[-1] for p in super().state_paths(others)]
+
     def own_collections(self, mutable):
         if mutable is True:
             return True
@@ -161,6 +166,9 @@ class _NnxFunction(VariablesModel):
 
     def paths(self, params) -> list[str]:
         return _box_paths(params)
+
+    def state_paths(self, others) -> list[str]:
+        return [p.split("/", 1)[-1] for p in super().state_paths(others)]
 
     def function(self, method, static):
         nnx = _nnx_types()[0]

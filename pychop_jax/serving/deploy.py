@@ -33,6 +33,7 @@ weight cannot be served (an integer product needs integer weights): ``ValueError
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -94,11 +95,44 @@ class Serve(Handler):
     def scan_parts(self, twin):
         return served_ops.scan_parts(twin)
 
+    def state(self, index, value):
+        spec = self.plan.caches.get(index)
+        name = self.plan.graph.state_paths.get(index)
+        if spec is None:
+            if isinstance(value, QuantizedArray):
+                raise ValueError(
+                    f"serve_model: the cache {name!r} holds {value.spec.dtype or value.spec.bits}"
+                    "-bit codes, but these rules keep it float: build the cache for this "
+                    "model (a float cache, e.g. from the model's init).")
+            return None
+        if isinstance(value, QuantizedArray):
+            if dataclasses.replace(value.spec, axis=spec.axis) != spec or \
+                    value.spec.axis != spec.axis:
+                raise ValueError(
+                    f"serve_model: the cache {name!r} holds {value.spec} codes, but the rules "
+                    f"write {spec}: build the cache for this rule set (a float cache is "
+                    "quantized on the first call).")
+            return ServedWeight(value, None, None, jnp.float32)
+        return ServedWeight(QuantizedArray.quantize(value, spec, pack="auto"), None, None,
+                            jnp.result_type(value))
+
+    def output(self, carrier):
+        return served_ops.materialize(carrier.twin).qa
+
     def site(self, site, eqn, ins, scope):
         sp = self.plan.site(site)
         state = scope.get(site.callpath, {})
+        if site.kind == "cache":
+            cache = ins[0]
+            if not isinstance(cache, Carrier):
+                return _bind(eqn, ins)
+            spec = self.plan.cache_spec(site)
+            update = QuantizedArray.quantize(ins[1], spec, pack=cache.twin.qa.packed)
+            new = served_ops.write(served_ops.materialize(cache.twin).qa, update, ins[2:])
+            return [Carrier(None, dataclasses.replace(cache.twin, qa=new))]
         if site.kind == "product":
-            ins = list(ins)
+            ins = [served_ops.dequantize(v.twin) if isinstance(v, Carrier) else v
+                   for v in ins]
             if sp is not None:
                 for i, name in enumerate(("lhs", "rhs")):
                     ins[i] = InputQuant(sp.act, state.get(name)).fake_quant(ins[i])
@@ -257,22 +291,25 @@ def _name(path) -> str:
 # -- served models ------------------------------------------------------------------------
 class ServedFunction:
     """A served linen model or function: ``served_fn(served_vars, *args, **kwargs)``
-    (linen: ``method=``, ``rngs=`` too)."""
+    (linen: ``method=``, ``rngs=`` and ``mutable=`` too: ``served_fn(served_vars,
+    tokens, decode=True, mutable=["cache"])`` returns ``(logits, {"cache": ...})`` with
+    the KV cache updated -- codes and scales where a rule's ``kv_cache`` quantizes it)."""
 
     def __init__(self, model: VariablesModel, dtypes: dict):
         self.model, self.dtypes = model, dict(dtypes)
 
-    def __call__(self, served_vars, *args, method=None, **kwargs):
+    def __call__(self, served_vars, *args, method=None, mutable=False, **kwargs):
         params = served_vars["params"]
         others = {k: v for k, v in served_vars.items() if k not in ("params", INPUTS)}
         avals = _float_avals(params, self.dtypes)
         float_vars = {"params": avals, **others}
-        traced, arrays = self.model.trace(float_vars, args, kwargs, method)
-        handler = Serve(traced.plan)
-        dynamic = arrays
-        out, _ = Traces.run(traced, handler, params, dynamic,
+        traced, arrays = self.model.trace(float_vars, args, kwargs, method,
+                                          self.model.own_collections(mutable))
+        out, _ = Traces.run(traced, Serve(traced.plan), params, arrays,
                             _import_inputs(traced.plan, served_vars))
-        return out
+        if mutable is False:
+            return out
+        return out if self.model.own_collections(mutable) else (out, {})
 
 
 def _dtypes(plan: Plan) -> dict:
@@ -280,7 +317,8 @@ def _dtypes(plan: Plan) -> dict:
 
 
 def _serve_variables_model(qmodel: VariablesModel, variables, args, kwargs, method=None):
-    traced, _ = qmodel.trace(variables, args, kwargs, method)
+    mutable = kwargs.pop("mutable", False)
+    traced, _ = qmodel.trace(variables, args, kwargs, method, qmodel.own_collections(mutable))
     plan = traced.plan
     served = served_variables(plan, variables)
     params, others = qmodel.split(variables)

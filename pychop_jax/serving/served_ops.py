@@ -48,7 +48,7 @@ from .float_matmul import float_dot_general
 from .int_matmul import int_conv_general_dilated, int_dot_general, is_integer_format
 
 __all__ = ["ServedWeight", "InputQuant", "view", "dequantize", "served_dot_general",
-           "served_conv_general_dilated", "served_gather", "scan_parts", "respec"]
+           "served_conv_general_dilated", "served_gather", "scan_parts", "respec", "write"]
 
 
 @jax.tree_util.register_dataclass
@@ -248,6 +248,24 @@ def scan_parts(w: ServedWeight):
                             factor, None, w.dtype)
 
     return parts, rebuild
+
+
+def write(cache: QuantizedArray, update: QuantizedArray, indices) -> QuantizedArray:
+    """``dynamic_update_slice`` of a quantized cache: ``update``'s codes, scales and zero
+    points written at ``indices`` (a state array constant along an axis -- size 1 there
+    -- is left as it is; a symmetric grid's zero point is)."""
+    def put(a, b):
+        if jnp.shape(a) == jnp.shape(b) and all(n == 1 for n in jnp.shape(a)):
+            return a
+        at = [i if n > 1 else 0 for i, n in zip(indices, jnp.shape(a), strict=True)]
+        return lax.dynamic_update_slice(a, b.astype(a.dtype), at)
+
+    if cache.packed != update.packed:
+        cache, update = cache.unpack(), update.unpack()
+    state = dataclasses.replace(cache.state, scale=put(cache.state.scale, update.state.scale),
+                                zero_point=put(cache.state.zero_point,
+                                               update.state.zero_point))
+    return dataclasses.replace(cache, codes=put(cache.codes, update.codes), state=state)
 
 
 # -- matmuls ----------------------------------------------------------------------------------

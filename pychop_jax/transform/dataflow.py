@@ -20,6 +20,9 @@ Sites, by kind:
   ``probs v``).  Its module is the longest common module path of the weight sites
   whose outputs reach its operands (``q`` from ``attn/query``, ``k`` from ``attn/key``:
   ``attn``);
+* ``"cache"``: a ``dynamic_update_slice`` into a model-state input (a collection the
+  model writes, e.g. linen's ``cache``) -- a KV cache, whose contents the attention
+  products then read; a rule's ``kv_cache`` quantizes what is written;
 * ``"float"``: a matmul that stays float whatever the rules say, with the reason (both
   operands are parameters; a parameter reaches it through an operation that computes
   with it; it sits inside a primitive the transform does not enter).
@@ -51,11 +54,14 @@ HIGHER_ORDER = ("jit", "pjit", "closed_call", "core_call", "remat", "remat2", "c
 class Prov:
     """A value that is a view of parameter ``weight``: for each of its axes, the
     parameter axes it spans; ``scanned``: the parameter axes enclosing scans slice
-    (the value is one iteration's slice along them)."""
+    (the value is one iteration's slice along them); ``indexed``: the callpath of the
+    first ``gather`` / ``dynamic_slice`` with computed indices on the way (``w[i]`` or
+    ``table[ids]``: which of the two, its use tells)."""
 
     weight: int
     axes: tuple[tuple[int, ...], ...]
     scanned: tuple[int, ...] = ()
+    indexed: tuple | None = None
 
 
 @dataclasses.dataclass
@@ -82,6 +88,8 @@ class Site:
         share it), or ``None``.
       index: position among the matmul sites of the same weight (its ``n``-th matmul
         use; lookups count apart) or among the products of the same module.
+      state: a cache site's model-state input (its position among the inputs).
+      cached: the operands of a product that read a written cache.
     """
 
     callpath: tuple
@@ -99,6 +107,8 @@ class Site:
     reason: str = ""
     input: Any = None
     index: int = 0
+    state: int | None = None
+    cached: tuple[int, ...] = ()
 
     @property
     def shapes(self) -> tuple:
@@ -150,6 +160,8 @@ class Graph:
     sites: list[Site]
     weights: dict[int, Weight]
     active: frozenset
+    state_paths: dict = dataclasses.field(default_factory=dict)
+    cache_outputs: dict = dataclasses.field(default_factory=dict)
 
     def site_at(self, callpath) -> Site | None:
         return self._by_path.get(callpath)
@@ -159,6 +171,10 @@ class Graph:
 
     def weight_sites(self):
         return [s for s in self.sites if s.kind in ("weight", "lookup")]
+
+    def cache_sites(self) -> list[Site]:
+        """The writes into caches whose contents some matmul reads."""
+        return [s for s in self.sites if s.kind == "cache"]
 
 
 def module_of(path: str) -> str:
@@ -207,6 +223,8 @@ class _Val:
     derived: frozenset = frozenset()
     via: str = ""
     data: bool = False
+    state: int | None = None  # a view of model-state input ``state`` (a cache, unwritten)
+    cache: int | None = None  # that state after a write into it (a KV cache)
 
 
 _CONST = _Val()
@@ -214,11 +232,14 @@ _DATA = _Val(data=True)
 
 
 class _Analysis:
-    def __init__(self, paths):
+    def __init__(self, paths, state_paths=None):
         self.paths = paths
+        self.state_paths = dict(state_paths or {})
         self.sites: list[Site] = []
         self.active: set = set()
         self.quiet = 0  # > 0: a first turn through a loop body, which records nothing
+        self.indexing: dict = {}  # callpath -> (eqn, prov, stack, loop) of data indexing
+        self.looked_up: set = set()
 
     # -- the walk ----------------------------------------------------------------------------
     def walk(self, jaxpr, ins, prefix=(), stack=(), loop=False):
@@ -245,14 +266,26 @@ class _Analysis:
             if name == "optimization_barrier":
                 return list(ins), False
             v = ins[0]
-            prov = Prov(v.prov.weight, views.map_axes(eqn, v.prov.axes), v.prov.scanned)
+            prov = Prov(v.prov.weight, views.map_axes(eqn, v.prov.axes), v.prov.scanned,
+                        v.prov.indexed)
+            if name in ("gather", "dynamic_slice") and prov.indexed is None and any(
+                    not isinstance(x, Literal) for x in eqn.invars[1:]):
+                prov = dataclasses.replace(prov, indexed=path)
+                self.indexing.setdefault(path, (eqn, v.prov, stack, loop))
             return [dataclasses.replace(v, prov=prov)], False
+        if ins and (ins[0].state is not None or ins[0].cache is not None):
+            if name == "dynamic_update_slice":
+                for v in ins[1:]:
+                    self.consume(v)
+                return self.cache_write(eqn, path, ins, stack, loop), True
+            if views.is_structural(eqn):
+                return [ins[0]] * len(eqn.outvars), False
         if name == "dot_general":
             return self.dot(eqn, path, ins, stack, loop)
         if name == "conv_general_dilated":
             return self.conv(eqn, path, ins, stack, loop)
-        if name == "gather" and ins[0].prov is not None:
-            return self.lookup(eqn, path, ins[0], stack, loop)
+        for v in ins:
+            self.consume(v)
         out = _combine(ins, name)
         if _sub(eqn) and any(v.prov is not None for v in ins):
             for v in ins:
@@ -305,9 +338,26 @@ class _Analysis:
                              scanned=prov.scanned, contracted=contracted, stack=stack,
                              loop=loop, input=input_id))
 
+    def cache_write(self, eqn, path, ins, stack, loop):
+        """A write into a model-state input (``dynamic_update_slice``): a KV cache site
+        (quantizable by a rule's ``kv_cache``) when its result reaches a matmul."""
+        state = ins[0].state if ins[0].state is not None else ins[0].cache
+        where = self.state_paths.get(state, "")
+        site = self.add(Site(path, "dynamic_update_slice", "cache", eqn,
+                             module=module_of(where), stack=stack, loop=loop, state=state))
+        del site
+        sources = frozenset().union(*(v.sources for v in ins))
+        return [_Val(sources=sources, data=True, cache=state)]
+
     def dot(self, eqn, path, ins, stack, loop):
         (lc, rc), _ = eqn.params["dimension_numbers"]
+        ins = list(ins)
         pl, pr = ins[0].prov, ins[1].prov
+        if pl is not None and pr is not None and (pl.indexed is None) != (pr.indexed is None):
+            i = 0 if pl.indexed is not None else 1  # a lookup's rows times a weight
+            self.consume(ins[i])
+            ins[i] = _Val(sources=ins[i].sources, data=True)
+            pl, pr = ins[0].prov, ins[1].prov
         if pl is not None and pr is not None:
             self.float_site(eqn, path, stack, loop, self.paths[pr.weight],
                             f"both operands are parameters ({self.paths[pl.weight]}, "
@@ -317,8 +367,9 @@ class _Analysis:
             if self.computed(eqn, path, ins, stack, loop):
                 return [_combine(ins, "dot_general")], True
             module = common_module(ins[0].sources | ins[1].sources)
+            cached = tuple(i for i in (0, 1) if ins[i].cache is not None)
             site = self.add(Site(path, "dot_general", "product", eqn, module=module,
-                                 stack=stack, loop=loop))
+                                 stack=stack, loop=loop, cached=cached))
             return [_Val(sources=frozenset({site.module}), data=True)], True
         operand = 0 if pl is not None else 1
         prov = pl if pl is not None else pr
@@ -328,6 +379,9 @@ class _Analysis:
 
     def conv(self, eqn, path, ins, stack, loop):
         pl, pr = ins[0].prov, ins[1].prov
+        if pl is not None and pl.indexed is not None and pr is not None:
+            self.consume(ins[0])
+            pl = None
         if pl is not None:
             self.float_site(eqn, path, stack, loop, self.paths[pl.weight],
                             "a parameter is the convolution's input, not its kernel")
@@ -341,11 +395,28 @@ class _Analysis:
                                 input_id=(path[:-1], eqn.invars[0]))
         return [_Val(sources=frozenset({site.module}), data=True)], True
 
-    def lookup(self, eqn, path, val, stack, loop):
-        gathered = views.gathered_axes(eqn.params, eqn.invars[0].aval.shape)
-        features = [d for d in range(len(val.prov.axes)) if d not in gathered]
-        site = self.weight_site(eqn, path, val.prov, 0, features, stack, loop, kind="lookup")
-        return [_Val(sources=frozenset({site.module}), data=True)], True
+    def consume(self, v: _Val) -> None:
+        """``v`` is used as a value (not as a matmul's weight): if it was indexed out of
+        a parameter (``table[ids]``), that indexing is a lookup site."""
+        if v.prov is None or v.prov.indexed is None or self.quiet:
+            return
+        path = v.prov.indexed
+        if path in self.looked_up:
+            return
+        self.looked_up.add(path)
+        eqn, prov, stack, loop = self.indexing[path]
+        shape = eqn.invars[0].aval.shape
+        if eqn.primitive.name == "gather":
+            indexed = views.gathered_axes(eqn.params, shape)
+        else:  # dynamic_slice: the axes it does not take whole
+            indexed = {d for d, n in enumerate(eqn.params["slice_sizes"]) if n < shape[d]}
+        features = [d for d in range(len(shape)) if d not in indexed]
+        self.weight_site(eqn, path, prov, 0, features, stack, loop, kind="lookup")
+
+    def strip(self, v: _Val) -> _Val:
+        """``_strip`` after ``consume``: a loop carry or branch result is a value."""
+        self.consume(v)
+        return _strip(v)
 
     # -- higher-order primitives --------------------------------------------------------------
     def higher_order(self, eqn, path, ins, stack, loop):
@@ -359,11 +430,11 @@ class _Analysis:
                 res, hit = self.walk(j, ins[1:], path + (b,), stack, loop)
                 found |= hit
                 outs = [_merge(a, c) for a, c in zip(outs, res, strict=True)]
-            outs = [_strip(v) for v in outs]
+            outs = [self.strip(v) for v in outs]
         elif name == "while":
             nc, nb = p["cond_nconsts"], p["body_nconsts"]
-            settle = lambda c, r: [_strip(_merge(a, b)) for a, b in zip(c, r, strict=True)]  # noqa: E731
-            carry = [_strip(v) for v in ins[nc + nb:]]
+            settle = lambda c, r: [self.strip(_merge(a, b)) for a, b in zip(c, r, strict=True)]  # noqa: E731
+            carry = [self.strip(v) for v in ins[nc + nb:]]
             res, found = self.loop_body(
                 lambda c: self.walk(subs[1][0], ins[nc:nc + nb] + c, path + (1,), stack, True),
                 carry, settle)
@@ -376,16 +447,16 @@ class _Analysis:
             xs = [v if v.prov is None else dataclasses.replace(
                 v, prov=Prov(v.prov.weight, v.prov.axes[1:],
                              v.prov.scanned + v.prov.axes[0])) for v in ins[nc + nk:]]
-            settle = lambda c, r: [_strip(_merge(a, b)) for a, b in zip(c, r[:nk], strict=True)]  # noqa: E731
-            carry = [_strip(v) for v in ins[nc:nc + nk]]
+            settle = lambda c, r: [self.strip(_merge(a, b)) for a, b in zip(c, r[:nk], strict=True)]  # noqa: E731
+            carry = [self.strip(v) for v in ins[nc:nc + nk]]
             res, found = self.loop_body(
                 lambda c: self.walk(subs[0][0], ins[:nc] + c + xs, path + (0,),
                                     stack + (length,), loop), carry, settle)
-            outs = settle(carry, res) + [_strip(v) for v in res[nk:]]
+            outs = settle(carry, res) + [self.strip(v) for v in res[nk:]]
         else:  # jit, remat, custom_jvp / custom_vjp: the body, inputs one to one
             outs, found = self.walk(subs[0][0], ins, path + (0,), stack, loop)
             if name.startswith("custom"):
-                outs = [_strip(v) for v in outs]
+                outs = [self.strip(v) for v in outs]
         if found or carried:
             self.active.add(path)
         return outs, found or carried
@@ -416,19 +487,25 @@ def _strip(v: _Val) -> _Val:
                 data=v.data)
 
 
-def analyze(closed_jaxpr, paths, shapes=None, dtypes=None) -> Graph:
+def analyze(closed_jaxpr, paths, shapes=None, dtypes=None, state_paths=None) -> Graph:
     """The ``Graph`` of a traced function whose first ``len(paths)`` inputs are its
-    parameters (``paths``: their names, ``"/"``-joined)."""
+    parameters (``paths``: their names, ``"/"``-joined); ``state_paths``: ``{input
+    position: name}`` of the model-state inputs among the others (caches)."""
     jaxpr = closed_jaxpr.jaxpr
     n = len(paths)
     avals = [v.aval for v in jaxpr.invars]
     shapes = shapes or [tuple(a.shape) for a in avals[:n]]
     dtypes = dtypes or [a.dtype for a in avals[:n]]
-    analysis = _Analysis(tuple(paths))
+    state_paths = dict(state_paths or {})
+    analysis = _Analysis(tuple(paths), state_paths)
     ins = [_Val(prov=Prov(i, tuple((d,) for d in range(len(a.shape)))))
-           if i < n and _is_float(a.dtype) else _CONST if i < n else _DATA
+           if i < n and _is_float(a.dtype) else _CONST if i < n
+           else _Val(data=True, state=i) if i in state_paths and _is_float(a.dtype) else _DATA
            for i, a in enumerate(avals)]
-    analysis.walk(jaxpr, ins)
+    outs, _ = analysis.walk(jaxpr, ins)
+    for v in outs:  # what the function returns is a value
+        analysis.consume(v)
+    caches = {o: v.cache for o, v in enumerate(outs) if v.cache is not None}
     weights: dict[int, Weight] = {}
     modules: dict[str, int] = {}
     for site in analysis.sites:
@@ -442,7 +519,7 @@ def analyze(closed_jaxpr, paths, shapes=None, dtypes=None) -> Graph:
             site.index = modules.get(site.module, 0)
             modules[site.module] = site.index + 1
     return Graph(closed_jaxpr, tuple(paths), analysis.sites, weights,
-                 frozenset(analysis.active))
+                 frozenset(analysis.active), state_paths, caches)
 
 
 def _is_float(dtype) -> bool:

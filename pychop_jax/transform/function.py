@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import jax
 
 from ..core import ops
+from ..core.qarray import QuantizedArray
 from .plan import COLLECTIONS, LEARNED, METHOD, STATS, Plan, nest
 from .rules import QuantReport, QuantRule
 from .tracing import Traced, Traces, join_static, leaf_paths, split_static
@@ -96,6 +97,12 @@ class VariablesModel:
     def paths(self, params) -> list[str]:
         return leaf_paths(params)
 
+    def state_paths(self, others) -> list[str]:
+        """The names of the model-state leaves (``others``' arrays, in order) as the
+        rules see them: their module path and variable name (a cache: ``blocks_0/attn/
+        cached_key``)."""
+        return leaf_paths(others, skip=_box_key, is_leaf=_is_quantized)[1]
+
     def own_collections(self, mutable):
         """What of a linen-style ``mutable`` concerns the model's own collections (not
         the quantization ones): ``()`` for none, a tuple of names, or ``True`` (all)."""
@@ -108,16 +115,18 @@ class VariablesModel:
         arrays, static = split_static((others, args, kwargs))
         fn = self.function(method, (static, mutable))
         traced = self._traces.get(fn, params, arrays, (method, static, mutable),
-                                  self.paths(params))
+                                  self.paths(params), dict(enumerate(self.state_paths(others))))
         return traced, arrays
 
     def last_trace(self) -> Traced | None:
         """The most recent trace (``None`` before the first call)."""
         return self._traces.last
 
-    def report(self, variables, *args, method=None, **kwargs) -> QuantReport:
-        """The ``QuantReport`` of one call (abstract: nothing is computed)."""
-        return self.trace(variables, args, kwargs, method)[0].plan.report
+    def report(self, variables, *args, method=None, mutable=False, **kwargs) -> QuantReport:
+        """The ``QuantReport`` of one call (abstract: nothing is computed); ``mutable``
+        as for ``apply`` (a decoding call writes its cache)."""
+        return self.trace(variables, args, kwargs, method,
+                          self.own_collections(mutable))[0].plan.report
 
     # -- the QAT model ----------------------------------------------------------------------
     def run(self, variables, args, kwargs, *, method=None, mutable=(), mode="eval",
@@ -183,6 +192,14 @@ class VariablesModel:
         if message:
             warnings.warn(message, stacklevel=4)
         return {**variables, **made}
+
+
+def _box_key(k) -> bool:
+    return getattr(k, "name", None) == "value"
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, QuantizedArray)
 
 
 def _merge(a: dict, b: dict) -> dict:

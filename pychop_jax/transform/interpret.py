@@ -83,6 +83,16 @@ class Handler:
         served codes)."""
         return value
 
+    def state(self, index: int, value):
+        """The twin of model-state input ``index`` (a KV cache a rule quantizes), or
+        ``None`` (float)."""
+        return None
+
+    def output(self, carrier: Carrier):
+        """What the function returns for a carrier (a written cache): its float value,
+        or the handler's form of it (served codes)."""
+        return self.dequantized(carrier)
+
     def scan_parts(self, twin):
         """``(arrays, rebuild)``: a twin as arrays a scan slices along their axis 0, and
         the function that makes one iteration's twin from their slices."""
@@ -282,6 +292,10 @@ def run(graph: Graph, handler: Handler, inputs, scope: dict | None = None):
         twin = handler.weight(weight, ins[index])
         if twin is not None:
             ins[index] = Carrier(handler.float_value(weight, ins[index]), twin)
+    for index in graph.state_paths:
+        twin = handler.state(index, ins[index])
+        if twin is not None:
+            ins[index] = Carrier(None, twin)
     scope = runner.states(runner.stateful, scope, 0)
     outs = runner.eval(closed.jaxpr, closed.consts, ins, (), scope)
-    return runner.floats(outs), scope
+    return [handler.output(v) if isinstance(v, Carrier) else v for v in outs], scope

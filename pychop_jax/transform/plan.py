@@ -139,16 +139,22 @@ class SitePlan:
 
 @dataclasses.dataclass
 class Plan:
-    """Rules resolved on a graph (see the module docstring)."""
+    """Rules resolved on a graph (see the module docstring).  ``caches``: ``{model-state
+    input position: QuantSpec}`` of the KV caches a rule's ``kv_cache`` quantizes."""
 
     graph: Graph
     rules: tuple[QuantRule, ...]
     weights: dict[int, WeightPlan]
     sites: dict[tuple, SitePlan]
     report: QuantReport
+    caches: dict = dataclasses.field(default_factory=dict)
 
     def site(self, site: Site) -> SitePlan | None:
         return self.sites.get(site.callpath)
+
+    def cache_spec(self, site: Site) -> QuantSpec | None:
+        """The format a cache site writes (``None``: float)."""
+        return self.caches.get(site.state)
 
     def quantized_weights(self) -> list[WeightPlan]:
         return [p for p in self.weights.values() if p.spec is not None]
@@ -274,8 +280,22 @@ def make_plan(graph: Graph, rules) -> Plan:
                                     method=rule.method if rule is not None and spec is not None
                                     else None)
     sites: dict[tuple, SitePlan] = {}
+    caches: dict = {}
     ops = []
     for site in graph.sites:
+        if site.kind == "cache":
+            r = first_match(rules, site.module)
+            shape = tuple(site.eqn.invars[0].aval.shape)
+            spec = None if r is None else rules[r].kv_cache_spec(len(shape))
+            if spec is not None:
+                caches[site.state] = spec
+            what = (f"cache {describe_spec(spec, resolved=True)}" if spec is not None else
+                    "float cache (no rule with kv_cache= matches)")
+            ops.append(OpReport(site.module, site.primitive, "cache",
+                                graph.state_paths.get(site.state), shape, (),
+                                r if spec is not None else None, spec is not None, what,
+                                site.stack, input_spec=spec))
+            continue
         if site.kind == "float":
             ops.append(OpReport(site.module, site.primitive, "float", None, site.shapes, (),
                                 None, False, site.reason, site.stack))
@@ -323,7 +343,7 @@ def make_plan(graph: Graph, rules) -> Plan:
     if errors:
         raise ValueError("quantize_model: the rules do not fit the model:\n  - "
                          + "\n  - ".join(dict.fromkeys(errors)))
-    return Plan(graph, rules, weights, sites, QuantReport(rules, tuple(ops)))
+    return Plan(graph, rules, weights, sites, QuantReport(rules, tuple(ops)), caches)
 
 
 def _block_input_error(site: Site, act: QuantSpec, weight: Weight) -> str | None:

@@ -81,6 +81,14 @@ layer.
   module that owns the weights its operands come from (``q`` from ``attn/query``, ``k``
   from ``attn/key``: the product's module is ``attn``).  A rule with only ``attention``
   keeps the weights it matches float (first match decides).
+* ``kv_cache``: the format of the key / value caches the modules the rule matches write
+  (a model-state collection updated by ``dynamic_update_slice`` whose contents the
+  attention products read: linen's ``cache`` collection, nnx ``Cache`` variables): an
+  int ``b`` (``b``-bit symmetric, one scale per (token, head), i.e. per element of every
+  axis but the last), or a ``QuantSpec`` (``dtype="float8_e4m3fn"``: fp8 per (token,
+  head); with ``group_size=g``: groups of ``g`` along the last axis, head_dim).  Each
+  appended token is quantized once, when it is written; served models store the codes
+  and scales (``serve_model``), the QAT model the fake-quantized values.
 """
 
 from __future__ import annotations
@@ -131,12 +139,14 @@ class QuantRule:
     lsq: bool = False
     method: QuantMethod | None = None
     attention: QuantSpec | int | None = None
+    kv_cache: QuantSpec | int | None = None
 
     def __post_init__(self):
         re.compile(self.module_path)
         _spec(self.weight, "weight", lambda b: QuantSpec(bits=b, symmetric=True))
         _spec(self.act, "act", lambda b: QuantSpec(bits=b))
         _spec(self.attention, "attention", lambda b: QuantSpec(bits=b))
+        _spec(self.kv_cache, "kv_cache", lambda b: QuantSpec(bits=b, symmetric=True))
         if isinstance(self.attention, QuantSpec) and self.attention.axis is not None:
             raise ValueError(
                 f"QuantRule({self.module_path!r}).attention has axis="
@@ -201,6 +211,18 @@ class QuantRule:
         return QuantSpec(bits=self.attention) if isinstance(self.attention, int) \
             else self.attention
 
+    def kv_cache_spec(self, ndim: int) -> QuantSpec | None:
+        """The cache's spec for a cache of rank ``ndim`` (see the module docstring)."""
+        spec = self.kv_cache
+        if spec is None:
+            return None
+        if isinstance(spec, int):
+            spec = QuantSpec(bits=spec, symmetric=True)
+        if spec.group_size is not None:
+            return dataclasses.replace(spec, axis=ndim - 1)
+        return dataclasses.replace(spec, axis=tuple(range(ndim - 1)) if ndim > 2
+                                   else 0 if ndim == 2 else None)
+
     def observer_fn(self) -> Callable:
         return OBSERVERS[self.observer] if isinstance(self.observer, str) else self.observer
 
@@ -261,7 +283,8 @@ class OpReport:
       module: the module path the rules matched.
       primitive: ``"dot_general"``, ``"conv_general_dilated"`` or ``"gather"``.
       kind: ``"weight"`` (a weight's matmul), ``"lookup"`` (an embedding lookup),
-        ``"product"`` (activation x activation) or ``"float"`` (never quantizable).
+        ``"product"`` (activation x activation), ``"cache"`` (a write into a KV cache)
+        or ``"float"`` (never quantizable).
       weight: the weight's parameter path (``None`` for products / float ops).
       shape: the weight's shape (products: the operands' shapes).
       contracted: the weight's axes the op contracts.
@@ -319,7 +342,7 @@ class QuantReport:
         """Weight path -> its first op."""
         out = {}
         for o in self.ops:
-            if o.weight is not None:
+            if o.weight is not None and o.kind in ("weight", "lookup"):
                 out.setdefault(o.weight, o)
         return out
 
@@ -335,7 +358,7 @@ class QuantReport:
         lines = []
         for i, rule in enumerate(self.rules):
             took = [o for o in self.ops if o.rule == i]
-            if not rule.quantizes and rule.attention is None:
+            if not rule.quantizes and rule.attention is None and rule.kv_cache is None:
                 what = "float (excluded)"
             else:
                 what = describe_rule(rule)
@@ -344,7 +367,8 @@ class QuantReport:
             lines.append(f"#{i} {rule.module_path!r}: {what} -> {ops}")
         free = [o for o in self.ops if o.rule is None and o.kind != "float"]
         if free:
-            lines.append("no rule, float: " + paths(o.weight or o.module for o in free))
+            lines.append("float, no rule quantizes them: "
+                         + paths(o.weight or f"{o.module or '<root>'} ({o.kind})" for o in free))
         for o in self.ops:
             if o.kind == "float":
                 lines.append(f"float {o.primitive} in {o.module or '<root>'!r}: {o.what}")
@@ -376,4 +400,15 @@ def describe_rule(rule: QuantRule) -> str:
     if rule.attention is not None:
         parts.append(f"activation products {describe_spec(rule.attention, act=True)} "
                      f"({name} observer)")
+    if rule.kv_cache is not None:
+        parts.append(f"KV cache {_describe_cache(rule.kv_cache)}")
     return "; ".join(parts)
+
+
+def _describe_cache(spec) -> str:
+    if isinstance(spec, int):
+        return f"int{spec} per (token, head)"
+    grid = spec.dtype or f"int{spec.bits}"
+    if spec.group_size is not None:
+        return f"{grid}, groups of {spec.group_size} along head_dim"
+    return f"{grid} per (token, head)"

@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from ..core.qarray import QuantizedArray
 from . import interpret
 from .dataflow import analyze
 from .plan import Plan, make_plan
@@ -31,10 +32,14 @@ __all__ = ["Traced", "Traces", "split_static", "join_static", "key_name", "leaf_
 
 
 def is_array(x) -> bool:
-    """Whether a leaf varies between calls as data (an array, a tracer of one, or its
-    abstract ``jax.ShapeDtypeStruct``)."""
+    """Whether a leaf varies between calls as data (an array, a tracer of one, its
+    abstract ``jax.ShapeDtypeStruct``, or a ``QuantizedArray``: a quantized cache)."""
     return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct,
-                          jax.core.Tracer))
+                          jax.core.Tracer, QuantizedArray))
+
+
+def _is_quantized(x) -> bool:
+    return isinstance(x, QuantizedArray)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +52,7 @@ class _Static:
 
 def split_static(tree):
     """``(arrays, static)``: the array leaves of ``tree`` (a list) and the rest."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    leaves, treedef = jax.tree_util.tree_flatten(tree, is_leaf=_is_quantized)
     arrays = [x for x in leaves if is_array(x)]
     values = tuple(None if is_array(x) else _hashable(x) for x in leaves)
     return arrays, _Static(treedef, values)
@@ -91,12 +96,16 @@ def key_name(k) -> str:
     return str(k)
 
 
-def leaf_paths(tree, skip: Callable | None = None) -> list[str]:
+def leaf_paths(tree, skip: Callable | None = None, is_leaf=None):
     """``"/"``-joined paths of ``tree``'s leaves; ``skip(key)`` drops keys (box
-    attributes) from the names."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return ["/".join(key_name(k) for k in path if skip is None or not skip(k))
-            for path, _ in flat]
+    attributes) from the names.  With ``is_leaf``: ``(paths of every leaf, paths of the
+    array leaves only)`` (``is_array``; what ``split_static`` keeps)."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)
+    names = ["/".join(key_name(k) for k in path if skip is None or not skip(k))
+             for path, _ in flat]
+    if is_leaf is None:
+        return names
+    return names, [n for n, (_, x) in zip(names, flat, strict=True) if is_array(x)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +123,8 @@ class Traced:
 
 
 def _aval(x):
+    if isinstance(x, QuantizedArray):  # a quantized cache stands for float32 values
+        return jax.ShapeDtypeStruct(x.shape, jax.numpy.float32)
     return jax.ShapeDtypeStruct(np.shape(x), jax.numpy.result_type(x),
                                 weak_type=bool(getattr(x, "weak_type", False)))
 
@@ -126,14 +137,17 @@ class Traces:
         self._cache: dict = {}
         self.last: Traced | None = None
 
-    def get(self, fn: Callable, params, dynamic, key, paths: list[str]) -> Traced:
+    def get(self, fn: Callable, params, dynamic, key, paths: list[str],
+            state_paths: dict | None = None) -> Traced:
         """The trace of ``fn(params, dynamic)``; ``key``: the static part of the
         signature (method, static arguments, ...); ``paths``: the names of ``params``'
-        leaves."""
+        leaves; ``state_paths``: ``{position among dynamic's leaves: name}`` of the
+        model's state (caches)."""
         p_leaves, p_tree = jax.tree_util.tree_flatten(params)
-        d_leaves, d_tree = jax.tree_util.tree_flatten(dynamic)
+        d_leaves, d_tree = jax.tree_util.tree_flatten(dynamic, is_leaf=_is_quantized)
         avals = tuple(_aval(x) for x in (*p_leaves, *d_leaves))
-        cache_key = (key, p_tree, d_tree, tuple((a.shape, a.dtype, a.weak_type) for a in avals))
+        cache_key = (key, p_tree, d_tree, tuple((a.shape, a.dtype, a.weak_type) for a in avals),
+                     tuple(sorted((state_paths or {}).items())))
         traced = self._cache.get(cache_key)
         if traced is None:
             n = len(p_leaves)
@@ -146,7 +160,8 @@ class Traces:
                 return flat_leaves
 
             closed = jax.make_jaxpr(flat_out)(*avals)
-            plan = make_plan(analyze(closed, paths), self.rules)
+            states = {n + i: path for i, path in (state_paths or {}).items()}
+            plan = make_plan(analyze(closed, paths, state_paths=states), self.rules)
             traced = Traced(plan, p_tree, d_tree, out_tree["tree"])
             self._cache[cache_key] = traced
         self.last = traced
@@ -156,7 +171,7 @@ class Traces:
     def run(traced: Traced, handler, params, dynamic, scope=None):
         """``(outputs, scope)`` of the traced function with ``handler``."""
         leaves = [*jax.tree_util.tree_leaves(params, is_leaf=handler_leaf(handler)),
-                  *jax.tree_util.tree_leaves(dynamic)]
+                  *jax.tree_util.tree_leaves(dynamic, is_leaf=_is_quantized)]
         outs, scope = interpret.run(traced.graph, handler, leaves, scope)
         return jax.tree_util.tree_unflatten(traced.out_tree, outs), scope
 

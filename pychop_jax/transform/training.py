@@ -22,7 +22,9 @@ activation product (``attention``) -- is fake-quantized with its state:
 
 Then the equation runs as it was, on the quantized operands.  A gathered table
 (lookup) is the weight's fake-quantized table, so a tied embedding's lookup and output
-projection see the same values.
+projection see the same values.  A write into a KV cache a rule's ``kv_cache``
+quantizes writes the fake-quantized keys / values (per (token, head), calibrated on
+what is written: each token is quantized once).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..core.qarray import QuantizedArray
 from . import qat, views
 from .interpret import Carrier, Handler, _bind
 from .plan import Plan, SitePlan
@@ -124,8 +127,22 @@ class FakeQuant(Handler):
                 state = {"input": qat.init_stats(sp.act)}
         return state
 
+    def state(self, index, value):
+        if isinstance(value, QuantizedArray):
+            raise ValueError(
+                f"the model's state {self.plan.graph.state_paths[index]!r} is a quantized "
+                "cache (served codes); the quantization-aware model keeps caches float "
+                "(fake-quantized by kv_cache rules). Pass the float cache.")
+        return None
+
     def site(self, site, eqn, ins, scope):
         sp = self.plan.site(site)
+        if site.kind == "cache":
+            spec = self.plan.cache_spec(site)
+            ins = list(ins)
+            if spec is not None:  # what is written is quantized once
+                ins[1] = qat.fake_quant_weight(ins[1], spec)
+            return _bind(eqn, ins)
         if site.kind == "product":
             ins = list(ins)
             if sp is not None:

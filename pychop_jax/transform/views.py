@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax import lax
 
 __all__ = ["STRUCTURAL", "IDENTITY", "is_structural", "map_axes", "reshape_groups",
-           "single_slice_gather", "gathered_axes", "apply_to_companion", "expand_to"]
+           "gathered_axes", "apply_to_companion", "expand_to"]
 
 #: primitives whose output is their (first) input, element for element
 IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precision",
@@ -37,15 +37,6 @@ IDENTITY = frozenset({"convert_element_type", "copy", "copy_p", "reduce_precisio
 #: primitives that move elements: the identity ones and these
 STRUCTURAL = IDENTITY | {"transpose", "reshape", "broadcast_in_dim", "squeeze", "slice",
                          "dynamic_slice", "gather", "expand_dims"}
-
-
-def single_slice_gather(params, operand_shape, indices_shape) -> bool:
-    """Whether a ``gather`` takes one slice (``w[i]`` with a scalar index: a view),
-    rather than a row per index (an embedding lookup)."""
-    dn = params["dimension_numbers"]
-    if dn.operand_batching_dims:
-        return False
-    return math.prod(indices_shape[:-1]) == 1 if len(indices_shape) else True
 
 
 def gathered_axes(params, operand_shape) -> set:
@@ -58,14 +49,11 @@ def gathered_axes(params, operand_shape) -> set:
 
 
 def is_structural(eqn) -> bool:
-    """Whether ``eqn`` is a view of its first operand (see the module docstring)."""
-    name = eqn.primitive.name
-    if name not in STRUCTURAL:
-        return False
-    if name == "gather":
-        return single_slice_gather(eqn.params, eqn.invars[0].aval.shape,
-                                   eqn.invars[1].aval.shape)
-    return True
+    """Whether ``eqn`` is a view of its first operand (see the module docstring).  A
+    ``gather`` is one too (``w[i]``, ``table[ids]``); an indexing whose result is then
+    used as a value rather than a matmul's weight is a lookup
+    (``dataflow``)."""
+    return eqn.primitive.name in STRUCTURAL
 
 
 def reshape_groups(src, dst):
@@ -128,9 +116,10 @@ def map_axes(eqn, axes):
             for d in dj:
                 out[d] = spanned
         return tuple(out)
-    if name == "gather":  # a single slice: the offset axes are the uncollapsed ones
+    if name == "gather":  # the offset axes are the uncollapsed ones; the rest index rows
         dn = p["dimension_numbers"]
-        kept = [d for d in range(len(axes)) if d not in dn.collapsed_slice_dims]
+        kept = [d for d in range(len(axes)) if d not in dn.collapsed_slice_dims
+                and d not in dn.operand_batching_dims]
         out = [()] * len(eqn.outvars[0].aval.shape)
         for d, od in zip(kept, dn.offset_dims, strict=True):
             out[od] = axes[d]
