@@ -22,8 +22,6 @@ things follow a weight through its views:
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 from jax import lax
 

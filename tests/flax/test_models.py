@@ -4,11 +4,11 @@ to pass instead (``pychop_jax.flax.models``)."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import model_zoo as zoo
 import numpy as np
 import pytest
 from flax import nnx
 
-import model_zoo as zoo
 import pychop_jax as pj
 from pychop_jax import QuantRule
 
