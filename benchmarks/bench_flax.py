@@ -3,9 +3,10 @@
     python benchmarks/bench_flax.py [--batch 128] [--repeats 200]
 
 One jitted step = forward, backward and an optax Adam update of
-``examples/qat_digits.py``'s model.  The quantized model fake-quantizes every layer:
-per-channel symmetric 8-bit kernels (calibrated each step) and per-tensor affine 8-bit
-inputs with EMA observers (state updated each step), or learned step sizes (LSQ).
+``examples/qat_digits.py``'s model.  The quantized model (``pj.quantize_model`` with the
+example's ``int_rules``) fake-quantizes every layer: per-channel symmetric 8-bit kernels
+(calibrated each step) and per-tensor affine 8-bit inputs with EMA observers (state
+updated each step), or learned step sizes (LSQ, trained with the params).
 Baseline and candidates run interleaved in one process (benchmarks/_timing.py);
 "vs base" = baseline time / candidate time (lower than 1 = slower).
 
@@ -32,7 +33,7 @@ from jax import lax
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from _timing import HEADER, cpu_info, interleaved_medians, row  # noqa: E402
-from qat_digits import CNN, load_data, quantized  # noqa: E402
+from qat_digits import CNN, TRAINED, int_rules, load_data, quantized  # noqa: E402
 
 
 def _naive_fake_quant(x, scale, zero_point, qmin, qmax):
@@ -56,29 +57,33 @@ class _NaiveOp(nn.Module):
         return self.op(x, w, *args, **kwargs)
 
 
-class _NaiveCNN(CNN):
+class _NaiveCNN(nn.Module):
     """The example's CNN with ``_NaiveOp`` in every layer (same param names)."""
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x):
         conv = functools.partial(nn.Conv, conv_general_dilated_cls=functools.partial(
             _NaiveOp, lax.conv_general_dilated))
         dense = functools.partial(nn.Dense, dot_general_cls=functools.partial(
             _NaiveOp, lax.dot_general))
-        return CNN.layers(x, conv, dense, lambda layer, x: layer(x))
+        x = nn.relu(conv(8, (3, 3), name="conv1")(x))
+        x = nn.relu(conv(16, (3, 3), strides=2, name="conv2")(x))
+        x = nn.relu(dense(32, name="fc")(x.reshape(x.shape[0], -1)))
+        return dense(10, name="head")(x)
 
 
 def make_step(model, tx):
+    """The example's training step: Adam over the ``TRAINED`` collections (params, LSQ
+    step sizes), observers updating (``mutable=["quant_stats"]``)."""
     @jax.jit
-    def step(params, rest, opt_state, x, y):
-        def loss_fn(params):
-            logits, updates = model.apply({"params": params, **rest}, x, train=True,
-                                          mutable=["quant_stats"])
+    def step(trained, rest, opt_state, x, y):
+        def loss_fn(trained):
+            logits, updates = model.apply({**trained, **rest}, x, mutable=["quant_stats"])
             return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), updates
 
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        changes, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, changes), {**rest, **updates}, opt_state, loss
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        changes, opt_state = tx.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, changes), {**rest, **updates}, opt_state, loss
     return step
 
 
@@ -95,14 +100,14 @@ def main():
     fp32 = fp32_model.init(jax.random.key(0), x)
     cases = {"fp32": (fp32_model, fp32), "naive": (_NaiveCNN(), fp32)}
     for name, bits, lsq in (("qat8", 8, False), ("qat4", 4, False), ("lsq2", 2, True)):
-        cases[name] = quantized(bits, fp32, data, lsq=lsq)
+        cases[name] = quantized(int_rules(bits, lsq=lsq), fp32, data)
 
     fns = {}
     for name, (model, variables) in cases.items():
-        params = variables["params"]
-        rest = {k: v for k, v in variables.items() if k != "params"}
+        trained = {k: v for k, v in variables.items() if k in TRAINED}
+        rest = {k: v for k, v in variables.items() if k not in TRAINED}
         step = make_step(model, tx)
-        args_ = (params, rest, tx.init(params), x, y)
+        args_ = (trained, rest, tx.init(trained), x, y)
         fns[name] = lambda step=step, a=args_: step(*a)
     t = interleaved_medians(fns, repeats=args.repeats, block=11, sync=jax.block_until_ready)
 

@@ -2,33 +2,40 @@
 
     python examples/qat_digits.py [--epochs 30] [--out examples/out/qat_digits.png]
 
-A small Flax linen CNN (8x8 grey digits, 10 classes; fixed seed and split) is trained
-in fp32 with optax Adam, then quantized: every conv and dense layer gets per-channel
-symmetric weights and a per-tensor affine input quantizer (``pychop_jax.linen``).
+A small Flax linen CNN built from stock ``nn.Conv`` / ``nn.Dense`` (8x8 grey digits, 10
+classes; fixed seed and split) is trained in fp32 with optax Adam, then quantized by
+``pj.quantize_model(CNN(), rules)``: the model code stays float, the ``QuantRule`` s say
+what every conv and dense layer gets.  The integer rows use one rule,
+``QuantRule(".*", weight=b, act=b)``: ``b``-bit symmetric weights per output channel
+and a ``b``-bit per-tensor affine quantizer on each layer's input (EMA observer).
 
-* PTQ: the fp32 weights as they are; input ranges observed on training batches.
-* QAT: fine-tuned from fp32 with fake quantization (straight-through gradients, EMA
-  range observers).
-* LSQ: fine-tuned from fp32 with learned step sizes and zero points (Esser et al.
-  2019; LSQ+ for the affine inputs).
-* served: the 4-bit QAT model converted to integer codes + scales
-  (``pychop_jax.serving.to_served``) and run by stock ``nn.Conv`` / ``nn.Dense`` layers
-  with integer ops (int8 x int8 -> int32); its predictions must equal the fake-quant
-  evaluation's on every test image.
-* float formats (``weight_format=`` / ``act_format=`` of the same layers,
-  ``pychop_jax.formats``): fp8 e4m3 PTQ with one float32 scale per tensor for every
-  kernel and input; MXFP8 PTQ and QAT (e4m3 elements, power-of-two E8M0 scales, blocks
-  of 32, weights and inputs); MXFP4 weight-only PTQ.  MX blocks are 32 elements of
-  the contraction.  The dense layers have 256 and 32 inputs: their kernels get blocks
-  along axis 0 and their inputs blocks along the last axis (calibrated per call, as
-  MX hardware scales its operands).  The convolutions contract over only 3x3x1 = 9
-  and 3x3x8 = 72 elements, spread over three kernel axes (input channels: 1 and 8),
-  so no axis holds a block of 32: there each output channel's whole window shares one
-  E8M0 scale (``MX_CONV``: a "block" of 9 / 72 elements), and the conv inputs get one
-  E8M0 scale per tensor (observed like the integer rows' inputs).  The table labels
-  these rows "MX dense, E8M0/ch conv".  The MXFP8 QAT model is also served
-  (``to_served``: e4m3 codes + E8M0 scales, run on the float path by the same stock
-  layers).
+* PTQ: the fp32 weights as they are (``qmodel.init_from(fp32_variables, x)``); input
+  ranges observed on training batches (``qmodel.apply(..., mutable=["quant_stats"])``).
+* QAT: fine-tuned from fp32 through ``qmodel.apply(..., mutable=["quant_stats"])``:
+  fake quantization (straight-through gradients, EMA range observers).
+* LSQ: the same with ``lsq=True`` in the rule: learned step sizes and zero points
+  (Esser et al. 2019; LSQ+ for the affine inputs), in the ``quant_params`` collection,
+  initialised from the fp32 kernels and a training batch, trained with the params.
+* served: the 4-bit QAT model as integer codes + scales (``pj.serve_model``): the same
+  traced model run with int8 x int8 -> int32 convolutions and matmuls; its
+  predictions must equal the fake-quant evaluation's on every test image.
+* float formats (rules with ``QuantSpec`` s of ``pychop_jax.formats``): fp8 e4m3 PTQ
+  with one float32 scale per tensor for every kernel and input; MXFP8 PTQ and QAT (e4m3
+  elements, power-of-two E8M0 scales, blocks of 32, weights and inputs); MXFP4
+  weight-only PTQ.  MX blocks are 32 elements of the contraction.  The dense layers
+  have 256 and 32 inputs: a rule weight spec with ``group_size=32``
+  (``pj.formats.MXFP8_E4M3`` as it is) puts their kernels' blocks along the contracted
+  axis, and the same spec as ``act`` puts their inputs' blocks along the last axis
+  (calibrated per call, as MX hardware scales its operands).  The convolutions contract
+  over only 3x3x1 = 9 and 3x3x8 = 72 elements, spread over three kernel axes (input
+  channels: 1 and 8), so no axis holds a block of 32: there each output channel's whole
+  window shares one E8M0 scale (``mx_conv``: ``QuantSpec(dtype=...,
+  scale_dtype="float8_e8m0fnu", axis=-1)``, per output channel as a rule weight spec; a
+  "block" of 9 / 72 elements), and the conv inputs get one E8M0 scale per tensor
+  (observed like the integer rows' inputs).  The table labels these rows "MX dense,
+  E8M0/ch conv".  The MXFP8 QAT model is also served (``pj.serve_model``: e4m3 codes +
+  E8M0 scales; the dense layers multiply the codes with float32 accumulation, the
+  convolutions run on the dequantized codes).
 
 Prints one table and saves a plot of accuracy vs bits.  Each row of the table is a
 function returning a ``Row``, so a row can be added by appending to ``ROWS`` (or by
@@ -39,10 +46,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
@@ -54,11 +60,13 @@ from sklearn.model_selection import train_test_split
 from tqdm import tqdm
 
 import pychop_jax as pj
-import pychop_jax.linen as qnn
-from pychop_jax import QuantSpec, serving
+from pychop_jax import QuantRule, QuantSpec
 
 SEED = 0
 BATCH = 128
+#: the collections training updates by gradient: the weights, and the learned (LSQ)
+#: step sizes and zero points of ``QuantRule(lsq=True)``
+TRAINED = ("params", pj.flax.models.LSQ_PARAMS)
 
 
 # -- data and model -----------------------------------------------------------------------------
@@ -80,58 +88,28 @@ def load_data(seed: int = SEED) -> Data:
     return Data(x_tr, y_tr, x_te, y_te)
 
 
-@dataclasses.dataclass(frozen=True)
-class Formats:
-    """Float / block-scaled formats of the CNN's layers (``QuantSpec`` s; ``None``: float).
-
-    ``conv_*`` apply to both convolutions, ``dense_*`` to both dense layers; ``*_weight``
-    is the kernel's ``weight_format``, ``*_act`` the input's ``act_format``."""
-
-    conv_weight: QuantSpec | None
-    dense_weight: QuantSpec | None
-    conv_act: QuantSpec | None = None
-    dense_act: QuantSpec | None = None
-
-
 class CNN(nn.Module):
-    """conv 3x3/8 - conv 3x3/16 stride 2 - dense 32 - dense 10 (ReLU between).
-
-    ``bits=None``: plain ``nn.Conv``/``nn.Dense``.  Otherwise ``pychop_jax.linen``'s
-    drop-ins under the same names (so the fp32 params load unchanged), with ``bits``
-    for weights and inputs (a ``(weight, input)`` pair for different widths).
-    """
-
-    bits: int | tuple[int, int] | None = None
-    lsq: bool = False
-    formats: Formats | None = None  # float / block formats instead of ``bits``
+    """conv 3x3/8 - conv 3x3/16 stride 2 - dense 32 - dense 10 (ReLU between), stock
+    Flax layers: ``pj.quantize_model(CNN(), rules)`` quantizes it, the fp32 params load
+    unchanged."""
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.formats is not None:
-            f = self.formats
-            call = lambda layer, x: layer(x, train)  # noqa: E731
-            conv = functools.partial(qnn.QuantConv, weight_format=f.conv_weight,
-                                     act_format=f.conv_act)
-            dense = functools.partial(qnn.QuantDense, weight_format=f.dense_weight,
-                                      act_format=f.dense_act)
-            return self.layers(x, conv, dense, call)
-        if self.bits is None:
-            conv, dense, kw = nn.Conv, nn.Dense, {}
-            call = lambda layer, x: layer(x)  # noqa: E731
-        else:
-            w_bits, a_bits = self.bits if isinstance(self.bits, tuple) else (self.bits,) * 2
-            conv, dense = qnn.QuantConv, qnn.QuantDense
-            kw = dict(weight_bits=w_bits, act_bits=a_bits, lsq=self.lsq)
-            call = lambda layer, x: layer(x, train)  # noqa: E731
-        return self.layers(x, functools.partial(conv, **kw), functools.partial(dense, **kw), call)
+    def __call__(self, x):
+        x = nn.relu(nn.Conv(8, (3, 3), name="conv1")(x))
+        x = nn.relu(nn.Conv(16, (3, 3), strides=2, name="conv2")(x))
+        x = nn.relu(nn.Dense(32, name="fc")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(10, name="head")(x)
 
-    @staticmethod
-    def layers(x, conv, dense, call):
-        """The architecture, for any conv / dense layer classes."""
-        x = nn.relu(call(conv(8, (3, 3), name="conv1"), x))
-        x = nn.relu(call(conv(16, (3, 3), strides=2, name="conv2"), x))
-        x = nn.relu(call(dense(32, name="fc"), x.reshape(x.shape[0], -1)))
-        return call(dense(10, name="head"), x)
+
+#: the module paths of the CNN's layers, for rules that treat them differently
+CONVS, DENSES = "conv1|conv2", "fc|head"
+
+
+def int_rules(bits: int, *, lsq: bool = False) -> tuple[QuantRule, ...]:
+    """Every conv and dense layer: ``bits``-bit symmetric weights per output channel, a
+    ``bits``-bit affine per-tensor input quantizer (EMA observer, or learned with
+    ``lsq``)."""
+    return (QuantRule(".*", weight=bits, act=bits, lsq=lsq),)
 
 
 # -- training and evaluation --------------------------------------------------------------------
@@ -142,39 +120,40 @@ def _batches(data: Data, key, batch: int = BATCH):
         yield data.x_train[idx], data.y_train[idx]
 
 
-def train(model: nn.Module, variables, data: Data, *, epochs: int, lr: float, seed: int,
-          desc: str):
-    """Adam on the cross-entropy, ``train=True`` (observers update); returns variables."""
-    params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+def train(model, variables, data: Data, *, epochs: int, lr: float, seed: int, desc: str):
+    """Adam on the cross-entropy over the ``TRAINED`` collections, with ``quant_stats``
+    mutable (a quantized model's observers update; the fp32 model has none); returns
+    the variables.  ``model``: the fp32 ``CNN`` or a ``pj.quantize_model`` of it."""
+    trained = {k: v for k, v in variables.items() if k in TRAINED}
+    rest = {k: v for k, v in variables.items() if k not in TRAINED}
     tx = optax.adam(optax.cosine_decay_schedule(lr, epochs * (len(data.y_train) // BATCH)))
-    opt_state = tx.init(params)
+    opt_state = tx.init(trained)
 
     @jax.jit
-    def step(params, rest, opt_state, x, y):
-        def loss_fn(params):
-            logits, updates = model.apply({"params": params, **rest}, x, train=True,
-                                          mutable=["quant_stats"])
+    def step(trained, rest, opt_state, x, y):
+        def loss_fn(trained):
+            logits, updates = model.apply({**trained, **rest}, x, mutable=["quant_stats"])
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates
 
-        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        changes, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, changes), {**rest, **updates}, opt_state, loss
+        (loss, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained)
+        changes, opt_state = tx.update(grads, opt_state, trained)
+        return optax.apply_updates(trained, changes), {**rest, **updates}, opt_state, loss
 
     key = jax.random.key(seed)
     with tqdm(range(epochs), desc=desc, leave=False, unit="epoch") as bar:
         for _ in bar:
             key, sub = jax.random.split(key)
             for x, y in _batches(data, sub):
-                params, rest, opt_state, loss = step(params, rest, opt_state, x, y)
+                trained, rest, opt_state, loss = step(trained, rest, opt_state, x, y)
             bar.set_postfix(loss=f"{float(loss):.3f}")
-    return {"params": params, **rest}
+    return {**trained, **rest}
 
 
-def observe(model: nn.Module, variables, data: Data, *, batches: int = 8):
-    """Post-training calibration: run ``batches`` training batches with ``train=True``
-    so that the observers record the input ranges; parameters are not touched."""
-    run = jax.jit(lambda v, x: model.apply(v, x, train=True, mutable=["quant_stats"])[1])
+def observe(qmodel, variables, data: Data, *, batches: int = 8):
+    """Post-training calibration: run ``batches`` training batches with ``quant_stats``
+    mutable so that the observers record the input ranges; parameters are not touched."""
+    run = jax.jit(lambda v, x: qmodel.apply(v, x, mutable=["quant_stats"])[1])
     for i, (x, _) in enumerate(_batches(data, jax.random.key(SEED))):
         if i == batches:
             break
@@ -182,18 +161,18 @@ def observe(model: nn.Module, variables, data: Data, *, batches: int = 8):
     return variables
 
 
-def accuracy(model: nn.Module, variables, data: Data) -> float:
+def accuracy(model, variables, data: Data) -> float:
     logits = jax.jit(lambda v, x: model.apply(v, x))(variables, data.x_test)
     return float(jnp.mean(jnp.argmax(logits, -1) == data.y_test)) * 100
 
 
-def quantized(bits, float_variables, data: Data, *, lsq: bool = False,
-              fmt: Formats | None = None):
-    """The quantized model and its variables built from the float params: LSQ step sizes
-    initialised from the float kernels and a training batch, observers empty."""
-    model = CNN(bits=bits, lsq=lsq, formats=fmt)
-    variables = qnn.init_lsq(model, {"params": float_variables["params"]}, data.x_train[:BATCH])
-    return model, variables
+def quantized(rules: Sequence[QuantRule], float_variables, data: Data):
+    """The quantized CNN and its variables built from the float params: the
+    quantization collections from a training batch (LSQ step sizes initialised from
+    the float kernels and that batch's activations, observers empty)."""
+    qmodel = pj.quantize_model(CNN(), rules)
+    variables = qmodel.init_from({"params": float_variables["params"]}, data.x_train[:BATCH])
+    return qmodel, variables
 
 
 # -- the rows of the table ----------------------------------------------------------------------
@@ -208,7 +187,7 @@ class Row:
 @dataclasses.dataclass
 class Context:
     """What the rows share: the data, the epochs, the trained fp32 variables and the
-    quantized models trained so far (row name -> (model, variables))."""
+    quantized models trained so far (row name -> (quantized model, variables))."""
 
     data: Data
     epochs: int
@@ -227,9 +206,9 @@ def fp32_row(ctx: Context) -> Row:
 
 def ptq_row(bits: int) -> Callable[[Context], Row]:
     def row(ctx: Context) -> Row:
-        model, variables = quantized(bits, ctx.fp32, ctx.data)
-        variables = observe(model, variables, ctx.data)
-        return Row(f"{bits}-bit PTQ", bits, "PTQ", accuracy(model, variables, ctx.data))
+        qmodel, variables = quantized(int_rules(bits), ctx.fp32, ctx.data)
+        variables = observe(qmodel, variables, ctx.data)
+        return Row(f"{bits}-bit PTQ", bits, "PTQ", accuracy(qmodel, variables, ctx.data))
     return row
 
 
@@ -238,36 +217,28 @@ def qat_row(bits: int, *, lsq: bool = False, epochs_factor: float = 0.5,
     method = "LSQ" if lsq else "QAT"
 
     def row(ctx: Context) -> Row:
-        model, variables = quantized(bits, ctx.fp32, ctx.data, lsq=lsq)
+        qmodel, variables = quantized(int_rules(bits, lsq=lsq), ctx.fp32, ctx.data)
         epochs = max(1, round(ctx.epochs * epochs_factor))
-        variables = train(model, variables, ctx.data, epochs=epochs, lr=lr, seed=SEED + 1,
+        variables = train(qmodel, variables, ctx.data, epochs=epochs, lr=lr, seed=SEED + 1,
                           desc=f"{bits}-bit {method}")
         name = f"{bits}-bit QAT" + (" (LSQ)" if lsq else "") + ", from fp32"
-        ctx.trained[name] = (model, variables)
-        return Row(name, bits, method, accuracy(model, variables, ctx.data))
+        ctx.trained[name] = (qmodel, variables)
+        return Row(name, bits, method, accuracy(qmodel, variables, ctx.data))
     return row
-
-
-class ServedCNN(nn.Module):
-    """The CNN's architecture with stock Flax layers running integer ops."""
-
-    @nn.compact
-    def __call__(self, x):
-        return CNN.layers(x, serving.IntConv, serving.IntDense, lambda layer, x: layer(x))
 
 
 def served_row(source: str, *, fmt: tuple[int, str] | None = None
                ) -> Callable[[Context], Row]:
-    """The model of row ``source`` served with integer matmuls / convolutions; for a
-    float-format row, ``fmt = (bits, label)``: its fp8 / MX codes and scales served by
-    the same layers on the float path (``float_dot_general``)."""
+    """The model of row ``source`` served (``pj.serve_model``: codes + scales) with
+    integer matmuls / convolutions; for a float-format row, ``fmt = (bits, label)``: its
+    fp8 / MX codes and scales served on the float path."""
     how = "integer ops" if fmt is None else f"{fmt[1]} codes"
 
     def row(ctx: Context) -> Row:
-        model, variables = ctx.trained[source]
-        params, _ = serving.to_served(model, variables, ctx.data.x_test[:1])
-        served = jax.jit(ServedCNN().apply)({"params": params}, ctx.data.x_test)
-        fake = jax.jit(lambda v, x: model.apply(v, x))(variables, ctx.data.x_test)
+        qmodel, variables = ctx.trained[source]
+        served_fn, served_vars = pj.serve_model(qmodel, variables, ctx.data.x_test[:1])
+        served = jax.jit(served_fn)(served_vars, ctx.data.x_test)
+        fake = jax.jit(lambda v, x: qmodel.apply(v, x))(variables, ctx.data.x_test)
         same = int(jnp.sum(jnp.argmax(served, -1) == jnp.argmax(fake, -1)))
         ctx.notes.append(
             f"{source} served with {how}: same prediction as its fake-quant "
@@ -289,37 +260,39 @@ E4M3 = QuantSpec(dtype="float8_e4m3fn")  # one float32 scale per tensor
 
 
 def mx_conv(dtype: str) -> QuantSpec:
-    """MX elements with one E8M0 scale per output channel of a conv kernel: the block is
-    the channel's whole window (9 or 72 elements; no kernel axis holds 32)."""
+    """MX elements with one E8M0 scale per output channel of a conv kernel (a rule's
+    weight spec with an axis and no group size: per output channel): the block is the
+    channel's whole window (9 or 72 elements; no kernel axis holds 32)."""
     return QuantSpec(dtype=dtype, axis=-1, scale_dtype="float8_e8m0fnu")
 
 
 #: fp8 e4m3, per tensor, weights and inputs
-FP8 = Formats(E4M3, E4M3, E4M3, E4M3)
-#: MXFP8: dense kernels in blocks of 32 inputs (axis 0), dense inputs in blocks of 32
-#: along their last axis (dynamic); conv kernels one E8M0 scale per output channel, conv
-#: inputs one (observed) E8M0 scale per tensor
-MXFP8 = Formats(mx_conv("float8_e4m3fn"), dataclasses.replace(pj.formats.MXFP8_E4M3, axis=0),
-                QuantSpec(dtype="float8_e4m3fn", scale_dtype="float8_e8m0fnu"),
-                pj.formats.MXFP8_E4M3)
+FP8 = (QuantRule(".*", weight=E4M3, act=E4M3),)
+#: MXFP8: dense kernels in blocks of 32 along their contraction, dense inputs in blocks
+#: of 32 along their last axis (dynamic); conv kernels one E8M0 scale per output
+#: channel, conv inputs one (observed) E8M0 scale per tensor
+MXFP8 = (QuantRule(CONVS, weight=mx_conv("float8_e4m3fn"),
+                   act=QuantSpec(dtype="float8_e4m3fn", scale_dtype="float8_e8m0fnu")),
+         QuantRule(DENSES, weight=pj.formats.MXFP8_E4M3, act=pj.formats.MXFP8_E4M3))
 #: MXFP4, weights only (inputs float)
-MXFP4_W = Formats(mx_conv("float4_e2m1fn"), dataclasses.replace(pj.formats.MXFP4, axis=0))
+MXFP4_W = (QuantRule(CONVS, weight=mx_conv("float4_e2m1fn")),
+           QuantRule(DENSES, weight=pj.formats.MXFP4))
 
 
-def format_row(name: str, bits: int, fmt: Formats, *, qat: bool = False,
+def format_row(name: str, bits: int, rules: Sequence[QuantRule], *, qat: bool = False,
                epochs_factor: float = 0.5, lr: float = 1e-3) -> Callable[[Context], Row]:
     """A row of float / block formats: PTQ (inputs observed on training batches) or, with
     ``qat=True``, fine-tuned from fp32 like ``qat_row``."""
     def row(ctx: Context) -> Row:
-        model, variables = quantized(None, ctx.fp32, ctx.data, fmt=fmt)
+        qmodel, variables = quantized(rules, ctx.fp32, ctx.data)
         if qat:
             epochs = max(1, round(ctx.epochs * epochs_factor))
-            variables = train(model, variables, ctx.data, epochs=epochs, lr=lr,
+            variables = train(qmodel, variables, ctx.data, epochs=epochs, lr=lr,
                               seed=SEED + 1, desc=name)
         else:
-            variables = observe(model, variables, ctx.data)
-        ctx.trained[name] = (model, variables)
-        return Row(name, bits, "formats", accuracy(model, variables, ctx.data))
+            variables = observe(qmodel, variables, ctx.data)
+        ctx.trained[name] = (qmodel, variables)
+        return Row(name, bits, "formats", accuracy(qmodel, variables, ctx.data))
     return row
 
 
@@ -404,7 +377,8 @@ def main(argv=None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=30, help="fp32 epochs (QAT: half)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out",
-                                                      "qat_digits.png"))
+                                                      "qat_digits.png"),
+                        help="where to save the plot ('': no plot)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     notes = []
@@ -412,8 +386,9 @@ def main(argv=None) -> list[Row]:
     print(table(rows))
     for note in notes:
         print(note)
-    plot(rows, args.out)
-    print(f"\nplot: {args.out}   ({time.perf_counter() - start:.0f} s, jax "
+    if args.out:
+        plot(rows, args.out)
+    print(f"\nplot: {args.out or '-'}   ({time.perf_counter() - start:.0f} s, jax "
           f"{jax.__version__} on {jax.default_backend()})")
     return rows
 
