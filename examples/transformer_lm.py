@@ -888,24 +888,29 @@ def platform_line() -> str:
     docstring)."""
     import jaxlib
 
-    model, flags = platform.processor() or platform.machine(), set()
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name":
+                key = key.strip()
+                if key == "model name":
                     model = value.strip()
-                elif key.strip() == "flags":
+                elif key in ("cpu family", "model"):
+                    ids[key] = value.strip()
+                elif key == "flags":
                     flags = set(value.split())
                     break
     except OSError:
         pass
+    if len(ids) == 2:  # a VM's "model name" can be as vague as "AMD EPYC"
+        model += f" (family {ids['cpu family']} model {ids['model']})"
     isa = next((name for flag, name in _ISA_FLAGS if flag in flags), "ISA unknown")
     cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
             else os.cpu_count())
     flags_env = os.environ.get("XLA_FLAGS", "")
     return (f"platform: jax {jax.__version__}, jaxlib {jaxlib.__version__} "
-            f"({jax.default_backend()}); {model}, {isa}, {cpus} CPUs"
+            f"({jax.default_backend()}); {model}, {isa}, {cpus} CPU{'s' * (cpus != 1)}"
             + (f"; XLA_FLAGS={flags_env!r}" if flags_env else ""))
 
 
