@@ -50,7 +50,18 @@ The model's ``max_len`` is ``max(--seq-len, --fwd-seq)`` so that the 64 x 256 ti
 batch fits; with the default ``--seq-len 64`` the position embeddings past 64 are never
 trained, so held-out bits/byte are measured at the training context only (windows of
 65 bytes, all 64 predictions counted).  fp32 training is ~225 s of process CPU time
-(800 x 32 x 64 bytes; ~100-115 s wall on 2 idle cores).
+(800 x 32 x 64 bytes; ~100-115 s wall on 2 idle cores).  The run ends with the wall and
+process CPU seconds of each phase (fp32 training, each row, the forward timings).
+
+Reproducibility: the corpus (the running interpreter's stdlib; its file count, bytes
+and sha256 are printed), the initial parameters' key, the batches and the held-out
+windows are fixed by ``--seed``, and on one platform -- jaxlib, the CPU's vector ISA
+and the number of CPUs XLA:CPU splits its work over, printed as ``platform:`` -- reruns
+give bit-identical losses and bits/byte.  Another platform rounds differently from the
+random init on, and 800 AdamW steps amplify those last-bit differences: the fp32
+held-out figure spreads over about +-0.005 bits/byte (0.25 %) between platforms, and
+the rows' changes vs fp32 by a few tenths of a percentage point at 4 bits.  Compare
+figures from the same platform line.
 """
 
 from __future__ import annotations
@@ -60,6 +71,7 @@ import dataclasses
 import functools
 import math
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -238,6 +250,7 @@ class Context:
     reports: dict = dataclasses.field(default_factory=dict)
     curves: dict = dataclasses.field(default_factory=dict)
     algorithm_log: dict = dataclasses.field(default_factory=dict)
+    qmodels: dict = dataclasses.field(default_factory=dict)  # rule-set name -> (rules, qmodel)
 
 
 @dataclasses.dataclass
@@ -348,9 +361,20 @@ def calibrate(qmodel, variables, ctx: Context, batches: int):
 
 
 def quantized_model(ctx: Context, rules_name: str, rules: list[QuantRule]):
-    sample = jnp.zeros((1, 8), jnp.int32)
-    ctx.reports.setdefault(rules_name, pj.quantization_report(ctx.model, rules, sample))
-    qmodel = pj.quantize_model(ctx.model, rules)
+    """``(qmodel, variables)`` for ``rules`` around the fp32 params (``quantized_variables``).
+
+    One ``pj.quantize_model`` per rule set and run (``ctx.qmodels``): rows with equal rules
+    (int4 g32 RTN and its QAT fine-tune) share the quantized model, so its jitted
+    held-out evaluation (``_eval_fn``, keyed by ``qmodel.apply``) is compiled once."""
+    if rules_name not in ctx.reports:
+        sample = jnp.zeros((1, 8), jnp.int32)
+        ctx.reports[rules_name] = pj.quantization_report(ctx.model, rules, sample)
+    known = ctx.qmodels.get(rules_name)
+    if known is not None and known[0] == rules:
+        qmodel = known[1]
+    else:
+        qmodel = pj.quantize_model(ctx.model, rules)
+        ctx.qmodels[rules_name] = (rules, qmodel)
     return qmodel, quantized_variables(qmodel, ctx)
 
 
@@ -835,6 +859,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+#: ``/proc/cpuinfo`` flags, widest first: XLA:CPU's code (and so the float rounding) follows
+#: the host's vector ISA
+_ISA_FLAGS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+
+
+def platform_line() -> str:
+    """What the figures depend on besides the code, the corpus and the seed: jax/jaxlib,
+    the CPU's model and vector ISA, and how many CPUs XLA:CPU splits its work over.
+
+    On one such platform the run is bit-reproducible (same losses, same bits/byte);
+    another ISA or CPU count rounds differently from the random init on, and 800 steps
+    amplify those last-bit differences into a few thousandths of a bit per byte (module
+    docstring)."""
+    import jaxlib
+
+    model, flags, ids = platform.processor() or platform.machine(), set(), {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name":
+                    model = value.strip()
+                elif key in ("cpu family", "model"):
+                    ids[key] = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    if len(ids) == 2:  # a VM's "model name" can be as vague as "AMD EPYC"
+        model += f" (family {ids['cpu family']} model {ids['model']})"
+    isa = next((name for flag, name in _ISA_FLAGS if flag in flags), "ISA unknown")
+    cpus = (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+            else os.cpu_count())
+    flags_env = os.environ.get("XLA_FLAGS", "")
+    return (f"platform: jax {jax.__version__}, jaxlib {jaxlib.__version__} "
+            f"({jax.default_backend()}); {model}, {isa}, {cpus} CPU{'s' * (cpus != 1)}"
+            + (f"; XLA_FLAGS={flags_env!r}" if flags_env else ""))
+
+
 def setup(args: argparse.Namespace) -> Context:
     """Load the corpus and train the fp32 model."""
     train_data, heldout, info = lm.load_corpus(args.max_bytes)
@@ -843,7 +908,8 @@ def setup(args: argparse.Namespace) -> Context:
     model, params = lm.init_linen(config, args.seed)
     print(f"corpus: {info['files']} .py files under {info['root']} "
           f"({len(info['heldout_files'])} held out); train {info['train_bytes']:,} bytes, "
-          f"held-out {info['heldout_bytes']:,} bytes")
+          f"held-out {info['heldout_bytes']:,} bytes; sha256 {info['sha256'][:12]}")
+    print(platform_line())
     print(f"model: d={config.d_model} layers={config.num_layers} heads={config.num_heads} "
           f"max_len={config.max_len}: {lm.count_params(params):,} parameters")
     fp32 = train(lambda p, x: model.apply({"params": p}, x), params, train_data,
@@ -865,15 +931,32 @@ def rule_report(reports: dict) -> str:
         for name, report in reports.items())
 
 
+def phase_times(phases: dict) -> str:
+    """``{phase: (wall s, process CPU s)}`` (a row's phase: building it -- calibration,
+    fine-tune, ``serve_model`` -- and its held-out evaluation, compilations included),
+    as a few lines for the run's log: where a run's time went."""
+    items = [f"{name} {wall:.1f}/{cpu:.0f}" for name, (wall, cpu) in phases.items()]
+    lines, line = [], "time per phase (wall s / process CPU s):"
+    for item in items:
+        if len(line) + len(item) > 96:
+            lines.append(line)
+            line = "   "
+        line += f" {item};"
+    return "\n".join(lines + [line.rstrip(";")])
+
+
 def run(rows: list[Callable[[Context], Row]] | None = None, argv=None):
     """Train fp32, build and measure every row; returns ``(ctx, results)``."""
     start, cpu_start = time.perf_counter(), time.process_time()
     args = parse_args(argv)
     ctx = setup(args)
+    phases = {"corpus, fp32 training": (time.perf_counter() - start,
+                                         time.process_time() - cpu_start)}
     results, deployed = [], []
     rows = rows if rows is not None else suite_rows(args.rows)
     with tqdm(rows, desc="rows", unit="row", leave=False) as bar:
         for make_row in bar:
+            t, c = time.perf_counter(), time.process_time()
             row = make_row(ctx)
             if not isinstance(row, Row):
                 row = Row(*row, deployed=not results)  # a plain (name, fn, variables) tuple
@@ -881,11 +964,14 @@ def run(rows: list[Callable[[Context], Row]] | None = None, argv=None):
             results.append(measure(row, ctx))
             if row.deployed:
                 deployed.append((row, results[-1]))
+            phases[row.name] = (time.perf_counter() - t, time.process_time() - c)
     if deployed:
+        t, c = time.perf_counter(), time.process_time()
         times = forward_times([r for r, _ in deployed], batch=args.fwd_batch,
                               seq_len=args.fwd_seq, rounds=args.fwd_rounds, seed=args.seed)
         for (_, result), seconds in zip(deployed, times, strict=True):
             result.forward_ms = 1e3 * seconds
+        phases["forward times"] = (time.perf_counter() - t, time.process_time() - c)
     if ctx.reports:
         print(rule_report(ctx.reports))
     for name, res in ctx.curves.items():
@@ -893,8 +979,11 @@ def run(rows: list[Callable[[Context], Row]] | None = None, argv=None):
               f"(first step {res.compile_s:.1f} s, then {1e3 * res.step_s:.1f} ms/step)")
     print(table(results, (args.fwd_batch, args.fwd_seq)))
     if args.out:
+        t, c = time.perf_counter(), time.process_time()
         plot(ctx.fp32, results, args.out, ctx.curves)
         print(f"plot: {args.out}")
+        phases["plot"] = (time.perf_counter() - t, time.process_time() - c)
+    print(phase_times(phases))
     print(f"total {time.perf_counter() - start:.0f} s wall, process CPU "
           f"{time.process_time() - cpu_start:.0f} s on {os.cpu_count()} cores "
           f"(jax {jax.__version__}, {jax.default_backend()})")

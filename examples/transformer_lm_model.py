@@ -106,7 +106,10 @@ def load_corpus(max_bytes: int | None = None, root: str | None = None):
     """``(train, heldout, info)``: two uint8 byte streams and a description.
 
     ``max_bytes`` (for tests and quick runs) truncates each stream to its first
-    ``max_bytes`` bytes; the split itself does not change.
+    ``max_bytes`` bytes; the split itself does not change.  ``info["sha256"]`` digests
+    the two whole streams: the corpus is whatever stdlib the running interpreter ships
+    (another CPython patch release, or a distribution's split-up stdlib, is another
+    corpus), so a printed figure is only comparable under the same digest.
     """
     root = root or stdlib_root()
     files = corpus_files(root)
@@ -121,12 +124,15 @@ def load_corpus(max_bytes: int | None = None, root: str | None = None):
             train_parts.append(data)
     train = np.frombuffer(b"".join(train_parts), dtype=np.uint8)
     heldout = np.frombuffer(b"".join(held_parts), dtype=np.uint8)
+    digest = hashlib.sha256(train.tobytes())
+    digest.update(heldout.tobytes())
     info = {
         "root": root,
         "files": len(files),
         "heldout_files": held_files,
         "train_bytes_total": int(train.size),
         "heldout_bytes_total": int(heldout.size),
+        "sha256": digest.hexdigest(),  # of the whole train stream, then the held-out one
     }
     if max_bytes is not None:
         train, heldout = train[:max_bytes], heldout[:max_bytes]

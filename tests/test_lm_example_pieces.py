@@ -4,6 +4,7 @@ the standard-library corpus and its split, the batch sampler, the linen and nnx 
 
 import dataclasses
 import functools
+import hashlib
 import importlib.util
 import math
 import os
@@ -63,7 +64,7 @@ def example(monkeypatch):
         if key not in _SETUPS:
             _SETUPS[key] = real(args)
         return dataclasses.replace(_SETUPS[key], args=args, quantized={}, reports={},
-                                   curves={}, algorithm_log={})
+                                   curves={}, algorithm_log={}, qmodels={})
 
     monkeypatch.setattr(ex, "setup", setup)
     return ex
@@ -83,6 +84,8 @@ def test_corpus_is_the_stdlib_sources(corpus):
     sizes = {rel: os.path.getsize(os.path.join(info["root"], rel)) for rel in files}
     assert train.size + heldout.size == sum(sizes.values())
     assert heldout.size == sum(sizes[rel] for rel in info["heldout_files"])
+    # the digest printed beside the figures: of the two whole streams, train first
+    assert info["sha256"] == hashlib.sha256(train.tobytes() + heldout.tobytes()).hexdigest()
     # the first held-out file starts the held-out stream
     first = info["heldout_files"][0]
     with open(os.path.join(info["root"], first), "rb") as f:
