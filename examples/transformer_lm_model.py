@@ -314,9 +314,38 @@ class NNXBlock(nnx.Module):
         self.ln_2 = nnx.LayerNorm(c.d_model, rngs=rngs)
         self.mlp_in = nnx.Linear(c.d_model, c.mlp_ratio * c.d_model, rngs=rngs)
         self.mlp_out = nnx.Linear(c.mlp_ratio * c.d_model, c.d_model, rngs=rngs)
+        self.cached_key = self.cached_value = self.cache_index = nnx.data(None)
 
-    def __call__(self, x, mask):
-        x = x + self.attn(self.ln_1(x), mask=mask)
+    def init_cache(self, batch: int) -> None:
+        """An empty KV cache (``nnx.Cache`` variables) for ``batch`` sequences."""
+        c = self.config
+        shape = (batch, c.max_len, c.num_heads, c.d_model // c.num_heads)
+        self.cached_key = nnx.Cache(jnp.zeros(shape))
+        self.cached_value = nnx.Cache(jnp.zeros(shape))
+        self.cache_index = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def cached_attention(self, x):
+        """``self.attn``'s projections with the KV cache (``CachedAttention``'s math)."""
+        new = x.shape[1]
+        head_dim = self.config.d_model // self.config.num_heads
+        q, k, v = self.attn.query(x), self.attn.key(x), self.attn.value(x)
+        start = self.cache_index[...]
+        at = (0, start, 0, 0)
+        keys = jax.lax.dynamic_update_slice(self.cached_key[...], k, at)
+        values = jax.lax.dynamic_update_slice(self.cached_value[...], v, at)
+        self.cached_key[...], self.cached_value[...] = keys, values
+        self.cache_index[...] = start + new
+        visible = (jnp.arange(self.config.max_len)[None, :]
+                   <= (start + jnp.arange(new))[:, None])
+        q = q / jnp.sqrt(head_dim).astype(q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, keys)
+        logits = jnp.where(visible[None, None], logits, jnp.finfo(logits.dtype).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        return self.attn.out(jnp.einsum("bhqk,bkhd->bqhd", probs, values))
+
+    def __call__(self, x, mask, decode: bool = False):
+        h = self.ln_1(x)
+        x = x + (self.cached_attention(h) if decode else self.attn(h, mask=mask))
         return x + self.mlp_out(nnx.gelu(self.mlp_in(self.ln_2(x))))
 
 
@@ -329,19 +358,30 @@ class NNXTransformerLM(nnx.Module):
             setattr(self, f"blocks_{i}", NNXBlock(c, rngs=rngs))
         self.ln_f = nnx.LayerNorm(c.d_model, rngs=rngs)
         self.head = nnx.Linear(c.d_model, c.vocab, rngs=rngs)
+        self.position = nnx.data(None)  # a cache variable once init_cache is called
 
     def blocks(self):
         return [getattr(self, f"blocks_{i}") for i in range(self.config.num_layers)]
 
-    def __call__(self, tokens):
+    def init_cache(self, batch: int) -> None:
+        """Empty KV caches for ``batch`` sequences (``decode=True`` calls continue them)."""
+        for block in self.blocks():
+            block.init_cache(batch)
+        self.position = nnx.Cache(jnp.array(0, jnp.int32))
+
+    def __call__(self, tokens, decode: bool = False):
         c = self.config
         seq = tokens.shape[-1]
         if seq > c.max_len:
             raise ValueError(f"sequence length {seq} > max_len {c.max_len}")
-        x = self.tok_embed(tokens) + self.pos_embed(jnp.arange(seq))
-        mask = nnx.make_causal_mask(tokens)
+        positions = jnp.arange(seq)
+        if decode:
+            positions = positions + self.position[...]
+            self.position[...] = self.position[...] + seq
+        x = self.tok_embed(tokens) + self.pos_embed(positions)
+        mask = None if decode else nnx.make_causal_mask(tokens)
         for block in self.blocks():
-            x = block(x, mask)
+            x = block(x, mask, decode)
         return self.head(self.ln_f(x))
 
 

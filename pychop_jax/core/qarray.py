@@ -14,8 +14,8 @@ So MXFP4 costs 4.25 bits per element plus a few bytes, NVFP4 4.5.
 
 Integer grids with ``scale_dtype="float16"`` / ``"bfloat16"`` store their scales in that
 dtype (rounded up onto its grid by ``numerics.round_scale``, which the calibrated ones
-already are), and a symmetric grid's zero point once: int4 per group of 32 costs
-4 + 16/32 = 4.5 bits per weight instead of 4 + 32/32.
+already are): int4 per group of 32 costs 4 + 16/32 = 4.5 bits per weight instead of
+4 + 32/32.  Every symmetric grid stores its zero point (0) once.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ class QuantizedArray:
 def _compact(spec: QuantSpec) -> bool:
     """Whether ``QuantizedArray`` stores this spec's state compactly (scales in their
     scale format, one zero point when the grid is symmetric)."""
-    return spec.is_float or spec.scale_dtype is not None
+    return spec.is_float or spec.scale_dtype is not None or spec.symmetric
 
 
 def storage_state(state: QuantState) -> QuantState:

@@ -389,6 +389,12 @@ def _served_nnx_class():
             writes: the parameters as the list of their leaves)."""
             return _flat_served(self.served.get_value())
 
+        def set_state(self, model) -> None:
+            """Copy ``model``'s non-parameter state (its caches, batch statistics) into
+            this served copy: e.g. fresh caches, ``model.init_cache(b);
+            served.set_state(model)``."""
+            self.rest.set_value(nnx.state(model, nnx.Not(nnx.Param)))
+
         def with_served_variables(self, stored) -> ServedNnxModel:
             """A copy with stored served variables (``load_quantized(path, like=...)``)."""
             copy = nnx.clone(self)
@@ -401,8 +407,9 @@ def _served_nnx_class():
             variables = {"params": _float_avals(served["params"], self.dtypes),
                          "rest": self.rest.get_value()}
             traced, arrays = fn.trace(variables, args, kwargs)
-            (out, _), _ = Traces.run(traced, Serve(traced.plan), served["params"], arrays,
-                                     _import_inputs(traced.plan, served))
+            (out, rest), _ = Traces.run(traced, Serve(traced.plan), served["params"], arrays,
+                                        _import_inputs(traced.plan, served))
+            self.rest.set_value(rest)  # its caches (codes and scales where quantized)
             return out
 
     return ServedNnxModel

@@ -77,9 +77,14 @@ def test_quantized_array_matches_ops(spec, packed):
 def test_nbytes_counts_what_is_stored():
     spec = pj.QuantSpec(4, symmetric=True, axis=1)
     qa = pj.QuantizedArray.quantize(X, spec)
-    # 12 x 10 codes, 2 per byte -> 12 x 5 bytes; 10 float32 scales; 10 int32 zero points
-    assert qa.nbytes == 12 * 5 + 10 * 4 + 10 * 4
-    assert qa.unpack().nbytes == 12 * 10 + 10 * 4 + 10 * 4
+    # 12 x 10 codes, 2 per byte -> 12 x 5 bytes; 10 float32 scales; a symmetric grid's
+    # zero point (0) once
+    assert qa.nbytes == 12 * 5 + 10 * 4 + 4
+    assert qa.unpack().nbytes == 12 * 10 + 10 * 4 + 4
+    affine = pj.QuantizedArray.quantize(X, pj.QuantSpec(4, symmetric=False, axis=1))
+    assert affine.nbytes == 12 * 5 + 10 * 4 + 10 * 4  # one int32 zero point per scale
+    np.testing.assert_array_equal(qa.dequantize(), pj.dequantize(
+        pj.quantize(X, pj.calibrate(X, spec)), pj.calibrate(X, spec)))
 
 
 def test_quantized_array_is_a_pytree():
