@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from .spec import QuantSpec
 
-__all__ = ["MXFP8_E4M3", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2", "MXFP4", "MXINT8",
+__all__ = ["INT8_PER_TOKEN", "MXFP8_E4M3", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2", "MXFP4", "MXINT8",
            "NVFP4", "NF4", "PRESETS", "mx"]
 
 _E8M0 = "float8_e8m0fnu"
@@ -61,3 +61,8 @@ PRESETS: dict[str, QuantSpec] = {
     "MXFP8_E4M3": MXFP8_E4M3, "MXFP8_E5M2": MXFP8_E5M2, "MXFP6_E2M3": MXFP6_E2M3,
     "MXFP6_E3M2": MXFP6_E3M2, "MXFP4": MXFP4, "MXINT8": MXINT8, "NVFP4": NVFP4, "NF4": NF4,
 }
+
+#: dynamic per-token int8 inputs (w8a8 as LLM.int8 / torchao's dynamic activations): one
+#: symmetric scale per row, calibrated on each call; as a rule's ``act``, the block spans
+#: the input's whole last axis (``QuantRule``: a block at least that long is one block)
+INT8_PER_TOKEN = QuantSpec(bits=8, symmetric=True, axis=-1, group_size=1 << 30)

@@ -297,11 +297,20 @@ def _storage_dn(dn, perm, ndim: int):
     return ((lc, rc_s), (lb, rb_s)), block
 
 
-def _int_ready(x: InputQuant, qa: QuantizedArray, contracted) -> bool:
+def _int_ready(x: InputQuant, qa: QuantizedArray, contracted, x_shape=None,
+               x_contracted=None) -> bool:
+    """Whether the integer path applies: <= 8-bit integer grids on both sides, the
+    weight's scales constant along its contracted axes, the input's too (per tensor, or
+    one scale per token: blocks spanning the contracted last axis)."""
     spec_x = x.state.spec if x.state is not None else x.spec
     ok = lambda s: is_integer_format(s) and s.bits <= 8  # noqa: E731
-    if not (ok(spec_x) and ok(qa.spec)) or spec_x.group_size is not None:
+    if not (ok(spec_x) and ok(qa.spec)):
         return False
+    if spec_x.group_size is not None:
+        per_token = (x_shape is not None and spec_x.group_size == x_shape[-1]
+                     and tuple(d % len(x_shape) for d in x_contracted) == (len(x_shape) - 1,))
+        if not per_token:
+            return False
     shape = qa.state.scale.shape
     return len(shape) == qa.ndim and all(shape[a] == 1 for a in contracted)
 
@@ -343,10 +352,10 @@ def served_dot_general(x, w: ServedWeight, params: dict, operand: int,
     dn, out_perm = _weight_as_rhs(dn, operand, jnp.ndim(x), len(w.shape))
     dn, block = _storage_dn(dn, w.perm, len(w.shape))
     qa = w.qa
-    (_, rc), _ = dn
+    (lc, rc), _ = dn
     if quant is None:
         y = _weight_only(x, qa, dn, out_dtype)
-    elif _int_ready(quant, qa, rc):
+    elif _int_ready(quant, qa, rc, jnp.shape(x), lc):
         y = int_dot_general(quant.quantize(x), qa, dn, preferred_element_type=jnp.float32)
     elif _float_codes_ready(quant, qa):
         y = float_dot_general(quant.quantize(x), qa, dn, preferred_element_type=jnp.float32)

@@ -323,6 +323,9 @@ def make_plan(graph: Graph, rules) -> Plan:
         if rule is not None and site.kind == "weight":
             act = rule.act_spec()
             if act is not None and qat.is_dynamic(act):
+                last = site.eqn.invars[site.activation].aval.shape[-1]
+                if act.group_size >= last:  # one block spans the row: per token
+                    act = dataclasses.replace(act, group_size=last)
                 err = _block_input_error(site, act, w)
                 if err:
                     errors.append(err)

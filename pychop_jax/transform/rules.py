@@ -61,7 +61,8 @@ layer.
     ``g`` consecutive features along the input's **last axis**, which the matmul must
     contract; quantized *dynamically*, on each call, training and evaluation alike
     (``qat.input_fake_quant``), as MX / NVFP4 hardware computes its scales; no range
-    is kept.  Not with ``lsq``.
+    is kept.  A block at least as long as the last axis is the whole row: one scale
+    per token (``pj.formats.INT8_PER_TOKEN``).  Not with ``lsq``.
 
   Per-channel input specs (``axis`` without ``group_size``) are refused.  An embedding
   lookup's input is integer ids: ``act`` applies to its table's matmul uses only.
