@@ -43,7 +43,7 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 
-from ..transform.function import QuantizedFunction, VariablesModel, as_rules
+from ..transform.function import QuantizedFunction, VariablesModel, as_rules, merge_variables
 from ..transform.plan import COLLECTIONS, LEARNED, METHOD, STATS
 from ..transform.rules import QuantReport
 from ..transform.tracing import join_static, leaf_paths
@@ -236,9 +236,10 @@ def _make_nnx_model_class():
             (out, rest), scope, traced, _ = fn.run(variables, args, kwargs, method=method,
                                                    mode=mode)
             nnx.update(self.model, rest)
-            if mode == "train":
+            if mode == "train":  # the states of the sites this call did not reach: kept
                 exported = traced.plan.export(scope)
-                self.quant_stats.set_value(exported.get(STATS, {}))
+                self.quant_stats.set_value(merge_variables(self.quant_stats.get_value(),
+                                                           exported.get(STATS, {})))
             return out, traced
 
         def __call__(self, *args, **kwargs):
@@ -328,8 +329,8 @@ def _equinox_class():
             fn, variables = self.variables(state)
             mode = "eval" if self.inference else "train"
             out, scope, traced, _ = fn.run(variables, args, kwargs, mode=mode)
-            stats = traced.plan.export(scope).get(STATS, {}) if mode == "train" \
-                else variables[STATS]
+            stats = merge_variables(variables[STATS], traced.plan.export(scope).get(STATS, {})) \
+                if mode == "train" else variables[STATS]
             return out, {**(state or {}), STATS: stats}
 
         def report(self, *args, **kwargs) -> QuantReport:

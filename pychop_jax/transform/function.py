@@ -22,7 +22,7 @@ parameters and the rest (``split``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -33,7 +33,7 @@ from .tracing import Traced, Traces, join_static, leaf_paths, split_static
 from .training import FakeQuant
 
 __all__ = ["VariablesModel", "QuantizedFunction", "as_rules", "mutable_collections",
-           "init_weight_steps"]
+           "init_weight_steps", "merge_variables"]
 
 
 def as_rules(rules) -> tuple[QuantRule, ...]:
@@ -145,7 +145,9 @@ class VariablesModel:
         ``mutable``: the collections to return updated, linen's convention (``True``:
         all; ``"quant_stats"`` among them: the observers update their ranges --
         training; otherwise the ranges are frozen -- evaluation).  Returns the output,
-        or ``(output, updates)`` when ``mutable`` names anything.
+        or ``(output, updates)`` when ``mutable`` names anything; as in linen, an updated
+        collection is returned whole (the states of the sites this call did not reach --
+        another ``method``, another branch -- as they are in ``variables``).
         """
         names = mutable_collections(mutable, (STATS, LEARNED))
         own = self.own_collections(mutable)
@@ -159,7 +161,9 @@ class VariablesModel:
             out, made = out
             updates.update(made)
         exported = traced.plan.export(scope)
-        updates.update({c: exported[c] for c in names if c in exported and c in COLLECTIONS})
+        for c in names:
+            if c in COLLECTIONS and (c in exported or c in variables):
+                updates[c] = merge_variables(variables.get(c, {}), exported.get(c, {}))
         return out, updates
 
     def init_variables(self, variables, args, kwargs, method=None):
@@ -175,14 +179,18 @@ class VariablesModel:
             flat[(LEARNED,) + key + ("weight_scale",)] = scale
             if zero_point is not None:
                 flat[(LEARNED,) + key + ("weight_zero_point",)] = zero_point
-        made = _merge(plan.export(scope), nest(flat))
+        made = merge_variables(plan.export(scope), nest(flat))
         return {**variables, **made}
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_variables(a: Mapping, b: Mapping) -> dict:
+    """``a`` updated by ``b``, nested mappings merged key by key (a collection's states
+    updated by those of one call)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        out[k] = merge_variables(old, v) if isinstance(v, Mapping) and isinstance(old, Mapping) \
+            else v
     return out
 
 

@@ -281,6 +281,10 @@ def test_linen_lsq_step_sizes_from_data_and_learned():
     grads = jax.grad(loss)({"params": v["params"], LSQ_PARAMS: v[LSQ_PARAMS]})
     for leaf in jax.tree.leaves(grads[LSQ_PARAMS]):
         assert bool(jnp.all(jnp.isfinite(leaf))) and bool(jnp.any(leaf != 0))
+    # mutable=True: every collection, whole (the weight steps too, which no site holds)
+    _, upd = qmodel.apply(v, x, mutable=True)
+    assert set(upd) == {"params", LSQ_PARAMS}
+    jax.tree.map(np.testing.assert_array_equal, upd[LSQ_PARAMS], v[LSQ_PARAMS])
 
 
 def test_linen_end_to_end_qat_training_with_kwargs_passthrough():
@@ -497,6 +501,44 @@ def test_nnx_train_observes_and_eval_freezes():
     assert mlp_in() == 2
 
 
+class NnxTwoHeads(nnx.Module):
+    """Which weights a call reaches depends on a Python argument."""
+
+    def __init__(self, rngs):
+        self.a = nnx.Linear(5, 3, rngs=rngs)
+        self.b = nnx.Linear(5, 3, rngs=rngs)
+
+    def __call__(self, x, head="a"):
+        return getattr(self, head)(x)
+
+
+def test_nnx_and_equinox_calls_keep_the_states_of_the_sites_they_do_not_reach():
+    import equinox as eqx
+
+    x = normal(1, (3, 5))
+    rule = QuantRule(".*", weight=8, act=8, observer="minmax")
+    qmodel = quantize_model(NnxTwoHeads(nnx.Rngs(0)), rule)
+    qmodel(x, head="a")
+    qmodel(x, head="b")  # observes b, keeps a's range
+    qmodel(x, head="b")
+    stats = qmodel.quant_stats.get_value()
+    assert (count(stats, "a", "kernel"), count(stats, "b", "kernel")) == (1, 2)
+
+    class EqxTwoHeads(eqx.Module):
+        a: eqx.nn.Linear
+        b: eqx.nn.Linear
+
+        def __call__(self, x, head="a"):
+            return jax.vmap(getattr(self, head))(x)
+
+    keys = jax.random.split(KEY)
+    model = EqxTwoHeads(eqx.nn.Linear(5, 3, key=keys[0]), eqx.nn.Linear(5, 3, key=keys[1]))
+    qeqx, state = quantize_model(model, rule, x)  # the sample call reaches a only
+    _, state = qeqx(x, head="a", state=state)
+    _, state = qeqx(x, head="b", state=state)
+    assert (count(state[STATS], "a", "weight"), count(state[STATS], "b", "weight")) == (1, 1)
+
+
 def test_nnx_lsq_step_sizes_from_the_kernel_and_the_first_call():
     layer, shape = nnx_layers()["dense"]
     x = normal(1, shape)
@@ -607,7 +649,9 @@ def test_linen_apply_method_quantizes_the_same_weights():
                                rtol=0, atol=0)
     np.testing.assert_allclose(qmodel.apply(v, IDS), y, rtol=1e-6, atol=1e-6)
     _, upd = qmodel.apply(v, IDS, method="encode", mutable=[STATS])
-    assert count(upd[STATS], "enc", "kernel") == 1  # only the layers encode reaches observe
+    # only the weights encode reaches observe; the collection comes back whole, as linen's
+    counts = {k: count(s, name) for k, s in upd[STATS].items() for name in s}
+    assert counts == {"embed": 0, "enc": 1, "dec": 0}
     assert qmodel.report(v, IDS, method="encode").unmatched == ()
     with pytest.raises(AttributeError, match='"EncDec" object has no attribute "decoder"'):
         qmodel.apply(v, h, method="decoder")
