@@ -38,7 +38,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -115,17 +115,21 @@ class QuantizedModel(VariablesModel):
 
     def init(self, rngs, *args, method=None, **kwargs):
         """``Module.init`` of the float model, then the quantization collections from
-        the same call (empty observer ranges; LSQ step sizes from the data)."""
+        the same call (empty observer ranges; LSQ step sizes from the data), which gets
+        the same ``rngs`` (a training call's dropout)."""
         variables = self.float_model.init(rngs, *args, method=method, **kwargs)
-        return self.init_from(variables, *args, method=method, **_without(kwargs, "rngs"))
+        rngs = dict(rngs) if isinstance(rngs, Mapping) else {"params": rngs}
+        return self.init_from(variables, *args, method=method, rngs=rngs, **kwargs)
 
     def init_from(self, variables, *args, method=None, **kwargs):
         """``variables`` (the float model's, e.g. pretrained) with the quantization
         collections added from one sample call: empty observer ranges, LSQ step sizes
-        from the given weights and the data."""
+        from the given weights and the data.  ``kwargs`` as ``apply``'s (``rngs=``);
+        the call may update the model's own collections (batch statistics of a training
+        call): ``variables`` keep theirs."""
         variables = dict(variables)
         out = self.init_variables(variables, args, kwargs, method)
-        _warn_unmatched(self.trace(variables, args, kwargs, method)[0].plan.report)
+        _warn_unmatched(self.last_trace().plan.report)
         return out
 
     def apply(self, variables, *args, method=None, mutable=False, **kwargs):
@@ -136,10 +140,6 @@ class QuantizedModel(VariablesModel):
 
     def __repr__(self) -> str:
         return f"QuantizedModel({type(self.float_model).__name__}, {len(self.rules)} rule(s))"
-
-
-def _without(kwargs: dict, key: str) -> dict:
-    return {k: v for k, v in kwargs.items() if k != key}
 
 
 # ==== nnx =====================================================================================
@@ -448,7 +448,8 @@ def quantization_report(model, rules, *args, **kwargs) -> QuantReport:
     if isinstance(model, nn.Module):
         rngs = kwargs.pop("rngs", jax.random.key(0))
         variables = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs))
-        return QuantizedModel(model, rules).report(variables, *args, **kwargs)
+        rngs = dict(rngs) if isinstance(rngs, Mapping) else {"params": rngs}
+        return QuantizedModel(model, rules).report(variables, *args, rngs=rngs, **kwargs)
     if _is_nnx(model):
         return _nnx_class()(model, rules).report(*args, **kwargs)
     if is_equinox(model):

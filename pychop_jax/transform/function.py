@@ -115,8 +115,10 @@ class VariablesModel:
         return self._traces.last
 
     def report(self, variables, *args, method=None, **kwargs) -> QuantReport:
-        """The ``QuantReport`` of one call (abstract: nothing is computed)."""
-        return self.trace(variables, args, kwargs, method)[0].plan.report
+        """The ``QuantReport`` of one call (abstract: nothing is computed; the model's
+        own collections mutable, as a training call may need)."""
+        return self.trace(variables, args, kwargs, method,
+                          self.own_collections(True))[0].plan.report
 
     # -- the QAT model ----------------------------------------------------------------------
     def run(self, variables, args, kwargs, *, method=None, mutable=(), mode="eval",
@@ -168,8 +170,11 @@ class VariablesModel:
 
     def init_variables(self, variables, args, kwargs, method=None):
         """``variables`` with the quantization collections created from one call: empty
-        observer ranges, LSQ step sizes from the weights and the inputs at hand."""
+        observer ranges, LSQ step sizes from the weights and the inputs at hand.  The
+        call may update the model's own collections (a training call: batch statistics);
+        those updates are dropped, ``variables`` keep theirs."""
         out, scope, traced, learned = self.run(variables, args, kwargs, method=method,
+                                               mutable=self.own_collections(True),
                                                mode="init")
         del out
         plan = traced.plan

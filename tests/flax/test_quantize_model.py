@@ -313,6 +313,46 @@ def test_linen_end_to_end_qat_training_with_kwargs_passthrough():
     assert count(v[STATS], "blocks_1", "attn", "query", "kernel") == 8
 
 
+class NormDrop(nn.Module):
+    """Batch statistics and dropout in training mode."""
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        h = nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(4, name="fc")(x))
+        return nn.Dense(3, name="out")(nn.Dropout(0.5, deterministic=not train)(h))
+
+
+def test_linen_init_and_report_from_a_training_call_with_batch_stats_and_dropout():
+    """The sample call of init / the report may update the model's own collections and
+    draw dropout masks, as linen's init allows (init keeps the float init's batch
+    statistics); training updates both collections, with rngs and mutable as linen's."""
+    x = normal(1, (5, 6))
+    rules = [QuantRule("fc", weight=8, act=8, observer="minmax"), QuantRule("out", weight=8)]
+    qmodel = quantize_model(NormDrop(), rules)
+    rngs = {"params": KEY, "dropout": jax.random.key(1)}
+    v = qmodel.init(rngs, x, train=True)
+    float_v = NormDrop().init(rngs, x, train=True)
+    assert set(v) == {"params", "batch_stats", STATS}
+    jax.tree.map(np.testing.assert_array_equal, v["batch_stats"], float_v["batch_stats"])
+    assert qmodel.init(KEY, x, train=True).keys() == v.keys()  # one key: dropout from params
+    report = quantization_report(NormDrop(), rules, x, train=True, rngs=rngs)
+    assert set(report.weights()) == {"fc/kernel", "out/kernel"} and not report.unmatched
+    assert qmodel.report(v, x, train=True, rngs={"dropout": KEY}).ops == report.ops
+    y, upd = qmodel.apply(v, x, train=True, mutable=["batch_stats", STATS],
+                          rngs={"dropout": jax.random.key(2)})
+    assert set(upd) == {"batch_stats", STATS} and count(upd[STATS], "fc", "kernel") == 1
+    # the float model on the hand-quantized kernels and input (fc's input is x itself):
+    # the same dropout mask, the same batch statistics
+    p = v["params"]
+    hand = {**p, **{k: {**p[k], "kernel": fq(p[k]["kernel"], channel_spec("dense"))}
+                    for k in ("fc", "out")}}
+    want, want_upd = NormDrop().apply({**float_v, "params": hand}, fq(x, A8), train=True,
+                                      mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 upd["batch_stats"], want_upd["batch_stats"])
+
+
 # -- layers the old interceptors could not cover: any matmul on a parameter is a weight ------
 class WithTranspose(nn.Module):
     @nn.compact
