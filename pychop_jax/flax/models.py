@@ -223,6 +223,9 @@ def _make_nnx_model_class():
             return fn
 
         def run(self, args, kwargs, mode=None, method=None):
+            """``(output, traced)`` of one call; the first call makes the quantization
+            state (and warns of unmatched rules).  ``mode="init"`` (the sample call of
+            ``quantize_model``) only makes it: the model's own state is not updated."""
             graphdef, variables = _nnx_variables(self)
             fn = self._functions(graphdef)
             if not self.initialized:
@@ -230,6 +233,9 @@ def _make_nnx_model_class():
                 self.quant_stats.set_value(made.get(STATS, {}))
                 self.quant_params.set_value(made.get(LEARNED, {}))
                 self.initialized = True
+                _warn_unmatched(fn.last_trace().plan.report, stacklevel=4)
+                if mode == "init":
+                    return None, fn.last_trace()
                 graphdef, variables = _nnx_variables(self)
             if mode is None:
                 mode = "eval" if self.use_running_average else "train"
@@ -423,8 +429,7 @@ def quantize_model(model, rules, *args, call=None, **kwargs):
     if _is_nnx(model):
         qmodel = _nnx_class()(model, rules)
         if args or kwargs:
-            qmodel.run(args, kwargs, mode="init")
-            _warn_unmatched(qmodel.report(*args, **kwargs))
+            qmodel.run(args, kwargs, mode="init")  # warns of unmatched rules
         return qmodel
     if is_equinox(model):
         return _quantize_equinox(model, rules, args, kwargs, call)

@@ -493,13 +493,37 @@ def test_nnx_model_unchanged_and_params_kept():
     assert set(stats["blocks"]["0"]["attn"]) == {"query", "key", "value"}  # out is excluded
 
 
-def test_nnx_report_and_unmatched_warning():
+class NnxNorm(nnx.Module):
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(5, 4, rngs=rngs)
+        self.bn = nnx.BatchNorm(4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.fc(x))
+
+
+def test_nnx_report_and_unmatched_warning_when_the_state_is_made():
     model, _ = _nnx_lm()
     check_lm_report(quantization_report(model, NNX_RULES, IDS), "/")
-    layer, shape = nnx_layers()["dense"]
-    rules = [QuantRule("layer", weight=8), QuantRule("decoder/.*", weight=4)]
-    with pytest.warns(UserWarning, match="#1 'decoder/.\\*' matched no op"):
-        quantize_model(NnxSingle(layer), rules, normal(1, shape))  # the sample call
+    x = normal(1, (3, 5))
+    rules = [QuantRule("fc", weight=8, act=8), QuantRule("decoder/.*", weight=4)]
+    match = "#1 'decoder/.\\*' matched no op"
+    float_model = NnxNorm(nnx.Rngs(0))  # training mode: its calls update the batch stats
+    with pytest.warns(UserWarning, match=match) as record:
+        sampled = quantize_model(float_model, rules, x)  # the sample call makes the state
+    assert len(record) == 1
+    # ... and only that: the copy's batch statistics are the model's
+    for name in ("mean", "var"):
+        np.testing.assert_array_equal(getattr(sampled.model.bn, name)[...],
+                                      getattr(float_model.bn, name)[...])
+    assert count(sampled.quant_stats.get_value(), "fc", "kernel") == 0
+    qmodel = quantize_model(float_model, rules)
+    with pytest.warns(UserWarning, match=match) as record:
+        qmodel(x)  # the first call makes the state
+    assert len(record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qmodel(x)  # once
 
 
 def test_nnx_gradients_reach_every_kernel():
