@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -195,6 +196,12 @@ def _nnx_variables(module) -> dict:
                       METHOD: module.quant_method.get_value()}
 
 
+#: each quantized nnx module's traced functions, by graphdef of its model: kept beside the
+#: module, not in it, where nnx's graph walks (train / eval / clone / split) would meet a
+#: dict keyed by GraphDefs
+_NNX_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _make_nnx_model_class():
     nnx, QuantStats, QuantMethodState = _nnx_types()
 
@@ -216,7 +223,7 @@ def _make_nnx_model_class():
             return self.model
 
         def _functions(self, graphdef):
-            cache = self.__dict__.setdefault("_fns", {})
+            cache = _NNX_FUNCTIONS.setdefault(self, {})
             fn = cache.get(graphdef)
             if fn is None:
                 fn = cache[graphdef] = _NnxFunction(self.rules, graphdef, None)

@@ -603,6 +603,34 @@ def test_nnx_and_equinox_calls_keep_the_states_of_the_sites_they_do_not_reach():
     assert (count(state[STATS], "a", "weight"), count(state[STATS], "b", "weight")) == (1, 1)
 
 
+class NnxDrop(nnx.Module):
+    """Its graph changes with the mode (the dropout's ``deterministic``)."""
+
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(5, 4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.fc(x))
+
+
+def test_nnx_eager_calls_in_both_modes_leave_a_module_nnx_can_walk():
+    """Eager calls in training and evaluation mode trace the model twice (two graphs);
+    nnx's own walks (train / eval / clone / split) still work on the quantized model."""
+    x = normal(1, (3, 5))
+    qmodel = quantize_model(NnxDrop(nnx.Rngs(0)), QuantRule(".*", weight=8, act=8))
+    qmodel(x)  # training: dropout on, the range observed
+    qmodel.eval()
+    y = qmodel(x)
+    qmodel.train()
+    qmodel.eval()
+    np.testing.assert_array_equal(qmodel(x), y)
+    np.testing.assert_array_equal(nnx.clone(qmodel)(x), y)
+    graphdef, state = nnx.split(qmodel)
+    np.testing.assert_array_equal(nnx.merge(graphdef, state)(x), y)
+    assert count(qmodel.quant_stats.get_value(), "fc", "kernel") == 1
+
+
 def test_nnx_lsq_step_sizes_from_the_kernel_and_the_first_call():
     layer, shape = nnx_layers()["dense"]
     x = normal(1, shape)
