@@ -224,10 +224,19 @@ def _make_nnx_model_class():
 
         def _functions(self, graphdef):
             cache = _NNX_FUNCTIONS.setdefault(self, {})
-            fn = cache.get(graphdef)
+            fn = cache.pop(graphdef, None)  # (re)inserted last: the dict is in use order
             if fn is None:
-                fn = cache[graphdef] = _NnxFunction(self.rules, graphdef, None)
+                fn = _NnxFunction(self.rules, graphdef, None)
+            cache[graphdef] = fn
             return fn
+
+        def last_trace(self):
+            """The most recent trace of a call, in whichever mode (graph); ``None``
+            before the first call."""
+            for fn in reversed(_NNX_FUNCTIONS.get(self, {}).values()):
+                if fn.last_trace() is not None:
+                    return fn.last_trace()
+            return None
 
         def run(self, args, kwargs, mode=None, method=None):
             """``(output, traced)`` of one call; the first call makes the quantization
