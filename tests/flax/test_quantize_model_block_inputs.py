@@ -267,7 +267,7 @@ def test_block_axis_other_than_last_names_the_weight_at_trace_time():
     rules = [pj.QuantRule(".*", weight=8, act=act)]
     # every misfit at once: both weights, their input shapes
     match = ("weight 'fc1/kernel': its dot_general input of shape \\(6, 64\\).*blocks of 2 "
-             "along .*axis=-1(.|\n)*weight 'fc2/kernel': its dot_general input of shape "
+             "along axis 0: .*axis=-1(.|\n)*weight 'fc2/kernel': its dot_general input of shape "
              "\\(6, 32\\)")
     with pytest.raises(ValueError, match=match):
         quantize_model(MLP(), rules).init(jax.random.key(0), X)
