@@ -281,6 +281,10 @@ def test_linen_lsq_step_sizes_from_data_and_learned():
     grads = jax.grad(loss)({"params": v["params"], LSQ_PARAMS: v[LSQ_PARAMS]})
     for leaf in jax.tree.leaves(grads[LSQ_PARAMS]):
         assert bool(jnp.all(jnp.isfinite(leaf))) and bool(jnp.any(leaf != 0))
+    # variables without the steps (a float checkpoint): the weight's path and the way out
+    with pytest.raises(ValueError, match="'layer/kernel' learns its step sizes.*"
+                       "quant_params/layer/kernel/weight_scale.*init_from"):
+        qmodel.apply({"params": v["params"]}, x)
     # mutable=True: every collection, whole (the weight steps too, which no site holds)
     _, upd = qmodel.apply(v, x, mutable=True)
     assert set(upd) == {"params", LSQ_PARAMS}
