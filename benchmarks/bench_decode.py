@@ -74,6 +74,16 @@ def step_bytes(params, cache, config: lm.Config, batch: int) -> int:
     return weights + rows + tree_nbytes(cache)
 
 
+def float_step(model, variables):
+    """The float model's decoding call ``step(cache, tokens) -> (logits, cache)``."""
+    def step(cache, tokens):
+        logits, updates = model.apply({**variables, "cache": cache}, tokens, decode=True,
+                                      mutable=["cache"])
+        return logits.astype(jnp.float32), updates["cache"]
+
+    return step
+
+
 def decoding(step):
     """``(prefill, decode)``: jitted calls for the prompt and for NEW - 1 steps."""
     prefill = jax.jit(lambda c, p: step(c, p))
@@ -123,18 +133,11 @@ def main():
         cache = lm.init_cache(model, batch)
         rows = {}
 
-        def float_step(vars_):
-            def step(c, tokens):
-                logits, upd = model.apply({**vars_, "cache": c}, tokens, decode=True,
-                                          mutable=["cache"])
-                return logits.astype(jnp.float32), upd["cache"]
-            return step
-
-        rows["fp32"] = (float_step({"params": params}), cache, params, cache)
+        rows["fp32"] = (float_step(model, {"params": params}), cache, params, cache)
         bf = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
         bf_cache = jax.tree_util.tree_map(
             lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, cache)
-        rows["bf16 (context)"] = (float_step({"params": bf}), bf_cache, bf,
+        rows["bf16 (context)"] = (float_step(model, {"params": bf}), bf_cache, bf,
                                   bf_cache)
         for name, rules in RULE_SETS.items():
             qmodel = pj.quantize_model(model, rules)
@@ -159,7 +162,7 @@ def main():
             jax.block_until_ready(decode(c1, token))
             print(f"  compiled {name} (batch {batch}): {time.perf_counter() - start:.1f} s",
                   flush=True)
-            fns_prefill[name] = lambda prefill=prefill, c=c: prefill(c, prompt)
+            fns_prefill[name] = lambda prefill=prefill, c=c, prompt=prompt: prefill(c, prompt)
             fns_decode[name] = lambda decode=decode, c1=c1, token=token: decode(c1, token)
             bytes_per[name] = step_bytes(p, c_shape, config, batch)
         prefill_t = interleaved_medians(fns_prefill, repeats=args.repeats, block=2, warmup=0,

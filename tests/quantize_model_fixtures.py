@@ -2,7 +2,11 @@
 (tests/flax/test_quantize_model.py, tests/serving/test_serve_model.py): one stock layer
 at path ``layer`` (linen ``Single``, nnx ``NnxSingle``), a two-block transformer of
 stock layers with a tied embedding (``TinyLM`` / ``NnxTinyLM``), and the hand-made
-reference quantizer ``fq``."""
+reference quantizer ``fq``.
+
+``OUTPUT_AXES``: each stock layer's kernel axes that its matmul does not contract,
+read off the layer's code -- what a rule's per-output-channel weight spec (an int, or
+a ``QuantSpec`` with an axis) means on that layer (``channel_spec``)."""
 
 import flax.linen as nn
 import jax
@@ -40,6 +44,17 @@ LINEN_LAYERS = {
     "einsum": (nn.Einsum((5, 2, 3), "btd,dnh->btnh"), (2, 4, 5)),
     "conv": (nn.Conv(4, (3, 3), padding="SAME"), (2, 6, 6, 3)),
 }
+
+#: per kind (both skins: the same kernel layouts), the kernel axes the matmul keeps:
+#: Dense (in, out); DenseGeneral / LinearGeneral and Einsum "dnh" (d, heads, head_dim)
+#: contract d only; Conv (kh, kw, in, out) contracts the window and the input channels
+OUTPUT_AXES = {"dense": 1, "dense_general": (1, 2), "einsum": (1, 2), "conv": 3}
+
+
+def channel_spec(kind, bits=8):
+    """``bits``-bit symmetric, one scale per output channel of a ``kind`` kernel."""
+    return pj.QuantSpec(bits=bits, symmetric=True, axis=OUTPUT_AXES[kind])
+
 
 class Block(nn.Module):
     heads: int = 2

@@ -32,8 +32,8 @@ from __future__ import annotations
 
 from .spec import QuantSpec
 
-__all__ = ["INT8_PER_TOKEN", "MXFP8_E4M3", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2", "MXFP4", "MXINT8",
-           "NVFP4", "NF4", "PRESETS", "mx"]
+__all__ = ["INT8_PER_TOKEN", "MXFP8_E4M3", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2", "MXFP4",
+           "MXINT8", "NVFP4", "NF4", "PRESETS", "mx"]
 
 _E8M0 = "float8_e8m0fnu"
 

@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import functools
 import sys
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Mapping
 
 import flax.linen as nn
 import jax
 
-from ..transform.function import QuantizedFunction, VariablesModel, as_rules
+from ..transform.function import QuantizedFunction, VariablesModel, as_rules, merge_variables
 from ..transform.plan import COLLECTIONS, LEARNED, METHOD, STATS
 from ..transform.rules import QuantReport
 from ..transform.tracing import join_static, leaf_paths
@@ -115,14 +116,18 @@ class QuantizedModel(VariablesModel):
 
     def init(self, rngs, *args, method=None, **kwargs):
         """``Module.init`` of the float model, then the quantization collections from
-        the same call (empty observer ranges; LSQ step sizes from the data)."""
+        the same call (empty observer ranges; LSQ step sizes from the data), which gets
+        the same ``rngs`` (a training call's dropout)."""
         variables = self.float_model.init(rngs, *args, method=method, **kwargs)
-        return self.init_from(variables, *args, method=method, **_without(kwargs, "rngs"))
+        rngs = dict(rngs) if isinstance(rngs, Mapping) else {"params": rngs}
+        return self.init_from(variables, *args, method=method, rngs=rngs, **kwargs)
 
     def init_from(self, variables, *args, method=None, **kwargs):
         """``variables`` (the float model's, e.g. pretrained) with the quantization
         collections added from one sample call: empty observer ranges, LSQ step sizes
-        from the given weights and the data."""
+        from the given weights and the data.  ``kwargs`` as ``apply``'s (``rngs=``);
+        the call may update the model's own collections (batch statistics of a training
+        call): ``variables`` keep theirs."""
         return self.init_variables(dict(variables), args, kwargs, method)
 
     def apply(self, variables, *args, method=None, mutable=False, **kwargs):
@@ -133,10 +138,6 @@ class QuantizedModel(VariablesModel):
 
     def __repr__(self) -> str:
         return f"QuantizedModel({type(self.float_model).__name__}, {len(self.rules)} rule(s))"
-
-
-def _without(kwargs: dict, key: str) -> dict:
-    return {k: v for k, v in kwargs.items() if k != key}
 
 
 # ==== nnx =====================================================================================
@@ -195,6 +196,12 @@ def _nnx_variables(module) -> dict:
                       METHOD: module.quant_method.get_value()}
 
 
+#: each quantized nnx module's traced functions, by graphdef of its model: kept beside the
+#: module, not in it, where nnx's graph walks (train / eval / clone / split) would meet a
+#: dict keyed by GraphDefs
+_NNX_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _make_nnx_model_class():
     nnx, QuantStats, QuantMethodState = _nnx_types()
 
@@ -216,29 +223,44 @@ def _make_nnx_model_class():
             return self.model
 
         def _functions(self, graphdef):
-            cache = self.__dict__.setdefault("_fns", {})
-            fn = cache.get(graphdef)
+            cache = _NNX_FUNCTIONS.setdefault(self, {})
+            fn = cache.pop(graphdef, None)  # (re)inserted last: the dict is in use order
             if fn is None:
-                fn = cache[graphdef] = _NnxFunction(self.rules, graphdef, None)
+                fn = _NnxFunction(self.rules, graphdef, None)
+            cache[graphdef] = fn
             return fn
 
+        def last_trace(self):
+            """The most recent trace of a call, in whichever mode (graph); ``None``
+            before the first call."""
+            for fn in reversed(_NNX_FUNCTIONS.get(self, {}).values()):
+                if fn.last_trace() is not None:
+                    return fn.last_trace()
+            return None
+
         def run(self, args, kwargs, mode=None, method=None):
+            """``(output, traced)`` of one call; the first call makes the quantization
+            state (and warns of unmatched rules).  ``mode="init"`` (the sample call of
+            ``quantize_model``) only makes it: the model's own state is not updated."""
             graphdef, variables = _nnx_variables(self)
             fn = self._functions(graphdef)
             if not self.initialized:
                 made = fn.init_variables(variables, args, kwargs, method)
                 self.quant_stats.set_value(made.get(STATS, {}))
                 self.quant_params.set_value(made.get(LEARNED, {}))
-                self.initialized = True
+                self.initialized = True  # (init_variables warned of unmatched rules)
+                if mode == "init":
+                    return None, fn.last_trace()
                 graphdef, variables = _nnx_variables(self)
             if mode is None:
                 mode = "eval" if self.use_running_average else "train"
             (out, rest), scope, traced, _ = fn.run(variables, args, kwargs, method=method,
                                                    mode=mode)
             nnx.update(self.model, rest)
-            if mode == "train":
+            if mode == "train":  # the states of the sites this call did not reach: kept
                 exported = traced.plan.export(scope)
-                self.quant_stats.set_value(exported.get(STATS, {}))
+                self.quant_stats.set_value(merge_variables(self.quant_stats.get_value(),
+                                                           exported.get(STATS, {})))
             return out, traced
 
         def __call__(self, *args, **kwargs):
@@ -328,8 +350,8 @@ def _equinox_class():
             fn, variables = self.variables(state)
             mode = "eval" if self.inference else "train"
             out, scope, traced, _ = fn.run(variables, args, kwargs, mode=mode)
-            stats = traced.plan.export(scope).get(STATS, {}) if mode == "train" \
-                else variables[STATS]
+            stats = merge_variables(variables[STATS], traced.plan.export(scope).get(STATS, {})) \
+                if mode == "train" else variables[STATS]
             return out, {**(state or {}), STATS: stats}
 
         def report(self, *args, **kwargs) -> QuantReport:
@@ -421,7 +443,7 @@ def quantize_model(model, rules, *args, call=None, **kwargs):
     if _is_nnx(model):
         qmodel = _nnx_class()(model, rules)
         if args or kwargs:
-            qmodel.run(args, kwargs, mode="init")
+            qmodel.run(args, kwargs, mode="init")  # warns of unmatched rules
         return qmodel
     if is_equinox(model):
         return _quantize_equinox(model, rules, args, kwargs, call)
@@ -445,7 +467,8 @@ def quantization_report(model, rules, *args, **kwargs) -> QuantReport:
     if isinstance(model, nn.Module):
         rngs = kwargs.pop("rngs", jax.random.key(0))
         variables = jax.eval_shape(lambda: model.init(rngs, *args, **kwargs))
-        return QuantizedModel(model, rules).report(variables, *args, **kwargs)
+        rngs = dict(rngs) if isinstance(rngs, Mapping) else {"params": rngs}
+        return QuantizedModel(model, rules).report(variables, *args, rngs=rngs, **kwargs)
     if _is_nnx(model):
         return _nnx_class()(model, rules).report(*args, **kwargs)
     if is_equinox(model):

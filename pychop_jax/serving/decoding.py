@@ -2,10 +2,13 @@
 
 ::
 
-    step = lambda cache, tokens: served_fn({**served_vars, "cache": cache}, tokens,
-                                           decode=True, mutable=["cache"])  # -> (logits, {"cache": ..})
-    tokens, cache = pj.serving.generate(lambda c, t: _unpack(step(c, t)), cache, prompt,
-                                        32, max_len=256, key=key, temperature=0.8, top_k=40)
+    def step(cache, tokens):  # the served model's decoding call
+        logits, updates = served_fn({**served_vars, "cache": cache}, tokens, decode=True,
+                                    mutable=["cache"])
+        return logits, updates["cache"]
+
+    tokens, cache = pj.serving.generate(step, cache, prompt, 32, max_len=256, key=key,
+                                        temperature=0.8, top_k=40)
 
 ``generate(step, cache, prompt, n, max_len=...)`` runs ``step(cache, prompt)`` once (the
 prefill: every prompt token's keys and values written at once), then ``n - 1`` decoding

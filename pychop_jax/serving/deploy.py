@@ -416,20 +416,23 @@ def _served_nnx_class():
 
 
 def _serve_nnx(qmodel, args, kwargs):
+    """The served copy runs the model's evaluation graph (``eval()`` on a copy: no
+    dropout, running batch statistics), whatever mode ``qmodel`` is in; the rules'
+    plan comes from its most recent call, in whichever mode."""
     from flax import nnx
 
     if args or kwargs:
         qmodel.run(args, kwargs, mode="eval")
-    graphdef, variables = models._nnx_variables(qmodel)
-    fn = qmodel._functions(graphdef)
-    traced = fn.last_trace()
+    _, variables = models._nnx_variables(qmodel)
+    traced = qmodel.last_trace()
     if traced is None:
         raise TypeError("serve_model(qmodel, *args): this nnx model has not been called yet; "
                         "pass a sample call.")
+    model = nnx.clone(qmodel.model)
+    model.eval()
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     served = served_variables(traced.plan, variables)
-    del nnx
-    return _served_nnx_class()(qmodel, served, graphdef, variables["rest"],
-                               _dtypes(traced.plan))
+    return _served_nnx_class()(qmodel, served, graphdef, rest, _dtypes(traced.plan))
 
 
 # -- Equinox --------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ parameters and the rest (``split``).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 
@@ -35,7 +35,7 @@ from .tracing import Traced, Traces, join_static, leaf_paths, split_static
 from .training import FakeQuant
 
 __all__ = ["VariablesModel", "QuantizedFunction", "as_rules", "mutable_collections",
-           "init_weight_steps"]
+           "init_weight_steps", "merge_variables"]
 
 
 def as_rules(rules) -> tuple[QuantRule, ...]:
@@ -122,9 +122,10 @@ class VariablesModel:
         """The most recent trace (``None`` before the first call)."""
         return self._traces.last
 
-    def report(self, variables, *args, method=None, mutable=False, **kwargs) -> QuantReport:
+    def report(self, variables, *args, method=None, mutable=True, **kwargs) -> QuantReport:
         """The ``QuantReport`` of one call (abstract: nothing is computed); ``mutable``
-        as for ``apply`` (a decoding call writes its cache)."""
+        as for ``apply`` (default: the model's own collections mutable, as a training
+        call or a decoding call writing its cache needs)."""
         return self.trace(variables, args, kwargs, method,
                           self.own_collections(mutable))[0].plan.report
 
@@ -156,7 +157,9 @@ class VariablesModel:
         all; ``"quant_stats"`` among them: the observers update their ranges --
         training; otherwise the ranges are frozen -- evaluation).  Returns the output,
         or, as linen does for any ``mutable`` but ``False`` (``[]`` included), ``(output,
-        updates)``.
+        updates)``; as in linen, an updated collection is returned whole (the states of
+        the sites this call did not reach -- another ``method``, another branch -- as
+        they are in ``variables``).
         """
         names = mutable_collections(mutable, (STATS, LEARNED))
         own = self.own_collections(mutable)
@@ -170,14 +173,19 @@ class VariablesModel:
             out, made = out
             updates.update(made)
         exported = traced.plan.export(scope)
-        updates.update({c: exported[c] for c in names if c in exported and c in COLLECTIONS})
+        for c in names:
+            if c in COLLECTIONS and (c in exported or c in variables):
+                updates[c] = merge_variables(variables.get(c, {}), exported.get(c, {}))
         return out, updates
 
     def init_variables(self, variables, args, kwargs, method=None):
         """``variables`` with the quantization collections created from one call: empty
-        observer ranges, LSQ step sizes from the weights and the inputs at hand.  Warns
-        about rules that take no op."""
+        observer ranges, LSQ step sizes from the weights and the inputs at hand.  The
+        call may update the model's own collections (a training call: batch statistics);
+        those updates are dropped, ``variables`` keep theirs.  Warns about rules that
+        take no op."""
         out, scope, traced, learned = self.run(variables, args, kwargs, method=method,
+                                               mutable=self.own_collections(True),
                                                mode="init")
         del out
         plan = traced.plan
@@ -187,7 +195,7 @@ class VariablesModel:
             flat[(LEARNED,) + key + ("weight_scale",)] = scale
             if zero_point is not None:
                 flat[(LEARNED,) + key + ("weight_zero_point",)] = zero_point
-        made = _merge(plan.export(scope), nest(flat))
+        made = merge_variables(plan.export(scope), nest(flat))
         message = plan.report.warning()
         if message:
             warnings.warn(message, stacklevel=4)
@@ -202,10 +210,14 @@ def _is_quantized(x) -> bool:
     return isinstance(x, QuantizedArray)
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_variables(a: Mapping, b: Mapping) -> dict:
+    """``a`` updated by ``b``, nested mappings merged key by key (a collection's states
+    updated by those of one call)."""
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        old = out.get(k)
+        out[k] = merge_variables(old, v) if isinstance(v, Mapping) and isinstance(old, Mapping) \
+            else v
     return out
 
 

@@ -247,7 +247,8 @@ def describe_spec(spec: QuantSpec | int | None, act: bool = False,
     if spec.axis is None:
         where = "per tensor"
     elif act:
-        where = f"blocks of {spec.group_size} along the last axis"
+        along = "the last axis" if spec.axis == -1 else f"axis {spec.axis}"
+        where = f"blocks of {spec.group_size} along {along}"
     elif not resolved:
         where = "per output channel" if spec.group_size is None else \
             f"groups of {spec.group_size} along the contraction"

@@ -39,7 +39,7 @@ import numpy as np
 from ..core.qarray import QuantizedArray
 from . import qat, views
 from .interpret import Carrier, Handler, _bind
-from .plan import Plan, SitePlan
+from .plan import LEARNED, Plan, SitePlan
 
 __all__ = ["FakeWeight", "FakeQuant", "MODES", "input_layout"]
 
@@ -101,6 +101,12 @@ class FakeQuant(Handler):
         if result is not None:
             return FakeWeight(jnp.asarray(result.kernel).astype(value.dtype), result.input_scale)
         if wp.lsq:
+            if weight.index not in self.learned:
+                raise ValueError(
+                    f"quantize_model: {weight.path!r} learns its step sizes (lsq=True), and "
+                    f"the variables have none ({LEARNED}/{weight.path}/weight_scale): make "
+                    "the quantization variables with init / init_from (linen, functions) "
+                    "from the float ones, or call the nnx model once.")
             scale, zero_point = self.learned[weight.index]
             return FakeWeight(qat.learned_fake_quant(value, wp.spec, scale, zero_point))
         return FakeWeight(qat.fake_quant_weight(value, wp.spec))

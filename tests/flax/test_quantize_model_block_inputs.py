@@ -2,7 +2,12 @@
 
 A rule's ``act`` with ``group_size`` along the input's last axis is quantized on every
 call: ``fake_quant(x, calibrate(x, act))``, training and evaluation alike, no observer
-state.  References: stock Flax computations written here with ``pj.calibrate`` +
+state.  A weight spec's ``group_size`` puts the blocks along the axis the matmul
+contracts (its ``axis`` only says "not per tensor").  Blocks that do not fit a matmul
+(along a free axis, not dividing it) are a ``ValueError`` at trace time naming the
+weight, the op's input shape and the rule.
+
+References: stock Flax computations written here with ``pj.calibrate`` +
 ``pj.fake_quant`` applied by hand to each layer's input and kernel (the core's MX /
 NVFP4 grids are tested against ml_dtypes in tests/core), and an MX input quantizer
 written in float64 NumPy + ml_dtypes from the OCP rule.
@@ -17,17 +22,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
-from pychop_jax.flax.quantize_model import STATS, quantize_model
-from pychop_jax.serving.serve_model import serve_model
 
 import pychop_jax as pj
-from pychop_jax.flax.nnx import QuantStats
+from pychop_jax.flax.models import STATS, quantize_model
+from pychop_jax.serving.deploy import INPUTS, serve_model
 
 F = pj.formats
 X = jax.random.normal(jax.random.key(0), (6, 64))
 OTHER = 3.0 * jax.random.normal(jax.random.key(9), (6, 64))  # another batch, another range
 
-# (weight spec: blocks along a Dense kernel's input axis 0, input spec: along the last axis)
+# (weight spec: blocks along a Dense kernel's contracted axis 0, input spec: its last axis)
 FORMATS = {
     "mxfp8": (dataclasses.replace(F.MXFP8_E4M3, axis=0), F.MXFP8_E4M3),
     "nvfp4": (dataclasses.replace(F.NVFP4, axis=0), F.NVFP4),
@@ -149,12 +153,18 @@ def test_mixed_rules_only_per_tensor_inputs_keep_state():
     qmodel = quantize_model(MLP(), rules)
     v = qmodel.init(jax.random.key(1), X)
     _, upd = qmodel.apply(v, X, mutable=[STATS])
-    assert set(upd[STATS]) == {"fc1"}
-    report = pj.quantization_report(MLP(), rules, X).summary()
+    assert set(upd[STATS]) == {"fc1"} and set(upd[STATS]["fc1"]["kernel"]) == {"input"}
+    report = pj.quantization_report(MLP(), rules, X)
+    text = report.summary()
     assert "#0 'fc1': weight int8 symmetric per output channel, input int8 affine per tensor " \
-           "(minmax observer)" in report
-    assert "input int8 symmetric narrow (E8M0 scales), axis -1, groups of 32 (per block, " \
-           "calibrated on each call)" in report
+           "(minmax observer)" in text
+    assert "#1 'fc2': weight float8_e4m3fn (E8M0 scales), groups of 32 along the contraction, " \
+           "input int8 symmetric narrow (E8M0 scales), blocks of 32 along the last axis (per " \
+           "block, calibrated on each call)" in text
+    # per op, the specs laid on the weight: fc2's (32, 16) kernel in blocks along axis 0
+    assert report.weights()["fc2/kernel"].what == (
+        "weight float8_e4m3fn (E8M0 scales), axis 0, groups of 32, input int8 symmetric "
+        "narrow (E8M0 scales), blocks of 32 along the last axis")
 
 
 # -- nnx -------------------------------------------------------------------------------------------
@@ -162,17 +172,16 @@ def test_mixed_rules_only_per_tensor_inputs_keep_state():
 def test_nnx_equals_hand_quantized_reference_no_state(name):
     weight, act = FORMATS[name]
     qmodel = quantize_model(NnxMLP(nnx.Rngs(0)), rules_for(name))
-    assert qmodel.fc1.promote_dtype.input_range is None
-    assert not jax.tree.leaves(nnx.state(qmodel, QuantStats))
     y_train = qmodel(OTHER)
+    assert qmodel.quant_stats.get_value() == {} and qmodel.quant_params.get_value() == {}
     qmodel.eval()
     y_eval = qmodel(OTHER)
     np.testing.assert_array_equal(y_train, y_eval)
-    want = reference(nnx_params(qmodel), OTHER, weight, act)
+    want = reference(nnx_params(qmodel.model), OTHER, weight, act)
     np.testing.assert_allclose(y_eval, want, rtol=1e-6, atol=1e-6)
     # the linen model with the same params computes the same
     lin = quantize_model(MLP(), rules_for(name))
-    np.testing.assert_allclose(lin.apply({"params": nnx_params(qmodel)}, OTHER), y_eval,
+    np.testing.assert_allclose(lin.apply({"params": nnx_params(qmodel.model)}, OTHER), y_eval,
                                rtol=1e-6, atol=1e-6)
 
 
@@ -184,9 +193,9 @@ def test_nnx_gradients_reach_kernel():
         return (model(X) ** 2).sum()
 
     grads = nnx.grad(loss)(qmodel)
-    ref = jax.grad(lambda p: (reference(p, X, weight, act) ** 2).sum())(nnx_params(qmodel))
+    ref = jax.grad(lambda p: (reference(p, X, weight, act) ** 2).sum())(nnx_params(qmodel.model))
     for layer in ("fc1", "fc2"):
-        g = getattr(grads, layer).kernel[...]
+        g = getattr(grads.model, layer).kernel[...]
         assert bool(jnp.any(g != 0))
         np.testing.assert_allclose(g, ref[layer]["kernel"], rtol=1e-5, atol=1e-5)
 
@@ -200,8 +209,8 @@ def test_linen_served_equals_qat_eval(name):
     expected = qmodel.apply(v, OTHER)
     served_fn, served = serve_model(qmodel, v, X)
     kernel = served["params"]["fc1"]["kernel"]
-    assert isinstance(kernel, pj.IntKernel) and kernel.input_state is None
-    assert kernel.input_spec == act and kernel.weights.spec == weight
+    assert isinstance(kernel, pj.QuantizedArray) and kernel.spec == weight
+    assert served[INPUTS] == {}  # the inputs are quantized per call: no frozen quantizer
     np.testing.assert_allclose(jax.jit(served_fn)(served, OTHER), expected, rtol=1e-5,
                                atol=1e-5)
 
@@ -212,9 +221,10 @@ def test_nnx_served_equals_qat_eval(name):
     qmodel.eval()
     expected = qmodel(OTHER)
     served = serve_model(qmodel)
-    kernel = served.fc2.kernel
-    kernel = kernel.get_value() if hasattr(kernel, "get_value") else kernel
-    assert isinstance(kernel, pj.IntKernel) and kernel.input_state is None
+    variables = served.served.get_value()
+    kernel = variables["params"]["fc2"]["kernel"].get_value()
+    assert isinstance(kernel, pj.QuantizedArray) and kernel.spec == FORMATS[name][0]
+    assert variables[INPUTS] == {}
     np.testing.assert_allclose(served(OTHER), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -242,7 +252,8 @@ def test_conv_and_dense_general_integer_blocks_served():
         fq(x, act), fq(p["conv"]["kernel"], rules[0].weight), (1, 1), "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC")) + p["conv"]["bias"])
     h = fq(h.reshape(2, 36, 32), act)
-    w = fq(p["head"]["kernel"], rules[1].weight_spec("dense_general"))
+    # the int shorthand on the (36, 32, 8) kernel contracting (0, 1): per output, axis 2
+    w = fq(p["head"]["kernel"], pj.QuantSpec(bits=8, symmetric=True, axis=2))
     want = jnp.einsum("bsc,sco->bo", h, w) + p["head"]["bias"]
     expected = qmodel.apply(v, x)
     np.testing.assert_allclose(expected, want, rtol=1e-5, atol=1e-5)
@@ -251,15 +262,20 @@ def test_conv_and_dense_general_integer_blocks_served():
 
 
 # -- errors ----------------------------------------------------------------------------------------
-def test_block_axis_other_than_last_names_the_layer():
+def test_block_axis_other_than_last_names_the_weight_at_trace_time():
     act = dataclasses.replace(F.MXFP8_E4M3, axis=0, group_size=2)
-    for model in (MLP(), NnxMLP(nnx.Rngs(0))):
-        with pytest.raises(ValueError, match="layer 'fc1'.*along axis 0.*axis=-1"):
-            qmodel = quantize_model(model, [pj.QuantRule(".*", weight=8, act=act)])
-            if isinstance(model, nn.Module):
-                qmodel.init(jax.random.key(0), X)
-            else:
-                qmodel(X)
+    rules = [pj.QuantRule(".*", weight=8, act=act)]
+    # every misfit at once: both weights, their input shapes
+    match = ("weight 'fc1/kernel': its dot_general input of shape \\(6, 64\\).*blocks of 2 "
+             "along axis 0: .*axis=-1(.|\n)*weight 'fc2/kernel': its dot_general input of shape "
+             "\\(6, 32\\)")
+    with pytest.raises(ValueError, match=match):
+        quantize_model(MLP(), rules).init(jax.random.key(0), X)
+    with pytest.raises(ValueError, match=match):
+        pj.quantization_report(MLP(), rules, X)
+    qmodel = quantize_model(NnxMLP(nnx.Rngs(0)), rules)  # nnx: at the first call
+    with pytest.raises(ValueError, match=match):
+        qmodel(X)
 
 
 def test_layer_not_contracting_the_last_axis_is_an_error():
@@ -269,7 +285,9 @@ def test_layer_not_contracting_the_last_axis_is_an_error():
             return nn.Einsum((6, 4), "bd,bh->dh", name="mix")(x)
 
     qmodel = quantize_model(Mix(), [pj.QuantRule(".*", weight=8, act=F.MXFP8_E4M3)])
-    with pytest.raises(ValueError, match="layer 'mix'.*does not contract.*axes are \\(0,\\)"):
+    with pytest.raises(ValueError, match="weight 'mix/kernel': its dot_general input of shape "
+                       "\\(6, 64\\).*does not contract the input's last axis \\(it "
+                       "contracts \\(0,\\)\\)"):
         qmodel.init(jax.random.key(0), X)
 
     class Ellipsis_(nnx.Module):
@@ -292,8 +310,15 @@ def test_rule_errors():
     with pytest.raises(ValueError, match="per tensor"):
         pj.QuantRule(".*", attention=F.MXFP8_E4M3)
     qmodel = quantize_model(nn.Dense(4), [pj.QuantRule(".*", weight=8, act=F.MXFP8_E4M3)])
-    with pytest.raises(ValueError, match="length 20, not a multiple"):
+    with pytest.raises(ValueError, match="weight 'kernel': its dot_general input of shape "
+                       "\\(2, 20\\).*blocks of 32 do not divide the last axis \\(20\\)"):
         qmodel.init(jax.random.key(0), jnp.ones((2, 20)))
+    # a weight's groups along its contracted axis: the same error, naming the weight
+    qmodel = quantize_model(nn.Dense(4), [pj.QuantRule(".*", weight=F.MXFP4)])
+    with pytest.raises(ValueError, match="weight 'kernel' of shape \\(40, 4\\) \\("
+                       "dot_general contracting axes \\(0,\\)\\): groups of 32 along its "
+                       "contracted axis 0 \\(length 40\\) do not divide it"):
+        qmodel.init(jax.random.key(0), jnp.ones((2, 40)))
 
 
 # -- with a post-training method, and Embed.attend ------------------------------------------------
@@ -323,7 +348,8 @@ def test_embed_attend_query_blocks():
     v = qmodel.init(jax.random.key(1), ids)
     assert set(v) == {"params"}
     p = v["params"]
-    # the table per row (the int shorthand for Embed), looked up and attended to
+    # the table per row (the int shorthand), looked up and attended to
+    # (its rows: the axis neither the lookup nor attend contracts)
     table = fq(p["embed"]["embedding"], pj.QuantSpec(bits=8, symmetric=True, axis=0))
     h = fq(table[ids], F.MXFP8_E4M3) @ fq(p["proj"]["kernel"], pj.QuantSpec(
         bits=8, symmetric=True, axis=-1)) + p["proj"]["bias"]
