@@ -37,9 +37,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
-from ..core import xla_cpu
+from ..core import packing, xla_cpu
 from ..core.ops import calibrate, fake_quant
 from ..core.qarray import QuantizedArray, storage_state
 from ..core.spec import QuantSpec
@@ -344,6 +345,55 @@ def _weight_only(x, qa: QuantizedArray, dn, out_dtype):
                            preferred_element_type=jnp.float32).astype(out_dtype)
 
 
+def _matrix_form(x, qa: QuantizedArray, dn):
+    """The product as a matrix product when it is one in disguise: ``(x2, qa2, dn2,
+    out_shape)`` with ``x2 (M, K)`` and a 2-D weight (its contracted and its free axes
+    each a contiguous run, merged: an einsum kernel ``(d, heads, head_dim)`` is ``(d,
+    heads * head_dim)``; codes, scales and zero points reshaped, packed codes too), or
+    ``None``.  Matrix products take the decoding kernels at few rows."""
+    (lc, rc), (lb, _) = dn
+    nd = qa.ndim
+    if lb or nd == 2 or not rc:
+        return None
+    order = sorted(range(len(rc)), key=lambda i: rc[i])
+    rc_s = [rc[i] for i in order]
+    free = [d for d in range(nd) if d not in rc]
+    if rc_s == list(range(len(rc))):
+        k_axis = 0
+    elif rc_s == list(range(nd - len(rc), nd)):
+        k_axis = 1
+    else:
+        return None
+    spec = qa.spec
+    if spec.group_size is not None and spec.resolve_axis(nd) != rc_s[-1]:
+        return None
+    shape = qa.shape
+    k = int(np.prod([shape[d] for d in rc_s]))
+    n = int(np.prod([shape[d] for d in free]))
+    matrix = (k, n) if k_axis == 0 else (n, k)
+    state = qa.compute_state()
+    split = len(rc) if k_axis == 0 else len(free)
+
+    def merged(a):  # a state array: size 1 along a block of axes, or not
+        lead, rest = a.shape[:split], a.shape[split:]
+        return jnp.reshape(a, (int(np.prod(lead)), int(np.prod(rest))))
+
+    if qa.packed and (shape[-1] * packing.field_bits(spec)) % 8:
+        qa = qa.unpack()  # the last axis's padding byte would land inside the merged row
+    codes = qa.codes
+    if qa.packed:
+        codes = jnp.reshape(codes, (matrix[0], -1))
+    else:
+        codes = jnp.reshape(codes, matrix)
+    two = _with_state(qa, matrix, codes, merged(state.scale),
+                      merged(jnp.broadcast_to(state.zero_point, state.scale.shape)), qa.packed)
+    xm = jnp.moveaxis(x, [lc[i] for i in order], list(range(x.ndim - len(lc), x.ndim)))
+    lead = xm.shape[:x.ndim - len(lc)]
+    x2 = jnp.reshape(xm, (int(np.prod(lead)), k))
+    out_shape = lead + tuple(shape[d] for d in free)
+    return x2, two, (((1,), (k_axis,)), ((), ())), out_shape
+
+
 def served_dot_general(x, w: ServedWeight, params: dict, operand: int,
                        quant: InputQuant | None, out_dtype):
     """The served ``dot_general`` of input ``x`` and weight ``w`` (operand ``operand``
@@ -352,6 +402,11 @@ def served_dot_general(x, w: ServedWeight, params: dict, operand: int,
     dn, out_perm = _weight_as_rhs(dn, operand, jnp.ndim(x), len(w.shape))
     dn, block = _storage_dn(dn, w.perm, len(w.shape))
     qa = w.qa
+    out_shape = None
+    if quant is None or quant.per_tensor or quant.spec.group_size is not None:
+        form = _matrix_form(x, qa, dn)
+        if form is not None:
+            x, qa, dn, out_shape = form
     (lc, rc), _ = dn
     if quant is None:
         y = _weight_only(x, qa, dn, out_dtype)
@@ -363,6 +418,8 @@ def served_dot_general(x, w: ServedWeight, params: dict, operand: int,
         y = lax.dot_general(quant.fake_quant(x), qa.dequantize(jnp.float32).astype(x.dtype),
                             dn, preferred_element_type=jnp.float32)
     y = y.astype(out_dtype)
+    if out_shape is not None:
+        y = jnp.reshape(y, out_shape)
     if block is not None:
         n_free = len(block)
         lead = y.ndim - n_free

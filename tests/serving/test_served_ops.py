@@ -116,3 +116,36 @@ def test_respec_reads_the_granularity_off_the_scale(shape, scale_shape, axis, gr
 def test_respec_expands_a_constant_axis_beside_a_grouped_one():
     spec, expand = respec(pj.QuantSpec(bits=4, symmetric=True), (8, 6), (2, 1))
     assert (spec.axis, spec.group_size, expand) == (0, 4, (1,))
+
+
+@pytest.mark.parametrize("eq, shape, spec", [
+    ("btd,dnh->btnh", (16, 2, 8), pj.QuantSpec(bits=4, symmetric=True, axis=0, group_size=8)),
+    ("btnh,nhd->btd", (2, 8, 16), pj.QuantSpec(bits=4, symmetric=False, axis=1, group_size=4)),
+    ("btd,dnh->btnh", (16, 2, 5), pj.QuantSpec(bits=4, symmetric=True, axis=(1, 2))),
+    ("btnh,nhd->btd", (2, 8, 16), pj.QuantSpec(bits=8, symmetric=True, axis=2)),
+])
+@pytest.mark.parametrize("act", [None, "per tensor", "per token"])
+def test_einsum_kernels_as_matrix_products(eq, shape, spec, act):
+    """Kernels whose contracted and free axes are contiguous runs take the matrix-product
+    kernels; the result is the product of the dequantized weight either way."""
+    lhs, rhs = eq.split("->")[0].split(",")
+    sizes = {"b": 2, "t": 3, **dict(zip(rhs, shape, strict=True))}
+    x = jax.random.normal(jax.random.key(6), tuple(sizes[c] for c in lhs))
+    w = jax.random.normal(jax.random.key(7), shape)
+    qa = pj.QuantizedArray.quantize(w, spec)
+    if act is not None and spec.bits == 4 and not spec.symmetric:
+        pytest.skip("the integer path takes symmetric and affine grids alike; one is enough")
+    quant = None
+    if act == "per tensor":
+        quant = InputQuant(pj.QuantSpec(bits=8), pj.calibrate(x, pj.QuantSpec(bits=8)))
+    elif act == "per token":
+        quant = InputQuant(pj.QuantSpec(bits=8, symmetric=True, axis=-1,
+                                        group_size=x.shape[-1]))
+    params = eqn_of(lambda a, b: jnp.einsum(eq, a, b), x, w)
+    inner = params.params["jaxpr"].jaxpr.eqns if "jaxpr" in params.params else [params]
+    dot = [e for e in inner if e.primitive.name == "dot_general"][0]
+    y = served_ops.served_dot_general(x, ServedWeight(qa), dot.params, 1, quant, jnp.float32)
+    xq = np.asarray(x if quant is None else quant.fake_quant(x), np.float64)
+    ref = np.einsum(eq, xq, dq64(qa))
+    np.testing.assert_allclose(np.asarray(y, np.float64).reshape(ref.shape), ref,
+                               rtol=1e-4, atol=1e-4)
