@@ -21,6 +21,7 @@ from flax import nnx
 from quantize_model_fixtures import (
     IDS,
     KEY,
+    LINEN_LAYERS,
     EncDec,
     NnxSingle,
     NnxTinyLM,
@@ -401,6 +402,33 @@ def test_linen_serve_a_method_and_every_method_from_one_serving():
     for method in ("decode", EncDec.decode):
         np.testing.assert_allclose(served_fn(served, h, method=method), expected,
                                    rtol=1e-5, atol=1e-5)
+
+
+def test_served_call_reaching_a_weight_the_sample_call_missed_raises():
+    """Served from ``decode``, the served variables hold ``enc`` in float: a call that
+    reaches it raises (naming it and the rule) rather than running it unquantized --
+    with an input quantizer, and weight-only, where a float matmul would silently
+    differ from the QAT model."""
+    h = normal(4, (4, 8, 16))
+    for rule in (QuantRule(".*", weight=8, act=8, observer="minmax"), QuantRule(".*", weight=8)):
+        qmodel = pj.quantize_model(EncDec(), rule)
+        v = observe(qmodel, qmodel.init(KEY, IDS), IDS)
+        served_fn, served = pj.serve_model(qmodel, v, h, method="decode")
+        with pytest.raises(ValueError, match="reaches 'enc/kernel', which rule #0.*sample call "
+                                             "did not reach it"):
+            served_fn(served, IDS)
+
+
+def test_serving_an_input_only_rule_raises_at_serve_model():
+    layer, shape = LINEN_LAYERS["dense"]
+    x = normal(1, shape)
+    qmodel = pj.quantize_model(Single(layer), QuantRule("layer", act=8))
+    v = qmodel.init(KEY, x)
+    with pytest.raises(ValueError, match="'layer/kernel' quantizes only its input"):
+        pj.serve_model(qmodel, v, x)
+    with pytest.raises(ValueError, match="'layer/kernel' quantizes only its input"):
+        pj.serve_model(pj.quantize_model(NnxSingle(nnx.Linear(5, 6, rngs=nnx.Rngs(0))),
+                                         QuantRule("layer", act=8), x))
 
 
 class Branchy(nn.Module):
