@@ -63,13 +63,12 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 import transformer_lm as ex  # noqa: E402
 from _timing import cpu_info  # noqa: E402
-from pychop_jax.flax.operands import MethodResult  # noqa: E402
-from pychop_jax.flax.rules import QuantMethod  # noqa: E402
 
 import pychop_jax as pj  # noqa: E402
 from pychop_jax.core import numerics  # noqa: E402
 from pychop_jax.core.spec import QuantSpec  # noqa: E402
 from pychop_jax.serving.algorithms.layout import KernelLayout  # noqa: E402
+from pychop_jax.transform.methods import MethodResult, QuantMethod  # noqa: E402
 
 OBJECTIVES = ("l2", "output")
 DEFAULT_GRIDS = ("int4g128", "int3g128", "int2g32")
@@ -123,7 +122,7 @@ class RangeSearch(QuantMethod):
 
     def check_rule(self, rule) -> None:
         super().check_rule(rule)
-        spec = rule.weight_spec("dense")
+        spec = rule.weight_template()
         if spec.is_float or spec.block_scaled or spec.scale_dtype is not None:
             raise ValueError(
                 f"QuantRule({rule.module_path!r}, method=RangeSearch): the search is over "

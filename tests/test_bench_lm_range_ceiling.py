@@ -131,3 +131,31 @@ def test_range_search_refuses_bad_settings():
                      method=bench.RangeSearch())
     assert bench.RangeSearch("output").statistics == frozenset({"hessian"})
     assert bench.RangeSearch("l2").statistics == frozenset()
+
+
+def test_range_search_runs_in_calibrate_model_and_serves():
+    """The benchmark's method through ``pj.calibrate_model`` (the layout read off the
+    traced matmul, the result in the kernel's layout) equals ``apply`` on the layer's
+    inputs, and serves as the calibrated model evaluates."""
+    import flax.linen as nn
+    import jax
+
+    bench = _load()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 8, 64)).astype(np.float32))
+    spec = pj.QuantSpec(bits=2, symmetric=False, axis=0, group_size=32)
+    method = bench.RangeSearch("output", factors=9, lo=0.5, hi=1.1)
+    qmodel = pj.quantize_model(nn.Dense(8), pj.QuantRule(".*", weight=spec, method=method))
+    v = qmodel.init(jax.random.key(0), x)
+    out, report = pj.calibrate_model(qmodel, v, [x])
+    [entry] = report.layers
+    assert entry.path == "kernel" and entry.method == "RangeSearch" and entry.rows == 16
+    rows = np.asarray(x).reshape(-1, 64)
+    stats = LayerStats(count=jnp.float32(16.0), hessian=jnp.asarray(rows.T @ rows))
+    want, details = method.apply(v["params"]["kernel"], KernelLayout.dense(64, 8), spec, stats)
+    result = out["quant_method"]["kernel"]
+    np.testing.assert_allclose(result.kernel, want.kernel, rtol=1e-6, atol=1e-6)
+    assert entry.details["objective"] <= entry.details["objective_rtn"]
+    assert entry.details["objective"] == pytest.approx(details["objective"], rel=1e-4)
+    served_fn, served = pj.serve_model(qmodel, out, x)
+    np.testing.assert_allclose(served_fn(served, x), qmodel.apply(out, x), rtol=1e-5, atol=1e-5)

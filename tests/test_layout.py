@@ -1,6 +1,7 @@
 """The package's shape as users meet it: imports without torch, star imports that stay
 light, the public modules, and the names kept from the flat layout."""
 
+import importlib
 import subprocess
 import sys
 import textwrap
@@ -40,9 +41,47 @@ def test_star_import_loads_neither_flax_nnx_nor_torch():
     out = _run("""
         import sys
         from pychop_jax import *
-        print("flax.nnx" in sys.modules, "torch" in sys.modules)
+        print("flax.nnx" in sys.modules, "torch" in sys.modules, "equinox" in sys.modules)
+        quantize_model, serve_model, calibrate_model  # the transform's entry points
+        from pychop_jax.flax import models
+        print("flax.nnx" in sys.modules)
+        models.QuantizedNnxModel  # loads nnx on first access
+        print("flax.nnx" in sys.modules)
     """)
-    assert out.split() == ["False", "False"]
+    assert out.split() == ["False", "False", "False", "False", "True"]
+
+
+def test_the_transform_modules_and_where_the_entry_points_live():
+    import pychop_jax as pj
+    from pychop_jax.flax import models
+    from pychop_jax.serving import deploy
+    from pychop_jax.serving.algorithms import calibration
+    from pychop_jax.transform import methods, plan, qat, rules
+
+    assert pj.quantize_model is models.quantize_model
+    assert pj.quantization_report is models.quantization_report
+    assert pj.serve_model is deploy.serve_model and deploy.INPUTS == "quant_inputs"
+    assert pj.calibrate_model is calibration.calibrate_model
+    assert pj.algorithms.site_layout is calibration.site_layout
+    assert not hasattr(pj.algorithms, "for_layer")
+    assert pj.QuantRule is rules.QuantRule and pj.QuantReport is rules.QuantReport
+    assert pj.qat is qat
+    assert (plan.STATS, plan.LEARNED, plan.METHOD) == ("quant_stats", "quant_params",
+                                                       "quant_method")
+    assert models.STATS == plan.STATS
+    assert issubclass(pj.GPTQ, methods.QuantMethod)
+    for name in ("dataflow", "plan", "rules", "interpret", "training", "function", "tracing",
+                 "views", "methods", "qat"):
+        importlib.import_module(f"pychop_jax.transform.{name}")
+
+
+@pytest.mark.parametrize("gone", ["pychop_jax.flax.quantize_model", "pychop_jax.flax.rules",
+                                  "pychop_jax.flax.operands", "pychop_jax.flax.qat",
+                                  "pychop_jax.flax.nnx_model",
+                                  "pychop_jax.serving.serve_model"])
+def test_the_interceptor_modules_are_gone(gone):
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module(gone)
 
 
 def test_public_modules_and_the_flat_layout_names():

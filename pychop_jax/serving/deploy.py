@@ -139,10 +139,9 @@ class Serve(Handler):
             return _bind(eqn, ins)
         carrier = ins[site.operand]
         if not isinstance(carrier, Carrier):  # a float weight
-            if sp is not None and sp.act is not None:
-                raise ValueError(
-                    f"serve_model: {self.plan.graph.paths[site.weight]!r} quantizes only its "
-                    "input; serving needs quantized weights (give its rule a weight spec).")
+            error = _float_weight_error(self.plan, site)
+            if error:
+                raise ValueError(error)
             return _bind(eqn, ins)
         w = carrier.twin
         out_dtype = eqn.outvars[0].aval.dtype
@@ -160,6 +159,25 @@ class Serve(Handler):
             return [served_ops.served_dot_general(x, w, eqn.params, site.operand, quant,
                                                   out_dtype)]
         return [served_ops.served_conv_general_dilated(x, w, eqn.params, quant, out_dtype)]
+
+
+def _float_weight_error(plan: Plan, site) -> str | None:
+    """Why a weight site whose weight the served variables hold in float cannot be
+    served (``None``: it can, its rule leaves it float)."""
+    wp = plan.weights[site.weight]
+    path = plan.graph.paths[site.weight]
+    if wp.spec is not None:
+        rule = plan.rules[wp.rule]
+        return (f"serve_model: this call reaches {path!r}, which rule #{wp.rule} "
+                f"({rule.module_path!r}) quantizes, but the served variables hold it in "
+                "float: serve_model's sample call did not reach it. Serve with a sample call "
+                "that reaches every weight the served calls use (e.g. the model's __call__ "
+                "rather than one of its methods).")
+    sp = plan.sites.get(site.callpath)
+    if sp is not None and sp.act is not None:
+        return (f"serve_model: {path!r} quantizes only its input; serving needs quantized "
+                "weights (give its rule a weight spec).")
+    return None
 
 
 # -- from QAT variables to served ones ------------------------------------------------------
@@ -228,7 +246,16 @@ def _frozen(stats, sp, callpath):
 
 
 def served_variables(plan: Plan, variables: dict, params_key: str = "params") -> dict:
-    """``{"params": served params, "quant_inputs": ...}`` from QAT ``variables``."""
+    """``{"params": served params, "quant_inputs": ...}`` from QAT ``variables``.
+
+    Raises:
+      ValueError: a rule that quantizes a weight's input but not the weight.
+    """
+    errors = [_float_weight_error(plan, sp.site) for sp in plan.sites.values()
+              if sp.site.kind == "weight" and plan.weights[sp.site.weight].spec is None]
+    errors = [e for e in errors if e]
+    if errors:
+        raise ValueError("\n".join(dict.fromkeys(errors)))
     params = variables[params_key]
     flat, treedef = jax.tree_util.tree_flatten(params)
     learned = {}

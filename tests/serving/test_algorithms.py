@@ -4,8 +4,9 @@ Each algorithm is checked against a small NumPy reference written here from the
 papers' formulas (float64; the JAX side runs under ``jax.enable_x64``), and against
 round-to-nearest on the objective it optimizes.  The grid's round-to-nearest
 reference is the README's formula, written again in NumPy.  The end-to-end tests
-run tiny linen and nnx models through quantize_model -> calibrate_model ->
-serve_model -> save/load_quantized.
+run tiny linen and nnx models, an ``nn.scan`` stack and plain functions through
+quantize_model -> calibrate_model -> serve_model -> save/load_quantized; the
+layouts the algorithms see come from the traced matmuls (``site_layout``).
 """
 
 import warnings
@@ -18,7 +19,7 @@ import pytest
 from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pychop_jax.flax.quantize_model import METHOD, STATS
+from quantize_model_fixtures import Single
 
 import pychop_jax as pj
 from pychop_jax.algorithms import (
@@ -26,13 +27,15 @@ from pychop_jax.algorithms import (
     awq_candidate,
     awq_clip_ratios,
     awq_search,
-    for_layer,
     gptq,
     hqq,
     lp_objective,
+    site_layout,
     smoothquant_scales,
 )
 from pychop_jax.serving.algorithms.hqq import l2_range_search
+from pychop_jax.transform.methods import MethodResult
+from pychop_jax.transform.plan import METHOD, STATS
 
 KEY = jax.random.key(0)
 
@@ -418,8 +421,9 @@ def test_awq_output_error_never_exceeds_round_to_nearest(seed, bits, grid, symme
     layout = KernelLayout((32, 2, 8), (0,), (1, 2), (-1,))
     stats = pj.algorithms.batch_stats(x, pj.AWQ.statistics, 4096)
     result, details = pj.AWQ(joint=joint, ends=ends).apply(w, layout, spec, stats)
+    assert result.input_scale.shape == (32, 1, 1)  # the kernel's layout: full on its input
     ref = jnp.einsum("mk,khd->mhd", x, w)
-    served = jnp.einsum("mk,khd->mhd", x * result.input_scale, result.kernel)
+    served = jnp.einsum("mk,khd->mhd", x * result.input_scale.reshape(32), result.kernel)
     rtn = jnp.einsum("mk,khd->mhd", x, pj.fake_quant(w, pj.calibrate(w, spec)))
     err, err_rtn = float(jnp.mean((served - ref) ** 2)), float(jnp.mean((rtn - ref) ** 2))
     assert err <= err_rtn * (1 + 1e-4)
@@ -439,7 +443,8 @@ def test_awq_result_output_error_is_at_most_round_to_nearest():
     layout = KernelLayout.dense(64, 32)
     stats = pj.algorithms.batch_stats(x, pj.AWQ.statistics, 4096)
     result, details = pj.AWQ().apply(w, layout, spec, stats)
-    served = (x * result.input_scale) @ result.kernel
+    assert result.input_scale.shape == (64, 1)  # the kernel's layout
+    served = (x * result.input_scale[:, 0]) @ result.kernel
     rtn = x @ pj.fake_quant(w, pj.calibrate(w, spec))
     err, err_rtn = float(jnp.mean((served - x @ w) ** 2)), float(jnp.mean((rtn - x @ w) ** 2))
     assert err < err_rtn
@@ -466,32 +471,86 @@ def test_smoothquant_scales_follow_the_paper_and_preserve_the_product():
 
 
 # ==== layouts ====================================================================================
+def gpt2_dense(params, x):
+    """A transposed ``(out, in)`` kernel, as transformers' Flax GPT-2 applies it."""
+    return x @ params["layer"]["kernel"].T
+
+
+# name: (linen layer or function, input shape, the layout written out: in axes, out axes,
+# the input axes contracted with the in axes)
 LAYOUT_LAYERS = {
-    "dense": (nn.Dense(6), (2, 3, 5)),
-    "dense_general_in": (nn.DenseGeneral((2, 3), axis=-1), (2, 4, 5)),
-    "dense_general_out": (nn.DenseGeneral(4, axis=(-2, -1)), (2, 3, 5)),
-    "dense_general_swapped": (nn.DenseGeneral(4, axis=(-1, -2)), (2, 3, 5)),
-    "einsum": (nn.Einsum((5, 2, 3), "btd,dnh->btnh"), (2, 4, 5)),
-    "einsum_middle": (nn.Einsum((4, 3), "bdt,dh->bth"), (2, 4, 5)),
+    "dense": (nn.Dense(6), (2, 3, 5), ((0,), (1,), (-1,))),
+    "dense_general_in": (nn.DenseGeneral((2, 3), axis=-1), (2, 4, 5), ((0,), (1, 2), (-1,))),
+    "dense_general_out": (nn.DenseGeneral(4, axis=(-2, -1)), (2, 3, 5),
+                          ((0, 1), (2,), (-2, -1))),
+    # flax sorts DenseGeneral's axes: its kernel is (3, 5, 4), as for axis=(-2, -1)
+    "dense_general_swapped": (nn.DenseGeneral(4, axis=(-1, -2)), (2, 3, 5),
+                              ((0, 1), (2,), (-2, -1))),
+    "einsum_swapped": (nn.Einsum((5, 3, 4), "btd,dth->bh"), (2, 3, 5),
+                       ((0, 1), (2,), (-1, -2))),
+    "einsum": (nn.Einsum((5, 2, 3), "btd,dnh->btnh"), (2, 4, 5), ((0,), (1, 2), (-1,))),
+    "einsum_middle": (nn.Einsum((4, 3), "bdt,dh->bth"), (2, 4, 5), ((0,), (1,), (-2,))),
+    "gpt2_transposed": (gpt2_dense, (2, 3, 5), ((1,), (0,), (-1,))),
 }
 
 
+def one_weight_site(model, x, params=None):
+    """``(site, weight, forward(kernel, x))`` of the one weight of ``model`` (a linen
+    layer, put at path ``layer``, or a function ``f(params, x)``), from its traced call."""
+    rule = pj.QuantRule(".*", weight=8)
+    if isinstance(model, nn.Module):
+        qmodel = pj.quantize_model(Single(model), rule)
+        params = Single(model).init(KEY, x)["params"]
+        params = {"layer": {k: jnp.zeros_like(a) if k == "bias" else a
+                            for k, a in params["layer"].items()}}
+        qmodel.report({"params": params}, x)
+
+        def forward(kernel, x):
+            return Single(model).apply({"params": {"layer": {**params["layer"],
+                                                             "kernel": kernel}}}, x)
+    else:
+        qmodel = pj.quantize_model(model, rule)
+        qmodel.report({"params": params}, x)
+
+        def forward(kernel, x):
+            return model({"layer": {"kernel": kernel}}, x)
+    [weight] = qmodel.last_trace().graph.weights.values()
+    assert weight.path == "layer/kernel"
+    [site] = weight.uses
+    return site, params["layer"]["kernel"], forward
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUT_LAYERS))
-def test_layouts_turn_each_layer_into_rows_times_matrix(name):
-    layer, shape = LAYOUT_LAYERS[name]
+def test_layouts_read_off_traced_matmuls_turn_each_layer_into_rows_times_matrix(name):
+    model, shape, axes = LAYOUT_LAYERS[name]
     x = jax.random.normal(jax.random.key(1), shape)
-    params = layer.init(KEY, x)["params"]
-    params = {**params, "bias": jnp.zeros_like(params["bias"])} if "bias" in params else params
-    kind = {"Dense": "dense", "DenseGeneral": "dense_general", "Einsum": "einsum"}[
-        type(layer).__name__]
-    lay = for_layer(kind, layer, params["kernel"].shape, x.ndim)
-    y = layer.apply({"params": params}, x)
-    rows, w = lay.rows(x), lay.matrix(params["kernel"])
+    params = None if isinstance(model, nn.Module) else \
+        {"layer": {"kernel": jax.random.normal(jax.random.key(2), (6, 5))}}
+    site, kernel, forward = one_weight_site(model, x, params)
+    lay, stacked = site_layout(site, kernel.shape)
+    assert stacked == () and lay == KernelLayout(kernel.shape, *axes)
+    y = forward(kernel, x)
+    rows, w = lay.rows(x), lay.matrix(kernel)
     np.testing.assert_allclose(np.sort((rows @ w).ravel()), np.sort(np.ravel(y)), rtol=1e-5,
                                atol=1e-6)
-    np.testing.assert_array_equal(lay.kernel(w), params["kernel"])
+    np.testing.assert_array_equal(lay.kernel(w), kernel)
     v = jnp.arange(1.0, lay.k + 1)
     np.testing.assert_allclose(lay.rows(x * lay.input_vector(v)), rows * v, rtol=1e-6)
+    # MethodResult.input_scale's layout: the same factor on the kernel's contracted axes
+    scaled = lay.weight_vector(v)
+    assert scaled.ndim == kernel.ndim and all(scaled.shape[a] == 1 for a in lay.out_axes)
+    np.testing.assert_allclose(forward(kernel * scaled, x),
+                               forward(kernel, x * lay.input_vector(v)), rtol=1e-5, atol=1e-5)
+
+
+def test_site_layout_of_a_scanned_stack_is_one_layer_s():
+    def stack(params, x):
+        return jax.lax.scan(lambda h, w: (h @ w.T, None), x, params["layer"]["kernel"])[0]
+
+    kernel = jax.random.normal(jax.random.key(3), (3, 5, 5))
+    site, _, _ = one_weight_site(stack, jnp.ones((2, 5)), {"layer": {"kernel": kernel}})
+    lay, stacked = site_layout(site, kernel.shape)
+    assert stacked == (0,) and lay == KernelLayout((5, 5), (1,), (0,), (-1,))
 
 
 def test_layouts_reject_uncovered_grids_and_layers():
@@ -507,10 +566,16 @@ def test_layouts_reject_uncovered_grids_and_layers():
     assert heads.plan(pj.QuantSpec(bits=4, axis=1, group_size=8)) == 8
     with pytest.raises(ValueError, match="last contracted axis"):
         heads.plan(pj.QuantSpec(bits=4, axis=0, group_size=1))
-    with pytest.raises(ValueError, match="cover Dense, DenseGeneral and Einsum"):
-        for_layer("conv", None, (3, 3, 2, 4), 4)
-    with pytest.raises(ValueError, match="batch"):
-        for_layer("einsum", nn.Einsum((2, 5, 3), "bld,bdh->blh"), (2, 5, 3), 3)
+    with pytest.raises(ValueError, match="split the kernel"):
+        KernelLayout((4, 3), (0,), (0,), (-1,))
+    with pytest.raises(ValueError, match="must be negative"):
+        KernelLayout((4, 3), (0,), (1,), (1,))
+    site, kernel, _ = one_weight_site(nn.Conv(4, (3,)), jnp.ones((2, 6, 3)))
+    with pytest.raises(ValueError, match="cover dot_general weights, not conv_general_dilated"):
+        site_layout(site, kernel.shape)
+    site, kernel, _ = one_weight_site(nn.Einsum((2, 5, 3), "bld,bdh->blh"), jnp.ones((2, 4, 5)))
+    with pytest.raises(ValueError, match="batch axes"):
+        site_layout(site, kernel.shape)
 
 
 # ==== rules =====================================================================================
@@ -613,21 +678,39 @@ def linen_calibrated(name):
     return _LINEN_CACHE[name]
 
 
+#: MethodResult.input_scale's shape per kernel: inp (12, 16), q/k/v (16, 2, 8) contracting
+#: D, attn out (2, 8, 16) contracting (H, Dh), out (16, 8)
+INPUT_SCALE_SHAPES = {"inp": (12, 1), "attn/query": (16, 1, 1), "attn/key": (16, 1, 1),
+                      "attn/value": (16, 1, 1), "attn/out": (2, 8, 1), "out": (16, 1)}
+LINEN_PATHS = ["inp/kernel", "attn/query/kernel", "attn/key/kernel", "attn/value/kernel",
+               "attn/out/kernel", "out/kernel"]  # parameter paths, in the order computed
+
+
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_linen_end_to_end(name, tmp_path):
     model = LinenNet()
     qmodel, v, calibrated, report, rtn, rtn_vars, rtn_report = linen_calibrated(name)
     assert rtn_report.layers == () and METHOD not in rtn_vars
-    # every method layer was processed; q/k/v share their input, so one pass takes them
-    paths = [e.path for e in report.layers]
-    assert sorted(paths) == sorted(["inp", "attn/query", "attn/key", "attn/value", "attn/out",
-                                    "out"])
+    # every method weight was processed, in the order the model computes them; q/k/v
+    # share their input, so one pass takes them
+    assert [e.path for e in report.layers] == LINEN_PATHS
     if name != "hqq":
         steps = report.by_path()
-        assert steps["attn/query"].step == steps["attn/key"].step == steps["attn/value"].step
-        assert report.passes == 4 and steps["inp"].rows == 3 * 16
+        assert [steps[p].step for p in LINEN_PATHS] == [1, 2, 2, 2, 3, 4]
+        assert report.passes == 4 and steps["inp/kernel"].rows == 3 * 16
     else:
         assert report.passes == 0
+    # the results mirror the parameter tree, in the parameter's layout
+    for path in LINEN_PATHS:
+        node, param = calibrated[METHOD], calibrated["params"]
+        for k in path.split("/"):
+            node, param = node[k], param[k]
+        assert isinstance(node, MethodResult) and node.kernel.shape == param.shape
+        np.testing.assert_array_equal(pj.fake_quant(node.kernel, node.state), node.kernel)
+        if name in ("awq", "smoothquant"):  # full on the contracted axes, 1 on the others
+            assert node.input_scale.shape == INPUT_SCALE_SHAPES[path.rsplit("/", 1)[0]]
+        else:
+            assert node.input_scale is None
     np.testing.assert_array_equal(calibrated["params"]["inp"]["kernel"],
                                   v["params"]["inp"]["kernel"])  # params stay float
     x = batches(1, seed=9)[0]  # held-out
@@ -638,11 +721,17 @@ def test_linen_end_to_end(name, tmp_path):
     kernel = served["params"]["inp"]["kernel"]
     if name in ("awq", "smoothquant"):
         assert isinstance(kernel, pj.ScaledKernel)
-    np.testing.assert_allclose(jax.jit(served_fn)(served, x), y, rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(kernel.input_scale,
+                                      calibrated[METHOD]["inp"]["kernel"].input_scale)
+    else:
+        assert isinstance(kernel, pj.QuantizedArray)
+    run = jax.jit(served_fn)
+    y_served = run(served, x)
+    np.testing.assert_allclose(y_served, y, rtol=1e-4, atol=1e-5)
     path = tmp_path / "served.msgpack"
     pj.save_quantized(path, served)
     loaded = pj.load_quantized(path)
-    np.testing.assert_array_equal(jax.jit(served_fn)(loaded, x), jax.jit(served_fn)(served, x))
+    np.testing.assert_array_equal(run(loaded, x), y_served)
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
@@ -653,8 +742,10 @@ def test_nnx_end_to_end(name):
     x = batches(1, seed=9)[0]
     fp = model(x)
     qmodel = pj.quantize_model(model, rules)
-    report = pj.calibrate_model(qmodel, data)
-    assert len(report.layers) == 6 and report.passes == (0 if name == "hqq" else 4)
+    returned, report = pj.calibrate_model(qmodel, data)
+    assert returned is qmodel  # in place, left in eval()
+    assert [e.path for e in report.layers] == LINEN_PATHS
+    assert report.passes == (0 if name == "hqq" else 4)
     rtn = pj.quantize_model(model, rtn_rules(rules))
     pj.calibrate_model(rtn, data)
     y = qmodel(x)
@@ -665,7 +756,8 @@ def test_nnx_end_to_end(name):
             assert e.details["error"] <= e.details["rtn_error"]
         elif name == "hqq":
             assert e.details["lp"] <= e.details["lp_rtn"]
-    assert qmodel.inp.promote_dtype.method_result is not None
+    assert isinstance(qmodel.quant_method.get_value()["inp"]["kernel"], MethodResult)
+    assert not isinstance(model.inp.kernel[...], MethodResult)  # the float model untouched
     served = pj.serve_model(qmodel)
     np.testing.assert_allclose(served(x), y, rtol=1e-4, atol=1e-5)
 
@@ -675,8 +767,6 @@ def test_linen_and_nnx_give_the_same_results():
     data = batches()
     nmodel = NnxNet(nnx.Rngs(0))
     rules = rules_for("gptq")
-    qn = pj.quantize_model(nmodel, rules)
-    pj.calibrate_model(qn, data)
 
     class Linen(nn.Module):
         @nn.compact
@@ -699,42 +789,115 @@ def test_linen_and_nnx_give_the_same_results():
     qn2 = pj.quantize_model(Nnx(nmodel), rules2)
     pj.calibrate_model(qn2, data)
     for name in ("inp", "out"):
-        nnx_result = getattr(qn2, name).promote_dtype.method_result.get_value()
-        np.testing.assert_allclose(v[METHOD][name]["result"].kernel, nnx_result.kernel,
+        nnx_result = qn2.quant_method.get_value()[name]["kernel"]
+        np.testing.assert_allclose(v[METHOD][name]["kernel"].kernel, nnx_result.kernel,
                                    rtol=1e-6, atol=1e-7)
 
 
-def test_calibration_is_sequential_through_quantized_layers():
-    """The second layer's GPTQ Hessian comes from the first layer's GPTQ output."""
+class Two(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(8, use_bias=False, name="b")(nn.Dense(16, use_bias=False, name="a")(x))
 
-    class Two(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(8, use_bias=False, name="b")(nn.Dense(16, use_bias=False, name="a")(x))
 
+def two_function(params, x):
+    """``Two`` as a plain function."""
+    return x @ params["a"]["kernel"] @ params["b"]["kernel"]
+
+
+def two_transposed(params, x):
+    """``Two`` with GPT-2's ``(out, in)`` kernels: ``x @ w.T``."""
+    return x @ params["a"]["kernel"].T @ params["b"]["kernel"].T
+
+
+@pytest.mark.parametrize("kind", ["linen", "function", "function, (out, in) kernels"])
+def test_calibration_is_sequential_through_quantized_layers(kind):
+    """The second layer's GPTQ Hessian comes from the first layer's GPTQ output -- for a
+    linen model and a plain function (``quantize_model(f, rules)``, ``qf.init(params,
+    x)``), whose kernels may be stored transposed: the layout comes from the matmul."""
     spec = pj.QuantSpec(bits=3, symmetric=True, axis=-1)
     data = [b.reshape(-1, 12) for b in batches()]
-    qmodel = pj.quantize_model(Two(), pj.QuantRule(".*", weight=spec, method=pj.GPTQ()))
-    v = qmodel.init(KEY, data[0])
+    rule = pj.QuantRule(".*", weight=spec, method=pj.GPTQ())
+    params = Two().init(KEY, data[0])["params"]
+    transposed = kind.endswith("kernels")
+    if kind == "linen":
+        qmodel = pj.quantize_model(Two(), rule)
+        v = qmodel.init_from({"params": params}, data[0])
+    else:
+        if transposed:
+            params = jax.tree.map(jnp.transpose, params)
+        qmodel = pj.quantize_model(two_transposed if transposed else two_function, rule)
+        v = qmodel.init(params, data[0])
     out, report = pj.calibrate_model(qmodel, v, data)
-    assert [e.path for e in report.layers] == ["a", "b"] and report.passes == 2
+    assert [e.path for e in report.layers] == ["a/kernel", "b/kernel"] and report.passes == 2
+    assert [e.step for e in report.layers] == [1, 2]
+    matrix = (lambda w: w.T) if transposed else (lambda w: w)  # noqa: E731
     x = jnp.concatenate(data)
-    wa = out[METHOD]["a"]["result"].kernel
-    np.testing.assert_allclose(wa, gptq(v["params"]["a"]["kernel"], 2 * x.T @ x / len(x),
+    wa = matrix(out[METHOD]["a"]["kernel"].kernel)
+    np.testing.assert_allclose(wa, gptq(matrix(params["a"]["kernel"]), 2 * x.T @ x / len(x),
                                         spec)[0], rtol=1e-5, atol=1e-6)
     h = x @ wa  # the quantized first layer's output
-    expected = gptq(v["params"]["b"]["kernel"], 2 * h.T @ h / len(h), spec)[0]
-    np.testing.assert_allclose(out[METHOD]["b"]["result"].kernel, expected, rtol=1e-5, atol=1e-6)
+    expected = gptq(matrix(params["b"]["kernel"]), 2 * h.T @ h / len(h), spec)[0]
+    np.testing.assert_allclose(matrix(out[METHOD]["b"]["kernel"].kernel), expected, rtol=1e-5,
+                               atol=1e-6)
+    np.testing.assert_allclose(qmodel.apply(out, x), x @ wa @ expected, rtol=1e-5, atol=1e-5)
+
+
+class Block(nn.Module):
+    @nn.compact
+    def __call__(self, x, _):
+        h = jnp.tanh(nn.Dense(16, use_bias=False, name="a")(x))
+        return x + nn.Dense(x.shape[-1], use_bias=False, name="b")(h), None
+
+
+class Stack(nn.Module):
+    """Two ``Block`` s under ``nn.scan``: kernels ``layers/a/kernel (2, 12, 16)`` and
+    ``layers/b/kernel (2, 16, 12)``."""
+
+    @nn.compact
+    def __call__(self, x):
+        scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                          length=2)
+        return scanned(name="layers")(x, None)[0]
+
+
+def test_calibration_of_a_scanned_stack_is_per_layer_and_sequential():
+    """Each layer of an ``nn.scan`` stack is its own unit (``path[l]``), processed in the
+    order the stack computes them, each Hessian from the layers before it quantized."""
+    spec = pj.QuantSpec(bits=3, symmetric=True, axis=-1)
+    data = [b.reshape(-1, 12) for b in batches()]
+    qmodel = pj.quantize_model(Stack(), pj.QuantRule(".*", weight=spec, method=pj.GPTQ()))
+    v = qmodel.init(KEY, data[0])
+    out, report = pj.calibrate_model(qmodel, v, data)
+    assert [e.path for e in report.layers] == ["layers/a/kernel[0]", "layers/b/kernel[0]",
+                                               "layers/a/kernel[1]", "layers/b/kernel[1]"]
+    assert [e.step for e in report.layers] == [1, 2, 3, 4] and report.passes == 4
+    assert all(e.rows == 3 * 16 for e in report.layers)
+    got = out[METHOD]["layers"]
+    assert got["a"]["kernel"].kernel.shape == (2, 12, 16)
+    assert got["a"]["kernel"].state.scale.shape == (2, 1, 16)  # one scale per layer, column
+    params = v["params"]["layers"]
+    h = jnp.concatenate(data)
+    for layer in range(2):  # the sequential procedure, written out
+        wa = gptq(params["a"]["kernel"][layer], 2 * h.T @ h / len(h), spec)[0]
+        np.testing.assert_allclose(got["a"]["kernel"].kernel[layer], wa, rtol=1e-5, atol=1e-6)
+        z = jnp.tanh(h @ wa)
+        wb = gptq(params["b"]["kernel"][layer], 2 * z.T @ z / len(z), spec)[0]
+        np.testing.assert_allclose(got["b"]["kernel"].kernel[layer], wb, rtol=1e-5, atol=1e-6)
+        h = h + z @ wb
+    np.testing.assert_allclose(qmodel.apply(out, jnp.concatenate(data)), h, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_smoothquant_observes_the_smoothed_inputs():
     data = batches()
     _, _, out, report, *_ = linen_calibrated("smoothquant")
-    entry = report.by_path()["inp"]
+    entry = report.by_path()["inp/kernel"]
     assert entry.details["outliers"] > 10 > entry.details["outliers_smoothed"]
-    scale = out[METHOD]["inp"]["result"].input_scale
-    xs = jnp.concatenate(data) * scale
-    rng_state = out[STATS]["inp"]["input_range"]
+    scale = out[METHOD]["inp"]["kernel"].input_scale
+    assert scale.shape == (12, 1)  # the (12, 16) kernel's layout
+    xs = jnp.concatenate(data) * scale[:, 0]
+    rng_state = out[STATS]["inp"]["kernel"]["input"]
     np.testing.assert_allclose(rng_state.lo.ravel(), jnp.minimum(xs.min(), 0), rtol=1e-6)
     np.testing.assert_allclose(rng_state.hi.ravel(), jnp.maximum(xs.max(), 0), rtol=1e-6)
     assert "SmoothQuant" in str(report)
@@ -750,14 +913,39 @@ def test_calibrate_model_errors():
 
     qmodel = pj.quantize_model(WithConv(), pj.QuantRule(".*", weight=4, method=pj.GPTQ()))
     v = qmodel.init(KEY, data[0])
-    with pytest.raises(ValueError, match="'conv'.*cover Dense, DenseGeneral and Einsum"):
+    with pytest.raises(ValueError, match="'conv/kernel' \\(GPTQ\\): the algorithms cover "
+                                         "dot_general weights, not conv_general_dilated"):
         pj.calibrate_model(qmodel, v, data)
-    bad_grid = pj.QuantRule(".*", weight=pj.QuantSpec(bits=4, axis=0), method=pj.GPTQ())
-    qmodel = pj.quantize_model(nn.Dense(4), bad_grid)
-    v = qmodel.init(KEY, data[0])
-    with pytest.raises(ValueError, match="per group along the last contracted axis"):
-        pj.calibrate_model(qmodel, v, data)
+
+    class Lookup(nn.Module):  # a table only looked up: no matmul input to calibrate on
+        @nn.compact
+        def __call__(self, ids):
+            return nn.Dense(4, name="head")(nn.Embed(16, 12, name="embed")(ids))
+
+    ids = jnp.zeros((2, 8), jnp.int32)
+    qmodel = pj.quantize_model(Lookup(), pj.QuantRule(".*", weight=4, method=pj.GPTQ()))
+    with pytest.raises(ValueError, match="'embed/embedding' \\(GPTQ\\): .*used by one "
+                                         "matmul; it has 0"):
+        pj.calibrate_model(qmodel, qmodel.init(KEY, ids), [ids])
+
+    def twice(params, x):  # one weight, two matmuls
+        return x @ params["w"] + jnp.tanh(x) @ params["w"]
+
+    qf = pj.quantize_model(twice, pj.QuantRule(".*", weight=4, method=pj.GPTQ()))
+    x = data[0].reshape(-1, 12)
+    with pytest.raises(ValueError, match="'w' \\(GPTQ\\): .*used by one matmul; it has 2"):
+        pj.calibrate_model(qf, qf.init({"w": jnp.ones((12, 4))}, x), [x])
+
+    class Batched(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Einsum((2, 12, 3), "bld,bdh->blh", name="heads")(x)
+
+    qmodel = pj.quantize_model(Batched(), pj.QuantRule(".*", weight=4, method=pj.GPTQ()))
+    with pytest.raises(ValueError, match="'heads/kernel'.*batch axes"):
+        pj.calibrate_model(qmodel, qmodel.init(KEY, data[0]), data)
     qmodel = pj.quantize_model(nn.Dense(4), pj.QuantRule(".*", weight=4, method=pj.GPTQ()))
+    v = qmodel.init(KEY, data[0])
     with pytest.raises(ValueError, match="no calibration batches"):
         pj.calibrate_model(qmodel, v, [])
     with pytest.raises(ValueError, match="NaN or inf"):

@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from pychop_jax.flax.quantize_model import STATS, quantize_model
-from pychop_jax.flax.rules import QuantRule
-from pychop_jax.serving.serve_model import serve_model
 
 import pychop_jax as pj
 import pychop_jax.linen as qnn
 import pychop_jax.nnx as qnnx
+from pychop_jax import QuantRule, quantize_model, serve_model
+from pychop_jax.serving.deploy import INPUTS
+from pychop_jax.transform.plan import STATS
 
 F = pj.formats
 X = jax.random.normal(jax.random.key(0), (8, 64))
@@ -171,9 +171,11 @@ def test_quantize_model_and_serve_model(rules):
         h = pj.fake_quant(h, pj.calibrate(calib, rule.act))
     np.testing.assert_allclose(expected, h @ w2 + p["fc2"]["bias"], rtol=1e-5, atol=1e-5)
     served_fn, served = serve_model(qmodel, v, X)
-    kernel = served["params"]["fc1"]["kernel"]
-    qa = kernel.weights if isinstance(kernel, pj.IntKernel) else kernel
-    assert qa.spec == rule.weight
+    qa = served["params"]["fc1"]["kernel"]
+    # a Dense kernel (64, 32) contracts axis 0: the rules' specs lie on it as written
+    assert isinstance(qa, pj.QuantizedArray) and qa.spec == rule.weight
+    np.testing.assert_array_equal(qa.dequantize(), w1)
+    assert ("fc1" in served[INPUTS]) == (rule.act is not None)  # the frozen input range
     logits = jax.jit(served_fn)(served, other)
     np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
 

@@ -37,9 +37,12 @@ def test_weight_only_and_int_path_serve_the_frozen_evaluation(scale_dtype, tmp_p
             variables = {**variables, **upd}
         want = qmodel.apply(variables, x)
         served_fn, served = pj.serve_model(qmodel, variables, x)
-        kernel = served["params"]["hidden"]["kernel"]
-        weights = kernel.weights if hasattr(kernel, "weights") else kernel
+        weights = served["params"]["hidden"]["kernel"]
+        assert isinstance(weights, pj.QuantizedArray)
         assert weights.state.scale.dtype == jnp.dtype(scale_dtype)
+        if "quant_stats" in variables:  # the frozen input quantizer keeps its scale dtype
+            frozen = served["quant_inputs"]["hidden"]["kernel"]["input"]
+            assert frozen.spec.scale_dtype == scale_dtype
         np.testing.assert_allclose(jax.jit(served_fn)(served, x), want, rtol=1e-5, atol=1e-5)
         pj.save_quantized(tmp_path / "m.msgpack", served)
         back = pj.load_quantized(tmp_path / "m.msgpack")
@@ -69,6 +72,7 @@ def test_algorithms_work_on_the_rounded_grid(method):
     variables, _ = pj.calibrate_model(qmodel, qmodel.init(jax.random.key(0), x), [x])
     served_fn, served = pj.serve_model(qmodel, variables, x)
     kernel = served["params"]["hidden"]["kernel"]
+    assert isinstance(kernel, pj.ScaledKernel) == (method == "AWQ")
     kernel = getattr(kernel, "kernel", kernel)  # AWQ: a ScaledKernel around it
     assert kernel.state.scale.dtype == jnp.float16
     np.testing.assert_allclose(served_fn(served, x), qmodel.apply(variables, x),
