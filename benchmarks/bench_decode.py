@@ -27,6 +27,7 @@ check that the script runs.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import time
@@ -74,9 +75,10 @@ def step_bytes(params, cache, config: lm.Config, batch: int) -> int:
     return weights + rows + tree_nbytes(cache)
 
 
-def float_step(model, variables):
-    """The float model's decoding call ``step(cache, tokens) -> (logits, cache)``."""
-    def step(cache, tokens):
+def float_step(model):
+    """The float model's decoding call ``step(variables, cache, tokens) -> (logits,
+    cache)``."""
+    def step(variables, cache, tokens):
         logits, updates = model.apply({**variables, "cache": cache}, tokens, decode=True,
                                       mutable=["cache"])
         return logits.astype(jnp.float32), updates["cache"]
@@ -84,14 +86,24 @@ def float_step(model, variables):
     return step
 
 
-def decoding(step):
-    """``(prefill, decode)``: jitted calls for the prompt and for NEW - 1 steps."""
-    prefill = jax.jit(lambda c, p: step(c, p))
+def served_step(served_fn):
+    def step(served, cache, tokens):
+        logits, updates = served_fn({**served, "cache": cache}, tokens, decode=True,
+                                    mutable=["cache"])
+        return logits, updates["cache"]
 
-    def run(c, token):
+    return step
+
+
+def decoding(step):
+    """``(prefill, decode)``: jitted calls for the prompt and for NEW - 1 steps, the
+    variables an argument (not constants of the program)."""
+    prefill = jax.jit(step)
+
+    def run(variables, c, token):
         def body(carry, _):
             token, c = carry
-            logits, c = step(c, token[:, None])
+            logits, c = step(variables, c, token[:, None])
             return (jnp.argmax(logits[:, -1], -1).astype(jnp.int32), c), None
 
         (token, c), _ = jax.lax.scan(body, (token, c), None, length=NEW - 1)
@@ -103,6 +115,11 @@ def decoding(step):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model (d=256, 4 layers)")
+    parser.add_argument("--d-model", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--rows", nargs="+", default=None,
+                        help="the rule sets to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = parser.parse_args()
@@ -120,8 +137,8 @@ def main():
         config = lm.Config(d_model=256, num_heads=4, num_layers=4, max_len=PROMPT + NEW,
                            vocab=4096)
     else:
-        config = lm.Config(d_model=768, num_heads=12, num_layers=12, max_len=PROMPT + NEW,
-                           vocab=32000)
+        config = lm.Config(d_model=args.d_model, num_heads=args.heads, num_layers=args.layers,
+                           max_len=PROMPT + NEW, vocab=32000)
     model, params = lm.init_linen(config, seed=0)
     n_params = lm.count_params(params)
     print(f"model: d={config.d_model} layers={config.num_layers} heads={config.num_heads} "
@@ -133,37 +150,36 @@ def main():
         cache = lm.init_cache(model, batch)
         rows = {}
 
-        rows["fp32"] = (float_step(model, {"params": params}), cache, params, cache)
+        rows["fp32"] = (float_step(model), {"params": params}, cache, params, cache)
         bf = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), params)
         bf_cache = jax.tree_util.tree_map(
             lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 else a, cache)
-        rows["bf16 (context)"] = (float_step(model, {"params": bf}), bf_cache, bf,
-                                  bf_cache)
+        rows["bf16 (context)"] = (float_step(model), {"params": bf}, bf_cache, bf, bf_cache)
         for name, rules in RULE_SETS.items():
+            if args.rows is not None and name not in args.rows:
+                continue
             qmodel = pj.quantize_model(model, rules)
-            variables = qmodel.init_from({"params": params}, prompt[:, :8])
+            variables = qmodel.init_from({"params": params, "cache": cache}, prompt[:, :8],
+                                         decode=True)
+            variables = {k: v for k, v in variables.items() if k != "cache"}
             served_fn, served = pj.serve_model(qmodel, {**variables, "cache": cache},
                                                prompt[:, :8], decode=True, mutable=["cache"])
 
-            def step(c, tokens, served_fn=served_fn, served=served):
-                logits, upd = served_fn({**served, "cache": c}, tokens, decode=True,
-                                        mutable=["cache"])
-                return logits, upd["cache"]
-
-            stored = jax.jit(step)(cache, prompt[:, :1])[1]  # the cache as it is stored
-            rows[name] = (step, cache, served["params"], stored)
+            step = served_step(served_fn)
+            stored = jax.jit(step)(served, cache, prompt[:, :1])[1]  # the cache as stored
+            rows[name] = (step, served, cache, served["params"], stored)
 
         bytes_per, fns_prefill, fns_decode = {}, {}, {}
-        for name, (step, c, p, c_shape) in rows.items():
+        for name, (step, v, c, p, c_shape) in rows.items():
             prefill, decode = decoding(step)
             start = time.perf_counter()
-            logits, c1 = jax.block_until_ready(prefill(c, prompt))
+            logits, c1 = jax.block_until_ready(prefill(v, c, prompt))
             token = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-            jax.block_until_ready(decode(c1, token))
+            jax.block_until_ready(decode(v, c1, token))
             print(f"  compiled {name} (batch {batch}): {time.perf_counter() - start:.1f} s",
                   flush=True)
-            fns_prefill[name] = lambda prefill=prefill, c=c, prompt=prompt: prefill(c, prompt)
-            fns_decode[name] = lambda decode=decode, c1=c1, token=token: decode(c1, token)
+            fns_prefill[name] = functools.partial(prefill, v, c, prompt)
+            fns_decode[name] = functools.partial(decode, v, c1, token)
             bytes_per[name] = step_bytes(p, c_shape, config, batch)
         prefill_t = interleaved_medians(fns_prefill, repeats=args.repeats, block=2, warmup=0,
                                         sync=jax.block_until_ready)
