@@ -75,6 +75,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 
 import jax
@@ -692,9 +693,158 @@ ALGORITHM_ROWS: list[Callable[[Context], Row]] = _algorithm_rows()
 
 # Row suites, chosen with ``--rows``: each is run after the same fp32 training.  "main" is
 # the table above; other suites add their own lists here (each starting with ``fp32_row``).
+# -- decoding with a KV cache (suite "decode") -------------------------------------------------
+KV_FORMATS = {  # QuantRule(kv_cache=...): keys / values stored per (token, head) or in groups
+    "int8 KV cache": QuantSpec(bits=8, symmetric=True, scale_dtype="float16"),
+    "fp8 e4m3 KV cache": QuantSpec(dtype="float8_e4m3fn", scale_dtype="float8_e8m0fnu"),
+    "int4 g32 KV cache": QuantSpec(bits=4, symmetric=True, axis=-1, group_size=32,
+                                   scale_dtype="float16"),
+}
+PROMPT_BYTES, CONTINUATION_BYTES = 64, 96
+
+
+def kv_rules(kv: QuantSpec | None, weights: list[QuantRule] | None = None) -> list[QuantRule]:
+    """``weights`` (default: none, float) with the attention modules' KV cache in ``kv``."""
+    cache = [QuantRule(r"blocks_\d+/attn", kv_cache=kv)] if kv is not None else []
+    return cache + list(weights or [])
+
+
+@dataclasses.dataclass
+class DecodeRow:
+    name: str
+    checkpoint_bytes: int
+    bpb: float = float("nan")
+    cache_bytes: float = float("nan")
+    tokens_per_s: float = float("nan")
+
+
+def decode_step(ctx: Context, rules: list[QuantRule] | None):
+    """``(step, variables, checkpoint bytes)``: the model's decoding call
+    ``step(variables, cache, tokens) -> (logits, cache)``, fp32 (``rules is None``) or
+    served from codes under ``rules`` (weights and KV cache)."""
+    model = ctx.model
+    if rules is None:
+        def float_step(variables, cache, tokens):
+            logits, upd = model.apply({**variables, "cache": cache}, tokens, decode=True,
+                                      mutable=["cache"])
+            return logits, upd["cache"]
+        return float_step, {"params": ctx.params}, lm.tree_bytes(ctx.params)
+    cache = lm.init_cache(model, 1)
+    sample = jnp.zeros((1, 8), jnp.int32)
+    qmodel = pj.quantize_model(model, rules)
+    with warnings.catch_warnings():  # a rule set of caches only has no weight rule
+        warnings.simplefilter("ignore")
+        variables = qmodel.init_from({"params": ctx.params, "cache": cache}, sample, decode=True)
+    variables = {k: v for k, v in variables.items() if k != "cache"}
+    served_fn, served = pj.serve_model(qmodel, {**variables, "cache": cache}, sample,
+                                       decode=True, mutable=["cache"])
+    served = {k: v for k, v in served.items() if k != "cache"}
+
+    def step(served, cache, tokens):
+        logits, upd = served_fn({**served, "cache": cache}, tokens, decode=True,
+                                mutable=["cache"])
+        return logits, upd["cache"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        nbytes = pj.save_quantized(os.path.join(tmp, "served.msgpack"), served)
+    return step, served, nbytes
+
+
+def teacher_forced_bpb(ctx: Context, step, variables, batch: int = 64) -> tuple[float, float]:
+    """Held-out bits/byte with every window prefilled through the KV cache (its keys and
+    values written -- quantized, if the rules say so -- then read by the attention), and
+    the cache's stored bytes per token."""
+    a = ctx.args
+    windows = lm.eval_windows(ctx.heldout, a.seq_len, a.eval_windows)
+    windows = windows[:len(windows) // batch * batch] if len(windows) >= batch else windows
+    batch = min(batch, len(windows))
+    cache = lm.init_cache(ctx.model, batch)
+
+    @jax.jit
+    def loss(variables, w):
+        logits, new = step(variables, cache, w[:, :-1])
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
+        return ce, new
+
+    total, new = 0.0, None
+    for i in range(0, len(windows), batch):
+        ce, new = loss(variables, jnp.asarray(windows[i:i + batch]))
+        total += float(ce)
+    per_token = pj_tree_nbytes(new) / (batch * ctx.config.max_len)
+    return total / (len(windows) // batch) / math.log(2), per_token
+
+
+def pj_tree_nbytes(tree) -> int:
+    """Bytes a tree holds, a ``QuantizedArray`` counting its codes and scales."""
+    leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, pj.QuantizedArray))
+    return int(sum(x.nbytes if isinstance(x, pj.QuantizedArray) else np.asarray(x).nbytes
+                   for x in leaves))
+
+
+def continuation(ctx: Context, step, variables, prompt):
+    """Greedy bytes after ``prompt`` ``(1, length)`` (as many as the cache holds, at most
+    ``CONTINUATION_BYTES``), and decoding tokens/s (prefill included)."""
+    n = min(CONTINUATION_BYTES, ctx.config.max_len - prompt.shape[1])
+    cache = lm.init_cache(ctx.model, 1)
+    gen = jax.jit(lambda v, c, p: pj.serving.generate(functools.partial(step, v), c, p, n,
+                                                      max_len=ctx.config.max_len))
+    tokens, _ = jax.block_until_ready(gen(variables, cache, prompt))  # compiled
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        jax.block_until_ready(gen(variables, cache, prompt))
+        times.append(time.perf_counter() - start)
+    return np.asarray(tokens[0]), n / float(np.median(times))
+
+
+def decode_section(ctx: Context) -> str:
+    """The "decode" suite: bits/byte teacher-forced through each KV cache format, cache
+    bytes per token, checkpoint bytes and batch-1 decoding tokens/s, then the
+    continuations of a held-out prompt by the fp32 model and by int4 weights served with
+    an int8 cache."""
+    a = ctx.args
+    int4 = group_rules(ctx.config)
+    rows = [("fp32, float cache", None)]
+    rows += [(f"fp32 weights, {name}", kv_rules(kv)) for name, kv in KV_FORMATS.items()]
+    rows += [("int4 g32 served, float cache", int4),
+             ("int4 g32 served, int8 KV cache", kv_rules(KV_FORMATS["int8 KV cache"], int4))]
+    length = min(PROMPT_BYTES, ctx.config.max_len // 2)
+    prompt = jnp.asarray(ctx.heldout[None, :length].astype(np.int32))
+    results, texts = [], {}
+    for name, rules in rows:
+        step, variables, nbytes = decode_step(ctx, rules)
+        row = DecodeRow(name, nbytes)
+        row.bpb, row.cache_bytes = teacher_forced_bpb(ctx, step, variables)
+        tokens, row.tokens_per_s = continuation(ctx, step, variables, prompt)
+        if name in ("fp32, float cache", "int4 g32 served, int8 KV cache"):
+            texts[name] = tokens
+        results.append(row)
+    base = results[0]
+    lines = [f"decoding with a KV cache ({a.seq_len}-byte held-out windows prefilled through "
+             f"the cache; {CONTINUATION_BYTES} greedy bytes at batch 1 for tokens/s -- this "
+             "small model's own speed: benchmarks/bench_decode.py measures a 534 M-parameter "
+             "decoder)",
+             f"| {'model':<34} | bits/byte | vs fp32 | checkpoint bytes | cache B/token  "
+             f"| tokens/s |", f"|{'-' * 36}|{'-' * 11}|{'-' * 9}|{'-' * 18}|{'-' * 16}|"
+             f"{'-' * 10}|"]
+    for r in results:
+        ratio = r.cache_bytes / base.cache_bytes
+        lines.append(f"| {r.name:<34} | {r.bpb:9.4f} | {100 * (r.bpb / base.bpb - 1):+6.2f}% "
+                     f"| {r.checkpoint_bytes:16,d} | {r.cache_bytes:6.0f} ({ratio:4.2f}x) "
+                     f"| {r.tokens_per_s:8.0f} |")
+    text = lambda t: bytes(np.asarray(t, np.uint8)).decode("utf-8", "replace")  # noqa: E731
+    lines.append(f"held-out prompt: {text(np.asarray(prompt[0]))!r}")
+    for name, tokens in texts.items():
+        lines.append(f"{name}: {text(tokens)!r}")
+    return "\n".join(lines)
+
+
+DECODE_ROWS: list[Callable[[Context], Row]] = []  # the suite prints its own table
+
+
 SUITES: dict[str, list[Callable[[Context], Row]]] = {
     "main": ROWS, "formats": FORMAT_ROWS, "algorithms": ALGORITHM_ROWS,
-    "attention": ATTENTION_ROWS, "scales": SCALE_ROWS}
+    "attention": ATTENTION_ROWS, "scales": SCALE_ROWS, "decode": DECODE_ROWS}
 
 
 def suite_rows(names: list[str]) -> list[Callable[[Context], Row]]:
@@ -843,8 +993,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="interleaved timed forward calls per deployed row")
     p.add_argument("--max-bytes", type=int, default=None, help="truncate both streams")
     p.add_argument("--out", default=DEFAULT_OUT, help="plot path ('' for none)")
-    p.add_argument("--rows", nargs="+", default=["main"], choices=[*SUITES, "all"],
-                   help="row suites to run after fp32 training (default: main)")
+    p.add_argument("--rows", nargs="+", default=["main", "decode"], choices=[*SUITES, "all"],
+                   help="row suites to run after fp32 training (default: main decode)")
     p.add_argument("--quick", action="store_true",
                    help="tiny model and data, a few steps (for tests)")
     args = p.parse_args(argv)
@@ -977,7 +1127,12 @@ def run(rows: list[Callable[[Context], Row]] | None = None, argv=None):
     for name, res in ctx.curves.items():
         print(f"{name}: {len(res.losses)} fine-tuning steps in {res.total_s:.1f} s "
               f"(first step {res.compile_s:.1f} s, then {1e3 * res.step_s:.1f} ms/step)")
-    print(table(results, (args.fwd_batch, args.fwd_seq)))
+    if results:
+        print(table(results, (args.fwd_batch, args.fwd_seq)))
+    if "decode" in args.rows or "all" in args.rows:
+        t, c = time.perf_counter(), time.process_time()
+        print(decode_section(ctx))
+        phases["decode"] = (time.perf_counter() - t, time.process_time() - c)
     if args.out:
         t, c = time.perf_counter(), time.process_time()
         plot(ctx.fp32, results, args.out, ctx.curves)

@@ -287,6 +287,9 @@ def make_plan(graph: Graph, rules) -> Plan:
             r = first_match(rules, site.module)
             shape = tuple(site.eqn.invars[0].aval.shape)
             spec = None if r is None else rules[r].kv_cache_spec(len(shape))
+            if spec is not None and spec.group_size is not None and \
+                    spec.group_size >= shape[-1]:  # one group spans head_dim
+                spec = dataclasses.replace(spec, group_size=shape[-1])
             if spec is not None:
                 caches[site.state] = spec
             what = (f"cache {describe_spec(spec, resolved=True)}" if spec is not None else
