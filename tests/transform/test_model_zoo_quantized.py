@@ -326,3 +326,24 @@ def test_calibrate_with_gptq_then_serve(name):
     assert not np.allclose(np.asarray(before), np.asarray(after))
     run, served = d.serve(d.qm, state)
     np.testing.assert_allclose(np.asarray(run(served)), np.asarray(after), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(zoo.missing("maxtext_style") is not None, reason="maxtext_style missing")
+def test_served_boxed_params_keep_their_boxes_and_partition_specs():
+    """MaxText-style params are ``nn.LogicallyPartitioned`` boxes: the served variables
+    keep every box with its axis names (the layer axis of the scan first), codes inside,
+    so ``nn.get_partition_spec`` gives the same specs as for the float model."""
+    import flax.linen as nn
+
+    case, d = quantized("maxtext_style", "int4_g32")
+    _, served = d.serve(d.qm, d.state)
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    float_boxes = {_path(kp): b for kp, b in jax.tree_util.tree_leaves_with_path(
+        case.params["params"], is_leaf=is_box)}
+    served_boxes = {_path(kp): b for kp, b in jax.tree_util.tree_leaves_with_path(
+        served["params"], is_leaf=is_box)}
+    assert set(served_boxes) == set(float_boxes)
+    for path, box in served_boxes.items():
+        assert is_box(box) and box.names == float_boxes[path].names, path
+        assert isinstance(box.value, pj.QuantizedArray) == (path in case.weights), path
+    assert nn.get_partition_spec(served)["params"] == nn.get_partition_spec(case.params)["params"]
