@@ -3,8 +3,9 @@
     python benchmarks/bench_decode.py [--quick] [--repeats 3] [--batches 1 8]
 
 A stock-Flax decoder (the LM example's ``TransformerLM`` with its KV cache,
-``d_model=768``, 12 layers, 12 heads, a 32,000-token vocabulary: 110 M parameters, random
-weights: speed does not depend on them) generates 128 tokens after a 128-token prompt
+by default ``d_model=2048``, 8 layers, 16 heads, a 32,000-token vocabulary: 534 M
+parameters, large enough to be bound by memory bandwidth on a CPU; random weights:
+speed does not depend on them) generates 128 tokens after a 128-token prompt
 (``pj.serving.generate``: one prefill call, then a scanned loop of one-token steps),
 at batch 1 and 8, as:
 

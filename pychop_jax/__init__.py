@@ -9,10 +9,13 @@ The public API, re-exported from the subpackages that define it::
     y     = pychop_jax.fake_quant(x, state)    # STE gradient
     s     = pychop_jax.lsq_init(x, spec)       # learnable state: fake_quant(x, s, grad='lsq')
 
-Subpackages (arrows point down): ``core`` (spec, numerics, state, ops, observers,
-QuantizedArray), ``flax`` (QAT functions and the linen / nnx skins), ``serving``
-(integer matmuls, PTQ, checkpoints, QAT -> served models, the post-training
-algorithms) and ``interop`` (the same numerics on NumPy and Torch arrays).  Public
+Subpackages (arrows point down): ``serving`` (integer matmuls, PTQ, checkpoints,
+``serve_model``, decoding, the post-training algorithms) above ``flax`` (the linen /
+nnx QAT layers; ``quantize_model`` for linen, nnx, Equinox and functions) and
+``interop`` (the same numerics on NumPy and Torch arrays), above ``transform`` (the
+framework-free jaxpr transformation that finds weights by dataflow and quantizes them;
+the layer-level QAT functions ``qat``), above ``core`` (spec, numerics, state, ops,
+observers, QuantizedArray).  Public
 modules: ``observers``, ``formats`` (MX / NVFP4 / NF4 presets), ``qat``,
 ``algorithms`` (GPTQ, AWQ, SmoothQuant, HQQ for ``QuantRule(method=...)``, run by
 ``calibrate_model``), ``serving``, ``linen`` and ``nnx``; the last two are imported on

@@ -1,4 +1,4 @@
-"""Run by tests/test_lm_multidevice.py in a fresh process with 8 simulated CPU devices:
+"""Run by tests/test_multidevice.py in a fresh process with 8 simulated CPU devices:
 a QAT training step of the example LM, data-parallel and with kernels sharded along
 their output dimension, against the same step on one device; then serving."""
 

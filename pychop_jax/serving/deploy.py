@@ -7,7 +7,7 @@
     pj.save_quantized(path, served_vars); served_vars = pj.load_quantized(path)
 
     served = pj.serve_model(qnnx)                  # nnx: a served copy (optional sample call)
-    served, = pj.serve_model(qeqx, state, x)       # Equinox: a served module
+    served = pj.serve_model(qeqx, state, x)        # Equinox: a served module
     served(x)
 
 ``served_vars`` are ``{"params": ..., "quant_inputs": ...}`` (plus a linen model's

@@ -16,7 +16,7 @@ kernel becomes a ``QuantizedKernel`` holding
 
 The served layer computes ``s_x s_w [sum q_x q_w - corrections] + b`` in int32, the
 same codes as the fake-quant evaluation, which sums ``(q_x - z_x) s_x * q_w s_w`` in
-float: the two agree up to float summation order (``tests/test_serving.py``; the
+float: the two agree up to float summation order (``tests/serving/test_serving.py``; the
 digits example adds the served model as a row of its table).
 
 Layers with float or block-scaled weights (``weight_format``: fp8, MX, NVFP4, NF4) get

@@ -17,8 +17,9 @@ per site, from the weight's and the input quantizer's formats:
   rows reads each code once instead of writing a dequantized copy (decoding); otherwise,
   and for float-format codes, the weight is dequantized inside the jitted computation;
 * **integer path** (``int_matmul.int_dot_general``, int8 x int8 -> int32, scales and
-  zero points after): integer grids of at most 8 bits on both sides, a per-tensor input
-  quantizer and weight scales constant along the contracted axes;
+  zero points after): integer grids of at most 8 bits on both sides, an input quantized
+  per tensor or per token (``formats.INT8_PER_TOKEN``), and weight scales constant
+  along the contracted axes;
 * **float codes** (``float_matmul.float_dot_general``): float element formats on both
   sides (fp8 x fp8, MX x MX);
 * **float path** otherwise (int4 groups along the contraction with a quantized input,

@@ -71,8 +71,9 @@ class Site:
     Attributes:
       callpath: where the equation is: its index in the top jaxpr, then for each
         enclosing higher-order equation the sub-jaxpr taken and the index in it.
-      primitive: ``"dot_general"``, ``"conv_general_dilated"`` or ``"gather"``.
-      kind: ``"weight"``, ``"lookup"``, ``"product"`` or ``"float"``.
+      primitive: ``"dot_general"``, ``"conv_general_dilated"``, ``"gather"`` /
+        ``"dynamic_slice"`` (lookups) or ``"dynamic_update_slice"`` (cache writes).
+      kind: ``"weight"``, ``"lookup"``, ``"product"``, ``"cache"`` or ``"float"``.
       eqn: the equation.
       module: the module path the rules match (a weight's parent path).
       weight: the parameter index (weight and lookup sites).
@@ -173,7 +174,7 @@ class Graph:
         return [s for s in self.sites if s.kind in ("weight", "lookup")]
 
     def cache_sites(self) -> list[Site]:
-        """The writes into caches whose contents some matmul reads."""
+        """The writes into float model-state inputs (caches)."""
         return [s for s in self.sites if s.kind == "cache"]
 
 
@@ -339,13 +340,13 @@ class _Analysis:
                              loop=loop, input=input_id))
 
     def cache_write(self, eqn, path, ins, stack, loop):
-        """A write into a model-state input (``dynamic_update_slice``): a KV cache site
-        (quantizable by a rule's ``kv_cache``) when its result reaches a matmul."""
+        """A write into a float model-state input (``dynamic_update_slice``): a cache
+        site, quantizable by a rule's ``kv_cache``; the products reading the written
+        cache are marked (``Site.cached``)."""
         state = ins[0].state if ins[0].state is not None else ins[0].cache
         where = self.state_paths.get(state, "")
-        site = self.add(Site(path, "dynamic_update_slice", "cache", eqn,
-                             module=module_of(where), stack=stack, loop=loop, state=state))
-        del site
+        self.add(Site(path, "dynamic_update_slice", "cache", eqn,
+                      module=module_of(where), stack=stack, loop=loop, state=state))
         sources = frozenset().union(*(v.sources for v in ins))
         return [_Val(sources=sources, data=True, cache=state)]
 
