@@ -35,9 +35,9 @@ object that is not a module or function) is a ``TypeError`` naming what to pass.
 
 from __future__ import annotations
 
+import collections
 import functools
 import sys
-import weakref
 from collections.abc import Callable, Mapping
 
 import flax.linen as nn
@@ -196,10 +196,20 @@ def _nnx_variables(module) -> dict:
                       METHOD: module.quant_method.get_value()}
 
 
-#: each quantized nnx module's traced functions, by graphdef of its model: kept beside the
-#: module, not in it, where nnx's graph walks (train / eval / clone / split) would meet a
-#: dict keyed by GraphDefs
-_NNX_FUNCTIONS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+class _TraceKey:
+    """A quantized nnx module's key into ``_NNX_FUNCTIONS``: a static attribute (hashed by
+    identity), so the copies nnx makes of the module -- inside ``nnx.jit``, clones --
+    find the traces of the module they copy."""
+
+    __slots__ = ()
+
+
+#: the traced functions of the most recently used quantized nnx modules (by their
+#: ``_TraceKey``), each by graphdef of its model, in use order: kept beside the module,
+#: not in it, where nnx's graph walks (train / eval / clone / split) would meet a dict
+#: keyed by GraphDefs; a module whose entry was dropped traces again on its next call
+_NNX_FUNCTIONS: collections.OrderedDict = collections.OrderedDict()
+_NNX_FUNCTIONS_KEPT = 64
 
 
 def _make_nnx_model_class():
@@ -217,13 +227,17 @@ def _make_nnx_model_class():
             self.quant_method = QuantMethodState({})
             self.use_running_average = False
             self.initialized = False
+            self.trace_key = _TraceKey()
 
         @property
         def float_model(self):
             return self.model
 
         def _functions(self, graphdef):
-            cache = _NNX_FUNCTIONS.setdefault(self, {})
+            cache = _NNX_FUNCTIONS.pop(self.trace_key, {})
+            _NNX_FUNCTIONS[self.trace_key] = cache
+            while len(_NNX_FUNCTIONS) > _NNX_FUNCTIONS_KEPT:
+                _NNX_FUNCTIONS.popitem(last=False)
             fn = cache.pop(graphdef, None)  # (re)inserted last: the dict is in use order
             if fn is None:
                 fn = _NnxFunction(self.rules, graphdef, None)
@@ -233,7 +247,7 @@ def _make_nnx_model_class():
         def last_trace(self):
             """The most recent trace of a call, in whichever mode (graph); ``None``
             before the first call."""
-            for fn in reversed(_NNX_FUNCTIONS.get(self, {}).values()):
+            for fn in reversed(_NNX_FUNCTIONS.get(self.trace_key, {}).values()):
                 if fn.last_trace() is not None:
                     return fn.last_trace()
             return None

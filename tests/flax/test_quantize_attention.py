@@ -145,7 +145,7 @@ def test_report_and_rule_text():
     # products are found whatever their rule: float, with the reason
     float_products = [o for o in unmatched.ops if o.kind == "product"]
     assert len(float_products) == 2 and not any(o.quantized for o in float_products)
-    assert float_products[0].what == "float (no rule with attention= matches)"
+    assert float_products[0].what == "float (no rule matches)"
     with pytest.raises(ValueError, match="per tensor"):
         pj.QuantRule(".*", attention=pj.QuantSpec(axis=0))
 

@@ -311,8 +311,11 @@ def test_rule_errors():
         pj.QuantRule(".*", attention=F.MXFP8_E4M3)
     qmodel = quantize_model(nn.Dense(4), [pj.QuantRule(".*", weight=8, act=F.MXFP8_E4M3)])
     with pytest.raises(ValueError, match="weight 'kernel': its dot_general input of shape "
-                       "\\(2, 20\\).*blocks of 32 do not divide the last axis \\(20\\)"):
-        qmodel.init(jax.random.key(0), jnp.ones((2, 20)))
+                       "\\(2, 40\\).*blocks of 32 do not divide the last axis \\(40\\)"):
+        qmodel.init(jax.random.key(0), jnp.ones((2, 40)))
+    # a row no longer than a block is one block (as a weight's axis no longer than a group)
+    report = qmodel.report(qmodel.init(jax.random.key(0), jnp.ones((2, 20))), jnp.ones((2, 20)))
+    assert report.weights()["kernel"].input_spec.group_size == 20
     # a weight's groups along its contracted axis: the same error, naming the weight
     qmodel = quantize_model(nn.Dense(4), [pj.QuantRule(".*", weight=F.MXFP4)])
     with pytest.raises(ValueError, match="weight 'kernel' of shape \\(40, 4\\) \\("
