@@ -262,22 +262,27 @@ def _load_kernels() -> int:
 
 
 def _self_test():
-    """One small product of each kernel against NumPy, on CPU: a build that does not
-    match this jaxlib's FFI fails here instead of in a user's program."""
+    """One small product of each kernel (weight-only: decoding and GEMM) against NumPy,
+    on CPU: a build that does not match this jaxlib's FFI fails here instead of in a
+    user's program."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 64)).astype(np.float32)
     codes = rng.integers(-128, 128, (64, 48)).astype(np.int8)
     scale = (rng.random((1, 48)) + 0.5).astype(np.float32)
     cpu = jax.devices("cpu")[0]
-    # first use may be inside a user's jit trace: run these two calls now, eagerly
+
+    def wo(x, c, s, gemm):
+        return _wo_kernel(_WeightOnly.of(x, c, s, None, k_axis=0, group_size=None, bits=8,
+                                         packed=False, n=None, qmin=None), isa=1, gemm=gemm)
+
+    # first use may be inside a user's jit trace: run these calls now, eagerly
     with jax.ensure_compile_time_eval(), jax.default_device(cpu):
-        got = np.asarray(jax.jit(lambda x, c, s: _wo_kernel(_WeightOnly.of(
-            x, c, s, None, k_axis=0, group_size=None, bits=8, packed=False, n=None, qmin=None),
-            isa=1))(x, codes, scale))
+        got = [np.asarray(jax.jit(wo, static_argnums=3)(x, codes, scale, gemm))
+               for gemm in (False, True)]
         a = np.ascontiguousarray(codes[:, :3].T)
         exact = np.asarray(jax.jit(lambda a, b: _int8_kernel(a, b, 0, isa=1))(a, codes))
     want = x.astype(np.float64) @ (codes * scale.astype(np.float64))
-    if not np.allclose(got, want, rtol=1e-5, atol=1e-4):
+    if not all(np.allclose(g, want, rtol=1e-5, atol=1e-4) for g in got):
         raise RuntimeError("weight_only_matmul self-test mismatch")
     if not np.array_equal(exact, a.astype(np.int64) @ codes.astype(np.int64)):
         raise RuntimeError("int8_matmul self-test mismatch")
@@ -440,11 +445,15 @@ def _wo_chunked(w: _WeightOnly, kc: int):
     return lax.fori_loop(0, w.K // kc, body, jnp.zeros((x.shape[0], w.N), jnp.float32))
 
 
-def _wo_kernel(w: _WeightOnly, isa: int):
+def _wo_kernel(w: _WeightOnly, isa: int, gemm: bool = False):
     """The custom call ``pychop_wo_matmul``: per group ``g`` and output column ``n``,
     ``s (sum_k x_k v_k - z' sum_k x_k)`` over the stored values ``v`` (int8, uint8, or
     4-bit fields), ``z' = z - qmin`` for fields; XLA prepares the per-group sums of
-    ``x`` and, for fields packed along K, its even and odd elements."""
+    ``x`` and, for fields packed along K, its even and odd elements.
+
+    ``gemm`` (AVX2 only, ``isa=1``): the prefill kernel instead, a float32 GEMM over
+    panels of ``(v - z') s`` dequantized once per call into a cache-sized buffer (it
+    needs none of those sums)."""
     x = w.x.astype(jnp.float32)
     M, K = x.shape
     none = jnp.zeros((0,), jnp.float32)
@@ -452,17 +461,20 @@ def _wo_kernel(w: _WeightOnly, isa: int):
     zero = w.zero
     if w.packed:  # fields hold q - qmin: q - z = field - (z - qmin)
         zero = (jnp.full((1,), -w.qmin, jnp.float32) if zero is None else zero - w.qmin)
-    if zero is not None:
-        xs = jnp.sum(x.reshape(M, w.G, K // w.G), axis=2)
-    else:
+    if zero is None:
         zero = xs = none
+    elif gemm:
+        xs = none
+    else:
+        xs = jnp.sum(x.reshape(M, w.G, K // w.G), axis=2)
     xe = xo = none
-    if kind == 2 and w.k_axis == 1:
+    if kind == 2 and w.k_axis == 1 and not gemm:
         xp = jnp.pad(x, ((0, 0), (0, K % 2)))
         xe, xo = xp[:, 0::2], xp[:, 1::2]
     call = jax.ffi.ffi_call("pychop_wo_matmul", jax.ShapeDtypeStruct((M, w.N), jnp.float32))
     return call(x, w.codes, w.scale, zero, xs, xe, xo, k_axis=np.int64(w.k_axis),
-                kind=np.int64(kind), has_zero=bool(zero.size), isa=np.int64(isa))
+                kind=np.int64(kind), has_zero=bool(zero.size), gemm=bool(gemm),
+                isa=np.int64(isa))
 
 
 def weight_only_matmul(x, codes, scale, zero_point=None, *, k_axis: int = 0,
