@@ -23,7 +23,9 @@ decoding kernels and its GEMM, the K-chunked loop, one dot; for w8a8 the custom 
 XLA's dot) at every M of ``--rows``, for the codes laid out as each of ``--layouts``:
 the measurement behind ``WEIGHT_ONLY_MAX_ROWS``, ``CHUNKED_MAX_ROWS`` and
 ``INT8_MAX_ROWS`` (re-run it on another CPU before trusting them there).  ``--only``
-keeps the variants whose names contain one of its substrings.
+keeps the variants whose names contain one of its substrings; ``--cpu-time`` reports
+this process's CPU time per call instead of wall time (then ``roof`` and ``GB/s`` mean
+nothing).
 
 Columns: median ms; ``vs fp32`` = fp32 dot time / this time at the same M; ``roof``
 = (bytes this variant must read: weights, scales, x, output) / bandwidth, divided by
@@ -36,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -223,6 +226,9 @@ def main():
                         help="time each formulation on its own (the thresholds)")
     parser.add_argument("--layouts", default="K,N",
                         help="--sweep: code layouts, 'K,N' and / or 'N,K' (';'-separated)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="medians of this process's CPU time per call (all threads) "
+                             "instead of wall time: less moved by other jobs' load")
     parser.add_argument("--only", default="",
                         help="comma-separated substrings: time only the variants whose "
                              "names contain one (the fp32 dot always)")
@@ -255,7 +261,8 @@ def main():
                 fns = {k: v for k, v in fns.items()
                        if k == "fp32 dot" or any(o in k for o in keep)}
             t = interleaved_medians({"probe": probe, **{k: f for k, (f, _) in fns.items()}},
-                                    repeats=args.repeats, sync=jax.block_until_ready)
+                                    repeats=args.repeats, sync=jax.block_until_ready,
+                                    clock=time.process_time if args.cpu_time else time.perf_counter)
             gbs = probe_bytes / t["probe"] / 1e9
             base = t["fp32 dot"]
             for name, (_, nbytes) in fns.items():
