@@ -161,20 +161,19 @@ def _lowered(fn, *args):
 @needs_kernel
 @pytest.mark.parametrize("k_axis", [0, 1])
 def test_rows_thresholds_pick_the_formulation(k_axis, monkeypatch):
-    """Up to WEIGHT_ONLY_MAX_ROWS rows the custom call, then the K-chunked loop up to
-    CHUNKED_MAX_ROWS, then one dot; same values."""
+    """Up to WEIGHT_ONLY_MAX_ROWS rows the custom call's decoding kernels, above them its
+    GEMM, past CHUNKED_MAX_ROWS too (no chunk loop, no dot); same values."""
     monkeypatch.setattr(xla_cpu, "KERNEL_MIN_WEIGHTS", 1)
     monkeypatch.setattr(xla_cpu, "CHUNKED_MAX_ROWS", xla_cpu.WEIGHT_ONLY_MAX_ROWS + 1)
     rng = np.random.default_rng(2)
     rows = xla_cpu.WEIGHT_ONLY_MAX_ROWS
-    for M, custom, loop in [(rows, True, False), (rows + 1, False, True),
-                            (rows + 2, False, False)]:
+    for M, gemm in [(rows, False), (rows + 1, True), (rows + 2, True)]:
         x, codes, s, z, _, ref, mag, _ = _problem(rng, M, 512, 48, k_axis=k_axis, bits=8,
                                                   affine=True, packed=False, group=None)
         f = lambda x, c, s, z: xla_cpu.weight_only_matmul(x, c, s, z, k_axis=k_axis)  # noqa: E731
         text = _lowered(f, x, codes, s, z)
-        assert ("pychop_wo_matmul" in text) == custom
-        assert ("stablehlo.while" in text) == loop  # the chunk loop
+        assert "pychop_wo_matmul" in text and "stablehlo.while" not in text
+        assert f"gemm = {str(gemm).lower()}" in text
         _check(np.asarray(jax.jit(f)(x, codes, s, z)), ref, mag)
 
 
