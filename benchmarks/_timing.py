@@ -23,13 +23,15 @@ import time
 
 
 def interleaved_medians(fns: dict, *, repeats: int = 30, block: int = 5, warmup: int = 2,
-                        settle: float = 0.02, sync=None) -> dict:
+                        settle: float = 0.02, sync=None, clock=time.perf_counter) -> dict:
     """Median wall time (s) of each ``fn()`` in ``fns``, timed in rotating blocks.
 
     Each of ``repeats // (block - 1)`` rounds runs every function for ``settle``
     seconds (at least once) untimed, then ``block - 1`` timed times in a row.
     ``sync(result)`` blocks until asynchronous work is done (e.g.
-    ``jax.block_until_ready``).
+    ``jax.block_until_ready``).  ``clock=time.process_time`` times this process's CPU
+    seconds instead (all its threads): what a call costs, which other jobs' load on a
+    shared machine moves much less than the wall time.
     """
     sync = sync or (lambda r: r)
     for _ in range(warmup):
@@ -44,9 +46,9 @@ def interleaved_medians(fns: dict, *, repeats: int = 30, block: int = 5, warmup:
             while time.perf_counter() < until:
                 sync(fn())
             for _ in range(block - 1):
-                t0 = time.perf_counter()
+                t0 = clock()
                 sync(fn())
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(clock() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

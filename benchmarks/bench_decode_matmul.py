@@ -18,10 +18,14 @@ it and the variants alike):
 * w8a8: int8 x int8 -> int32, ``plain`` = ``lax.dot_general``, ``ours`` =
   ``xla_cpu.int8_matmul`` (the activation's quantization is not included).
 
-``--sweep`` instead times each formulation ``xla_cpu`` chooses between (the custom call,
-the K-chunked loop, one dot; for w8a8 the custom call and XLA's dot) at every M of
-``--rows``: the measurement behind ``WEIGHT_ONLY_MAX_ROWS``, ``CHUNKED_MAX_ROWS`` and
-``INT8_MAX_ROWS`` (re-run it on another CPU before trusting them there).
+``--sweep`` instead times each formulation ``xla_cpu`` chooses between (the custom call's
+decoding kernels and its GEMM, the K-chunked loop, one dot; for w8a8 the custom call and
+XLA's dot) at every M of ``--rows``, for the codes laid out as each of ``--layouts``:
+the measurement behind ``WEIGHT_ONLY_MAX_ROWS``, ``CHUNKED_MAX_ROWS`` and
+``INT8_MAX_ROWS`` (re-run it on another CPU before trusting them there).  ``--only``
+keeps the variants whose names contain one of its substrings; ``--cpu-time`` reports
+this process's CPU time per call instead of wall time (then ``roof`` and ``GB/s`` mean
+nothing).
 
 Columns: median ms; ``vs fp32`` = fp32 dot time / this time at the same M; ``roof``
 = (bytes this variant must read: weights, scales, x, output) / bandwidth, divided by
@@ -34,6 +38,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -166,8 +171,9 @@ def check(K, N, rng):
                           a.astype(np.int64) @ q.astype(np.int64)), "w8a8"
 
 
-def sweep_variants(K: int, N: int, M: int, rng):
-    """name -> (callable, bytes read): each formulation of ``xla_cpu`` on its own."""
+def sweep_variants(K: int, N: int, M: int, rng, layouts=("K,N",)):
+    """name -> (callable, bytes read): each formulation of ``xla_cpu`` on its own, for
+    codes laid out as each of ``layouts`` ("K,N", "N,K")."""
     x = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
     a8 = jnp.asarray(rng.integers(-127, 128, (M, K)), jnp.int8)
     io = M * K * 4 + M * N * 4
@@ -176,28 +182,33 @@ def sweep_variants(K: int, N: int, M: int, rng):
     out = {"fp32 dot": (Rotating(lambda x, w: jnp.dot(x, w, precision=HIGHEST), x, w32),
                         K * N * 4 + io)}
     q8 = [jnp.asarray(rng.integers(-127, 128, (K, N)), jnp.int8) for _ in range(copies(K * N))]
-    p4 = [jnp.asarray(rng.integers(0, 256, (K, N // 2)), jnp.uint8)
-          for _ in range(copies(K * N // 2))]
     s8 = jnp.asarray(rng.random((1, N)) + 0.5, jnp.float32)
     s4 = jnp.asarray(rng.random((K // GROUP, N)) + 0.5, jnp.float32)
 
-    def path(name, **kw):
+    def path(name, k_axis, **kw):
         def f(x, codes, scale):
-            w = xla_cpu._WeightOnly.of(x, codes, scale, None, k_axis=0, n=None, **kw)
-            if name == "custom call":
-                return xla_cpu._wo_kernel(w, isa=1)
+            w = xla_cpu._WeightOnly.of(x, codes, scale, None, k_axis=k_axis, n=None, **kw)
+            if name in ("custom call", "custom GEMM"):
+                return xla_cpu._wo_kernel(w, isa=1, gemm=name == "custom GEMM")
             kc = xla_cpu._chunk_rows(w)
             return xla_cpu._wo_chunked(w, kc) if name == "K-chunked loop" else xla_cpu._wo_plain(w)
         return f
 
-    for grid, weights, scale, b, kw in (
-            ("int8", q8, s8, K * N + N * 4 + io, dict(group_size=None, bits=8, packed=False,
-                                                       qmin=None)),
-            ("int4 g128", p4, s4, K * N // 2 + (K // GROUP) * N * 4 + io,
-             dict(group_size=GROUP, bits=4, packed=True, qmin=-8))):
-        for name in ("one dot", "K-chunked loop", "custom call"):
-            out[f"{grid} (K,N) {name}"] = (Rotating(path(name, **kw), x,
-                                                    [(w, scale) for w in weights]), b)
+    for layout in layouts:
+        k_axis = 0 if layout == "K,N" else 1
+        shape4 = (K, N // 2) if k_axis == 0 else (N, K // 2)
+        q = q8 if k_axis == 0 else [jnp.asarray(c.T) for c in q8]
+        p4 = [jnp.asarray(rng.integers(0, 256, shape4), jnp.uint8)
+              for _ in range(copies(K * N // 2))]
+        for grid, weights, scale, b, kw in (
+                ("int8", q, s8, K * N + N * 4 + io, dict(group_size=None, bits=8, packed=False,
+                                                         qmin=None)),
+                ("int4 g128", p4, s4, K * N // 2 + (K // GROUP) * N * 4 + io,
+                 dict(group_size=GROUP, bits=4, packed=True, qmin=-8))):
+            scale = scale if k_axis == 0 else scale.T
+            for name in ("one dot", "K-chunked loop", "custom call", "custom GEMM"):
+                out[f"{grid} ({layout}) {name}"] = (Rotating(
+                    path(name, k_axis, **kw), x, [(w, scale) for w in weights]), b)
     bi = K * N + M * K + M * N * 4
     out["w8a8 (K,N) XLA dot"] = (Rotating(lambda a, b: xla_cpu._int8_plain(a, b, 0), a8,
                                           [(q,) for q in q8]), bi)
@@ -213,6 +224,14 @@ def main():
     parser.add_argument("--shapes", default="2048x8192,8192x2048")
     parser.add_argument("--sweep", action="store_true",
                         help="time each formulation on its own (the thresholds)")
+    parser.add_argument("--layouts", default="K,N",
+                        help="--sweep: code layouts, 'K,N' and / or 'N,K' (';'-separated)")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="medians of this process's CPU time per call (all threads) "
+                             "instead of wall time: less moved by other jobs' load")
+    parser.add_argument("--only", default="",
+                        help="comma-separated substrings: time only the variants whose "
+                             "names contain one (the fp32 dot always)")
     args = parser.parse_args()
     print(cpu_info())
     print(cpu_flags())
@@ -235,9 +254,15 @@ def main():
             if args.sweep and not kernels:
                 raise SystemExit("--sweep needs the custom call (python setup.py build_ext "
                                  "--inplace)")
-            fns = (sweep_variants if args.sweep else variants)(K, N, M, rng)
+            fns = (sweep_variants(K, N, M, rng, args.layouts.split(";")) if args.sweep
+                   else variants(K, N, M, rng))
+            if args.only:
+                keep = args.only.split(",")
+                fns = {k: v for k, v in fns.items()
+                       if k == "fp32 dot" or any(o in k for o in keep)}
             t = interleaved_medians({"probe": probe, **{k: f for k, (f, _) in fns.items()}},
-                                    repeats=args.repeats, sync=jax.block_until_ready)
+                                    repeats=args.repeats, sync=jax.block_until_ready,
+                                    clock=time.process_time if args.cpu_time else time.perf_counter)
             gbs = probe_bytes / t["probe"] / 1e9
             base = t["fp32 dot"]
             for name, (_, nbytes) in fns.items():

@@ -12,10 +12,11 @@ returns the same bits on every path (the tests run each path and compare):
 * ``cond``: a ``lax.cond`` between the exact formulation and a cheaper one that is
   only valid when a predicate holds (the pre-scale of ``numerics`` rule 4);
 * ``jit_by_size``: kernels that run in one XLA task below ``ONE_TASK_MAX`` elements;
-* ``weight_only_matmul`` / ``int8_matmul``: matrix products of few rows (decoding) with
-  integer weights: a C++ custom call (``csrc/decode_matmul.cc``) where it was built and
-  the rows are few, otherwise XLA (weights dequantized in K-chunks, or one dot); same
-  values up to float rounding, int32 results bit for bit.
+* ``weight_only_matmul`` / ``int8_matmul``: matrix products with integer weights: a C++
+  custom call (``csrc/decode_matmul.cc``) where it was built (for weight-only, its
+  decoding kernels at few rows and its GEMM at prefill sizes; for int8 x int8 at few
+  rows), otherwise XLA (weights dequantized in K-chunks, or one dot); same values up to
+  float rounding, int32 results bit for bit.
 
 ``numerics`` calls the first three; the adapters' engine (``pychop_jax.interop``)
 ``jit_by_size``; the last two are for serving.
@@ -202,9 +203,10 @@ def jit_by_size(fun, static_argnames):
     return kernel_for
 
 
-# -- small-row matmuls (decoding) --------------------------------------------------------
-#: ``weight_only_matmul`` takes the custom call up to this many rows of ``x``
-WEIGHT_ONLY_MAX_ROWS = 32
+# -- integer-weight matmuls (decoding, prefill) ------------------------------------------
+#: ``weight_only_matmul`` takes the custom call's decoding kernels up to this many rows
+#: of ``x``, its prefill GEMM above
+WEIGHT_ONLY_MAX_ROWS = 8
 #: ``int8_matmul`` takes the custom call up to this many rows of ``a`` ...
 INT8_MAX_ROWS = 8
 #: ... or this many for weights under ``INT8_LARGE_WEIGHTS`` codes (XLA's int8 dot was
@@ -213,8 +215,9 @@ INT8_MAX_ROWS_SMALL = 4
 INT8_LARGE_WEIGHTS = 1 << 20
 #: ... and only for weights of at least this many codes (K * N)
 KERNEL_MIN_WEIGHTS = 1 << 16
-#: otherwise, up to this many rows, the weights are dequantized in chunks of
-#: ``WEIGHT_ONLY_CHUNK`` rows of K (``_wo_chunked``), when K splits into them
+#: without the custom call (or for what it does not take), up to this many rows, the
+#: weights are dequantized in chunks of ``WEIGHT_ONLY_CHUNK`` rows of K (``_wo_chunked``),
+#: when K splits into them
 CHUNKED_MAX_ROWS = 256
 WEIGHT_ONLY_CHUNK = 256
 
@@ -262,22 +265,27 @@ def _load_kernels() -> int:
 
 
 def _self_test():
-    """One small product of each kernel against NumPy, on CPU: a build that does not
-    match this jaxlib's FFI fails here instead of in a user's program."""
+    """One small product of each kernel (weight-only: decoding and GEMM) against NumPy,
+    on CPU: a build that does not match this jaxlib's FFI fails here instead of in a
+    user's program."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 64)).astype(np.float32)
     codes = rng.integers(-128, 128, (64, 48)).astype(np.int8)
     scale = (rng.random((1, 48)) + 0.5).astype(np.float32)
     cpu = jax.devices("cpu")[0]
-    # first use may be inside a user's jit trace: run these two calls now, eagerly
+
+    def wo(x, c, s, gemm):
+        return _wo_kernel(_WeightOnly.of(x, c, s, None, k_axis=0, group_size=None, bits=8,
+                                         packed=False, n=None, qmin=None), isa=1, gemm=gemm)
+
+    # first use may be inside a user's jit trace: run these calls now, eagerly
     with jax.ensure_compile_time_eval(), jax.default_device(cpu):
-        got = np.asarray(jax.jit(lambda x, c, s: _wo_kernel(_WeightOnly.of(
-            x, c, s, None, k_axis=0, group_size=None, bits=8, packed=False, n=None, qmin=None),
-            isa=1))(x, codes, scale))
+        got = [np.asarray(jax.jit(wo, static_argnums=3)(x, codes, scale, gemm))
+               for gemm in (False, True)]
         a = np.ascontiguousarray(codes[:, :3].T)
         exact = np.asarray(jax.jit(lambda a, b: _int8_kernel(a, b, 0, isa=1))(a, codes))
     want = x.astype(np.float64) @ (codes * scale.astype(np.float64))
-    if not np.allclose(got, want, rtol=1e-5, atol=1e-4):
+    if not all(np.allclose(g, want, rtol=1e-5, atol=1e-4) for g in got):
         raise RuntimeError("weight_only_matmul self-test mismatch")
     if not np.array_equal(exact, a.astype(np.int64) @ codes.astype(np.int64)):
         raise RuntimeError("int8_matmul self-test mismatch")
@@ -440,11 +448,15 @@ def _wo_chunked(w: _WeightOnly, kc: int):
     return lax.fori_loop(0, w.K // kc, body, jnp.zeros((x.shape[0], w.N), jnp.float32))
 
 
-def _wo_kernel(w: _WeightOnly, isa: int):
+def _wo_kernel(w: _WeightOnly, isa: int, gemm: bool = False):
     """The custom call ``pychop_wo_matmul``: per group ``g`` and output column ``n``,
     ``s (sum_k x_k v_k - z' sum_k x_k)`` over the stored values ``v`` (int8, uint8, or
     4-bit fields), ``z' = z - qmin`` for fields; XLA prepares the per-group sums of
-    ``x`` and, for fields packed along K, its even and odd elements."""
+    ``x`` and, for fields packed along K, its even and odd elements.
+
+    ``gemm`` (AVX2 only, ``isa=1``): the prefill kernel instead, a float32 GEMM over
+    panels of ``(v - z') s`` dequantized once per call into a cache-sized buffer (it
+    needs none of those sums)."""
     x = w.x.astype(jnp.float32)
     M, K = x.shape
     none = jnp.zeros((0,), jnp.float32)
@@ -452,17 +464,20 @@ def _wo_kernel(w: _WeightOnly, isa: int):
     zero = w.zero
     if w.packed:  # fields hold q - qmin: q - z = field - (z - qmin)
         zero = (jnp.full((1,), -w.qmin, jnp.float32) if zero is None else zero - w.qmin)
-    if zero is not None:
-        xs = jnp.sum(x.reshape(M, w.G, K // w.G), axis=2)
-    else:
+    if zero is None:
         zero = xs = none
+    elif gemm:
+        xs = none
+    else:
+        xs = jnp.sum(x.reshape(M, w.G, K // w.G), axis=2)
     xe = xo = none
-    if kind == 2 and w.k_axis == 1:
+    if kind == 2 and w.k_axis == 1 and not gemm:
         xp = jnp.pad(x, ((0, 0), (0, K % 2)))
         xe, xo = xp[:, 0::2], xp[:, 1::2]
     call = jax.ffi.ffi_call("pychop_wo_matmul", jax.ShapeDtypeStruct((M, w.N), jnp.float32))
     return call(x, w.codes, w.scale, zero, xs, xe, xo, k_axis=np.int64(w.k_axis),
-                kind=np.int64(kind), has_zero=bool(zero.size), isa=np.int64(isa))
+                kind=np.int64(kind), has_zero=bool(zero.size), gemm=bool(gemm),
+                isa=np.int64(isa))
 
 
 def weight_only_matmul(x, codes, scale, zero_point=None, *, k_axis: int = 0,
@@ -495,21 +510,37 @@ def weight_only_matmul(x, codes, scale, zero_point=None, *, k_axis: int = 0,
     Returns:
       ``(M, N)`` of ``out_dtype``.
 
-    On XLA:CPU, with the custom call built (``decode_kernels_available``), ``M <=
-    WEIGHT_ONLY_MAX_ROWS`` and at least ``KERNEL_MIN_WEIGHTS`` codes, the product is
-    the custom call, which reads each code once (``docs/performance.md``: 2-3x the
-    float32 dot at one row); otherwise, on XLA:CPU up to ``CHUNKED_MAX_ROWS`` rows,
-    the weights dequantized ``WEIGHT_ONLY_CHUNK`` rows of K at a time in a loop
-    (``_wo_chunked``); with more rows, on every other platform and for K that does not
-    split, the dequantized weights in one float32 ``dot_general``.  All agree to float
-    rounding.
+    The formulation (measured on a 2-core Zen 4 with AVX2, ``docs/performance.md``;
+    ``benchmarks/bench_decode_matmul.py --sweep`` re-measures it):
+
+    * XLA:CPU with the custom call built (``decode_kernels_available``), a grid it
+      takes and at least ``KERNEL_MIN_WEIGHTS`` codes (``_WeightOnly.kernel_applies``):
+
+      - ``M <= WEIGHT_ONLY_MAX_ROWS``: its decoding kernels, which read each code once
+        and multiply it with every row (2-3x the float32 dot at 1-8 rows);
+      - more rows: its prefill GEMM (``_wo_kernel(gemm=True)``), which dequantizes each
+        weight once per call into cache-sized panels and multiplies them at about the
+        FMA peak.  The decoding kernels' cost grows faster with M: at 8 rows they cost
+        less CPU time than the GEMM in 6 of 8 cases (2048x8192 / 8192x2048, int8 and
+        int4 g128, both layouts), at 10 rows more in 6, at 16 in all 8.  At 16-256 rows
+        the float32 dot cost 0.99-2.7x the GEMM's CPU time, each other formulation
+        more than the GEMM in every case; at 512 rows (2048x8192, wall clock) the GEMM
+        was still level with or ahead of them;
+    * XLA:CPU without it: up to ``CHUNKED_MAX_ROWS`` rows, the weights dequantized
+      ``WEIGHT_ONLY_CHUNK`` rows of K at a time in a loop (``_wo_chunked``: 1.25-1.8x one
+      dot from 64 to 256 rows);
+    * more rows, every other platform and K that does not split: the dequantized
+      weights in one float32 ``dot_general`` (``_wo_plain``).
+
+    All agree to float rounding.
     """
     w = _WeightOnly.of(x, codes, scale, zero_point, k_axis=k_axis, group_size=group_size,
                        bits=bits, packed=packed, n=n, qmin=qmin)
     plain = lambda: _wo_plain(w)  # noqa: E731
     kc = _chunk_rows(w)
-    if x.shape[0] <= WEIGHT_ONLY_MAX_ROWS and w.kernel_applies() and decode_kernels_available():
-        out = _on_cpu(lambda: _wo_kernel(w, isa=1), plain)
+    if w.kernel_applies() and decode_kernels_available():
+        gemm = x.shape[0] > WEIGHT_ONLY_MAX_ROWS
+        out = _on_cpu(lambda: _wo_kernel(w, isa=1, gemm=gemm), plain)
     elif kc is not None and x.shape[0] <= CHUNKED_MAX_ROWS:
         out = _on_cpu(lambda: _wo_chunked(w, kc), plain)
     else:

@@ -16,9 +16,9 @@ needs_kernel = pytest.mark.skipif(
     not xla_cpu.decode_kernels_available(),
     reason="the XLA:CPU custom call is not built (python setup.py build_ext --inplace)")
 
-#: XLA's formulation (other platforms), its K-chunked loop (XLA:CPU above the row
-#: threshold), the custom call's portable and AVX2 kernels
-PATHS = ["xla", "chunk", "scalar", "avx2"]
+#: XLA's formulation (other platforms), its K-chunked loop (XLA:CPU without the custom
+#: call), the custom call's portable and AVX2 decoding kernels and its AVX2 prefill GEMM
+PATHS = ["xla", "chunk", "scalar", "avx2", "gemm"]
 
 
 def _grid(bits, affine):
@@ -62,7 +62,7 @@ def _run(path, x, codes, scale, zero, **kw):
         if path == "chunk":  # small chunks, so that small K splits
             kc = xla_cpu._chunk_rows(w, 32)
             return xla_cpu._wo_plain(w) if kc is None else xla_cpu._wo_chunked(w, kc)
-        return xla_cpu._wo_kernel(w, isa=0 if path == "scalar" else 1)
+        return xla_cpu._wo_kernel(w, isa=0 if path == "scalar" else 1, gemm=path == "gemm")
     return np.asarray(jax.jit(f)(x, codes, scale, zero))
 
 
@@ -77,7 +77,7 @@ def problems(draw):
     packed = draw(st.booleans())
     bits = draw(st.sampled_from([3, 4])) if packed else draw(st.sampled_from([4, 8]))
     affine = draw(st.booleans())
-    M = draw(st.sampled_from([1, 2, 3, 4, 5, 7]))
+    M = draw(st.sampled_from([1, 2, 3, 4, 5, 7, 13]))
     grouped = draw(st.booleans())
     if grouped:
         group = draw(st.sampled_from([8, 16, 32]))
@@ -103,6 +103,25 @@ def test_every_path_matches_float64(case, seed):
               qmin=qmin if case["packed"] else None)
     for path in PATHS:
         _check(_run(path, x, codes, s, z, **kw), ref, mag)
+
+
+@needs_kernel
+@pytest.mark.parametrize("k_axis", [0, 1])
+@pytest.mark.parametrize("packed", [False, True])
+def test_gemm_blocks(k_axis, packed):
+    """The prefill GEMM across its blocks: K over several 256-row blocks (the last one
+    partial), groups that straddle them (48) or are not a multiple of 8 (12: scalar
+    dequantization along K), whole 64 / 128-column blocks, a partial one and a partial
+    16-column panel, row blocks of 6 and a remainder."""
+    rng = np.random.default_rng(8)
+    bits = 4 if packed else 8
+    for M, K, N, group, affine in [(14, 576, 150, 48, False), (9, 600, 150, 12, True),
+                                   (6, 520, 128, None, True), (5, 256, 16, None, False)]:
+        x, codes, s, z, qmin, ref, mag, _ = _problem(rng, M, K, N, k_axis=k_axis, bits=bits,
+                                                     affine=affine, packed=packed, group=group)
+        _check(_run("gemm", x, codes, s, z, k_axis=k_axis, group_size=group, bits=bits,
+                    packed=packed, n=N if k_axis == 0 else K, qmin=qmin if packed else None),
+               ref, mag)
 
 
 @pytest.mark.parametrize("path", ["xla", "chunk"])
@@ -142,20 +161,19 @@ def _lowered(fn, *args):
 @needs_kernel
 @pytest.mark.parametrize("k_axis", [0, 1])
 def test_rows_thresholds_pick_the_formulation(k_axis, monkeypatch):
-    """Up to WEIGHT_ONLY_MAX_ROWS rows the custom call, then the K-chunked loop up to
-    CHUNKED_MAX_ROWS, then one dot; same values."""
+    """Up to WEIGHT_ONLY_MAX_ROWS rows the custom call's decoding kernels, above them its
+    GEMM, past CHUNKED_MAX_ROWS too (no chunk loop, no dot); same values."""
     monkeypatch.setattr(xla_cpu, "KERNEL_MIN_WEIGHTS", 1)
     monkeypatch.setattr(xla_cpu, "CHUNKED_MAX_ROWS", xla_cpu.WEIGHT_ONLY_MAX_ROWS + 1)
     rng = np.random.default_rng(2)
     rows = xla_cpu.WEIGHT_ONLY_MAX_ROWS
-    for M, custom, loop in [(rows, True, False), (rows + 1, False, True),
-                            (rows + 2, False, False)]:
+    for M, gemm in [(rows, False), (rows + 1, True), (rows + 2, True)]:
         x, codes, s, z, _, ref, mag, _ = _problem(rng, M, 512, 48, k_axis=k_axis, bits=8,
                                                   affine=True, packed=False, group=None)
         f = lambda x, c, s, z: xla_cpu.weight_only_matmul(x, c, s, z, k_axis=k_axis)  # noqa: E731
         text = _lowered(f, x, codes, s, z)
-        assert ("pychop_wo_matmul" in text) == custom
-        assert ("stablehlo.while" in text) == loop  # the chunk loop
+        assert "pychop_wo_matmul" in text and "stablehlo.while" not in text
+        assert f"gemm = {str(gemm).lower()}" in text
         _check(np.asarray(jax.jit(f)(x, codes, s, z)), ref, mag)
 
 

@@ -1,4 +1,5 @@
-// Small-row (decoding) matmuls for XLA:CPU, called through the XLA FFI.
+// Integer-weight matmuls for XLA:CPU, called through the XLA FFI: small-row (decoding)
+// kernels, and a GEMM for weight-only products of more rows (prefill).
 //
 // pychop_wo_matmul: out = x @ W, W = (v - z') * s, without materialising W
 //   x    (M, K) float32
@@ -11,6 +12,8 @@
 //   out[m, n] = sum_g s[g, n] * (sum_{k in g} x[m, k] v[k, n] - z'[g, n] xs[m, g])
 //   with xs[m, g] = sum_{k in g} x[m, k] (computed by the caller, as are xe / xo, the
 //   even and odd elements of x, for 4-bit codes packed along K).
+//   gemm = true (attribute; AVX2 only): out = x @ W with W[k, n] = (v - z'[g, n]) s[g, n]
+//   dequantized once per call, block by block, into a float32 GEMM (no xs / xe / xo).
 //
 // pychop_int8_matmul: out (M, N) int32 = a (M, K) int8 @ b, b int8 (K, N) or (N, K);
 //   exact (the caller passes a widened to int16; products and pair sums fit int32,
@@ -423,6 +426,302 @@ PYCHOP_AVX2 void WoAvx2(const WoProblem& p, int64_t n0, int64_t n1) {
   if (c < n1) WoScalar(p, c, n1);
 }
 
+// -- prefill GEMM (tens to hundreds of rows) -------------------------------------------
+// out = x @ W computed like a float32 GEMM whose B operand is packed on the fly: a
+// block of KC rows of K x NB output columns of W = (v - z') * s is dequantized once
+// into a float buffer laid out as micro-panels of 16 columns ([k][16], contiguous), and
+// each micro-panel is used for every row of x by a 6 x 16 register-blocked FMA kernel
+// (12 accumulators, 2 weight vectors, 1 broadcast: 15 of AVX2's 16 registers).  Every
+// weight is dequantized once per call, whatever M; NB covers whole 64-byte lines of
+// codes laid out (K, N), which are read KC rows of N bytes apart.
+constexpr int kMR = 6;
+constexpr int kNR = 16;
+constexpr int64_t kKC = 256;
+
+// Rows [k0 + k_from, k0 + kc) of the micro-panel [c0, c0 + 16) of W, scalar (columns
+// past N are zeros).
+inline void PackPanelScalar(const WoProblem& p, int64_t k0, int64_t kc, int64_t c0,
+                            int64_t k_from, float* buf) {
+  for (int64_t k = k0 + k_from; k < k0 + kc; ++k) {
+    const int64_t g = k / p.gs;
+    for (int64_t j = 0; j < kNR; ++j) {
+      const int64_t n = c0 + j;
+      float w = 0.f;
+      if (n < p.N) {
+        const int64_t si = ScaleIndex(p, g, n);
+        w = CodeValue(p, k, n);
+        if (p.zero) w -= p.zero[p.zero_scalar ? 0 : si];
+        w *= p.scale[si];
+      }
+      buf[(k - k0) * kNR + j] = w;
+    }
+  }
+}
+
+// Scale s and -z' s of the 16 columns [c0, c0 + 16) in group g: w = v s + (-z' s).
+PYCHOP_AVX2 inline void PanelScales(const WoProblem& p, int64_t g, int64_t c0, __m256* s,
+                                    __m256* zs) {
+  for (int h = 0; h < 2; ++h) {
+    const int64_t n = c0 + 8 * h;
+    __m256 sv, zv = _mm256_setzero_ps();
+    if (p.k_axis == 0 || p.G == 1) {  // contiguous along N
+      const int64_t i = p.k_axis == 0 ? g * p.N + n : n;
+      sv = _mm256_loadu_ps(p.scale + i);
+      if (p.zero) zv = p.zero_scalar ? _mm256_set1_ps(p.zero[0]) : _mm256_loadu_ps(p.zero + i);
+    } else {  // (N, G): G apart
+      alignas(32) float a[8], b[8];
+      for (int j = 0; j < 8; ++j) {
+        a[j] = p.scale[(n + j) * p.G + g];
+        b[j] = p.zero ? p.zero[p.zero_scalar ? 0 : (n + j) * p.G + g] : 0.f;
+      }
+      sv = _mm256_load_ps(a);
+      zv = _mm256_load_ps(b);
+    }
+    s[h] = sv;
+    zs[h] = _mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), zv), sv);
+  }
+}
+
+// 8 codes (bytes, low half of v) widened to float.
+template <int64_t KIND>
+PYCHOP_AVX2 inline __m256 Widen8(__m128i v) {
+  return _mm256_cvtepi32_ps(KIND == kS8 ? _mm256_cvtepi8_epi32(v) : _mm256_cvtepu8_epi32(v));
+}
+
+// Codes (K, N): micro-panel [c0, c0 + 16) x rows [k0, k0 + kc), one group at a time.
+template <int64_t KIND>
+PYCHOP_AVX2 void PackKN(const WoProblem& p, int64_t k0, int64_t kc, int64_t c0, float* buf) {
+  const int64_t ld = KIND == kU4 ? (p.N + 1) / 2 : p.N;
+  const uint8_t* base = p.codes + (KIND == kU4 ? c0 / 2 : c0);
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t k = k0; k < k0 + kc;) {
+    const int64_t g = k / p.gs, kend = std::min(k0 + kc, (g + 1) * p.gs);
+    __m256 s[2], zs[2];
+    PanelScales(p, g, c0, s, zs);
+    for (; k < kend; ++k) {
+      const uint8_t* r = base + k * ld;
+      __m128i v0, v1;
+      if (KIND == kU4) {  // byte j: columns 2j (low), 2j + 1 (high)
+        __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r));
+        v0 = _mm_unpacklo_epi8(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+        v1 = _mm_srli_si128(v0, 8);
+      } else {
+        v0 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r));
+        v1 = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r + 8));
+      }
+      float* o = buf + (k - k0) * kNR;
+      _mm256_store_ps(o, _mm256_fmadd_ps(Widen8<KIND>(v0), s[0], zs[0]));
+      _mm256_store_ps(o + 8, _mm256_fmadd_ps(Widen8<KIND>(v1), s[1], zs[1]));
+    }
+  }
+}
+
+// Codes (N, K): 8 codes along K of the 8 rows n0.. n0 + 7 from k, transposed: t[j]
+// holds k + 2j (low 8 bytes) and k + 2j + 1 (high 8 bytes), one byte per row n.
+template <int64_t KIND>
+PYCHOP_AVX2 inline void TransposeNK8(const WoProblem& p, int64_t n0, int64_t k, __m128i* t) {
+  __m128i r[8];
+  for (int i = 0; i < 8; ++i) {
+    if (KIND == kU4) {
+      int32_t v;
+      std::memcpy(&v, p.codes + (n0 + i) * p.Kh + k / 2, 4);
+      r[i] = _mm_cvtsi32_si128(v);
+    } else {
+      r[i] = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p.codes + (n0 + i) * p.K + k));
+    }
+  }
+  const __m128i a0 = _mm_unpacklo_epi8(r[0], r[1]), a1 = _mm_unpacklo_epi8(r[2], r[3]);
+  const __m128i a2 = _mm_unpacklo_epi8(r[4], r[5]), a3 = _mm_unpacklo_epi8(r[6], r[7]);
+  const __m128i b0 = _mm_unpacklo_epi16(a0, a1), b2 = _mm_unpacklo_epi16(a2, a3);
+  if (KIND == kU4) {  // 4 bytes per row; byte j holds k + 2j (low), k + 2j + 1 (high)
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i c0 = _mm_unpacklo_epi32(b0, b2), c1 = _mm_unpackhi_epi32(b0, b2);
+    const __m128i l0 = _mm_and_si128(c0, mask), h0 = _mm_and_si128(_mm_srli_epi16(c0, 4), mask);
+    const __m128i l1 = _mm_and_si128(c1, mask), h1 = _mm_and_si128(_mm_srli_epi16(c1, 4), mask);
+    t[0] = _mm_unpacklo_epi64(l0, h0);
+    t[1] = _mm_unpackhi_epi64(l0, h0);
+    t[2] = _mm_unpacklo_epi64(l1, h1);
+    t[3] = _mm_unpackhi_epi64(l1, h1);
+    return;
+  }
+  const __m128i b1 = _mm_unpackhi_epi16(a0, a1), b3 = _mm_unpackhi_epi16(a2, a3);
+  t[0] = _mm_unpacklo_epi32(b0, b2);
+  t[1] = _mm_unpackhi_epi32(b0, b2);
+  t[2] = _mm_unpacklo_epi32(b1, b3);
+  t[3] = _mm_unpackhi_epi32(b1, b3);
+}
+
+// Codes (N, K): micro-panel [c0, c0 + 16) x rows [k0, k0 + kc) through 8 x 8 byte
+// transposes (groups a multiple of 8 codes, or one group); the rows past a multiple of
+// 8 scalar.
+template <int64_t KIND>
+PYCHOP_AVX2 void PackNK(const WoProblem& p, int64_t k0, int64_t kc, int64_t c0, float* buf) {
+  const int64_t kv = kc / 8 * 8;
+  for (int64_t kk = 0; kk < kv;) {
+    const int64_t g = (k0 + kk) / p.gs, kend = std::min(kv, (g + 1) * p.gs - k0);
+    __m256 s[2], zs[2];
+    PanelScales(p, g, c0, s, zs);
+    for (; kk < kend; kk += 8) {
+      for (int h = 0; h < 2; ++h) {
+        __m128i t[4];
+        TransposeNK8<KIND>(p, c0 + 8 * h, k0 + kk, t);
+        float* o = buf + kk * kNR + 8 * h;
+        for (int j = 0; j < 4; ++j) {
+          _mm256_store_ps(o + 2 * j * kNR, _mm256_fmadd_ps(Widen8<KIND>(t[j]), s[h], zs[h]));
+          _mm256_store_ps(o + (2 * j + 1) * kNR,
+                          _mm256_fmadd_ps(Widen8<KIND>(_mm_unpackhi_epi64(t[j], t[j])), s[h],
+                                          zs[h]));
+        }
+      }
+    }
+  }
+  if (kv < kc) PackPanelScalar(p, k0, kc, c0, kv, buf);
+}
+
+// Micro-panel [c0, c0 + 16) x rows [k0, k0 + kc) of W into buf ([k - k0][16]).
+PYCHOP_AVX2 void PackPanel(const WoProblem& p, int64_t k0, int64_t kc, int64_t c0, float* buf) {
+  if (c0 + kNR > p.N || (p.k_axis == 1 && p.G > 1 && p.gs % 8 != 0))
+    return PackPanelScalar(p, k0, kc, c0, 0, buf);
+  if (p.k_axis == 0) {
+    if (p.kind == kS8) return PackKN<kS8>(p, k0, kc, c0, buf);
+    if (p.kind == kU8) return PackKN<kU8>(p, k0, kc, c0, buf);
+    return PackKN<kU4>(p, k0, kc, c0, buf);
+  }
+  if (p.kind == kS8) return PackNK<kS8>(p, k0, kc, c0, buf);
+  if (p.kind == kU8) return PackNK<kU8>(p, k0, kc, c0, buf);
+  return PackNK<kU4>(p, k0, kc, c0, buf);
+}
+
+// c[MR x cols] += x[MR x kc] (rows ldx apart) @ b[kc x 16] (a micro-panel).  Named
+// accumulators (gcc kept an array of them on the stack, storing every one every step).
+#define PYCHOP_ROWS(F) F(0) F(1) F(2) F(3) F(4) F(5)
+template <int MR>
+PYCHOP_AVX2 void GemmMicro(const float* x, int64_t ldx, const float* b, int64_t kc, float* c,
+                           int64_t ldc, int64_t cols) {
+  static_assert(MR >= 1 && MR <= kMR, "rows per micro-kernel");
+  alignas(32) float tmp[MR * kNR];
+  float* cp = c;
+  int64_t ld = ldc;
+  if (cols < kNR) {  // the last, partial panel: through a full-width copy
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < kNR; ++j) tmp[i * kNR + j] = j < cols ? c[i * ldc + j] : 0.f;
+    cp = tmp;
+    ld = kNR;
+  }
+#define PYCHOP_INIT(i)                                                                  \
+  __m256 c##i##0 = _mm256_setzero_ps(), c##i##1 = c##i##0;                               \
+  const float* x##i = x + (MR > i ? i : 0) * ldx;                                       \
+  if constexpr (MR > i) {                                                               \
+    c##i##0 = _mm256_loadu_ps(cp + i * ld);                                             \
+    c##i##1 = _mm256_loadu_ps(cp + i * ld + 8);                                         \
+  }
+  PYCHOP_ROWS(PYCHOP_INIT)
+#undef PYCHOP_INIT
+  for (int64_t k = 0; k < kc; ++k) {
+    const __m256 b0 = _mm256_load_ps(b + k * kNR), b1 = _mm256_load_ps(b + k * kNR + 8);
+#define PYCHOP_STEP(i)                                                                  \
+  if constexpr (MR > i) {                                                               \
+    const __m256 a = _mm256_broadcast_ss(x##i + k);                                     \
+    c##i##0 = _mm256_fmadd_ps(a, b0, c##i##0);                                          \
+    c##i##1 = _mm256_fmadd_ps(a, b1, c##i##1);                                          \
+  }
+    PYCHOP_ROWS(PYCHOP_STEP)
+#undef PYCHOP_STEP
+  }
+#define PYCHOP_STORE(i)                                                                 \
+  if constexpr (MR > i) {                                                               \
+    _mm256_storeu_ps(cp + i * ld, c##i##0);                                             \
+    _mm256_storeu_ps(cp + i * ld + 8, c##i##1);                                         \
+  }
+  PYCHOP_ROWS(PYCHOP_STORE)
+#undef PYCHOP_STORE
+  if (cols < kNR)
+    for (int i = 0; i < MR; ++i)
+      for (int j = 0; j < cols; ++j) c[i * ldc + j] = tmp[i * kNR + j];
+}
+#undef PYCHOP_ROWS
+
+// Columns per dequantized block: whole 64-byte lines of codes (K, N).
+inline int64_t GemmBlock(const WoProblem& p) { return p.kind == kU4 && p.k_axis == 0 ? 128 : 64; }
+
+// The codes of one block (rows [k0, k0 + kc) x columns [b0, b0 + nb)) as `rows` runs of
+// `bytes` bytes, `ld` apart, for software prefetches spread over the block before it:
+// the strided rows of codes (K, N) came in at a fraction of the memory bandwidth when
+// the dequantization asked for them.
+struct BlockLines {
+  const uint8_t* base = nullptr;
+  int64_t rows = 0, ld = 0, bytes = 0, per_row = 0, next = 0;
+  BlockLines() = default;
+  BlockLines(const WoProblem& p, int64_t k0, int64_t kc, int64_t b0, int64_t nb) {
+    const bool u4 = p.kind == kU4;
+    if (p.k_axis == 0) {
+      ld = u4 ? (p.N + 1) / 2 : p.N;
+      base = p.codes + k0 * ld + (u4 ? b0 / 2 : b0);
+      rows = kc;
+      bytes = u4 ? (nb + 1) / 2 : nb;
+    } else {
+      ld = u4 ? p.Kh : p.K;
+      base = p.codes + b0 * ld + (u4 ? k0 / 2 : k0);
+      rows = nb;
+      bytes = u4 ? (kc + 1) / 2 : kc;
+    }
+    per_row = (bytes + 63) / 64 + 1;  // the runs need not start on a line
+  }
+  int64_t total() const { return rows * per_row; }
+  void Issue(int64_t count) {
+    for (const int64_t end = std::min(next + count, total()); next < end; ++next) {
+      const int64_t r = next / per_row, i = next % per_row;
+      const uint8_t* a = base + r * ld + std::min(i * 64, bytes - 1);
+      _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T0);
+    }
+  }
+};
+
+// Output columns [n0, n1) of every row.
+PYCHOP_AVX2 void WoGemm(const WoProblem& p, int64_t n0, int64_t n1) {
+  const int64_t NB = GemmBlock(p);
+  std::unique_ptr<float[]> hold(new float[kKC * NB + 8]);
+  float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(hold.get()) + 31) & ~uintptr_t{31});
+  for (int64_t m = 0; m < p.M; ++m) std::memset(p.out + m * p.N + n0, 0, (n1 - n0) * sizeof(float));
+  const int64_t calls = (p.M + kMR - 1) / kMR;  // micro-kernel calls per panel
+  for (int64_t k0 = 0; k0 < p.K; k0 += kKC) {
+    const int64_t kc = std::min(kKC, p.K - k0);
+    for (int64_t b0 = n0; b0 < n1; b0 += NB) {
+      const int64_t nb = std::min(NB, n1 - b0);
+      for (int64_t j = 0; j < nb; j += kNR) PackPanel(p, k0, kc, b0 + j, buf + j * kc);
+      // the next block's codes, a share before each micro-kernel call
+      BlockLines ahead;
+      if (b0 + NB < n1) {
+        ahead = BlockLines(p, k0, kc, b0 + NB, std::min(NB, n1 - b0 - NB));
+      } else if (k0 + kKC < p.K) {
+        ahead = BlockLines(p, k0 + kKC, std::min(kKC, p.K - k0 - kKC), n0, std::min(NB, n1 - n0));
+      }
+      const int64_t share = (ahead.total() + calls * ((nb + kNR - 1) / kNR) - 1) /
+                            (calls * ((nb + kNR - 1) / kNR));
+      for (int64_t j = 0; j < nb; j += kNR) {
+        const float* panel = buf + j * kc;
+        const int64_t cols = std::min<int64_t>(kNR, nb - j);
+        float* c = p.out + b0 + j;
+        const float* x = p.x + k0;
+        int64_t m = 0;
+        for (; m + kMR <= p.M; m += kMR) {
+          ahead.Issue(share);
+          GemmMicro<kMR>(x + m * p.K, p.K, panel, kc, c + m * p.N, p.N, cols);
+        }
+        ahead.Issue(share);
+        switch (p.M - m) {
+          case 5: GemmMicro<5>(x + m * p.K, p.K, panel, kc, c + m * p.N, p.N, cols); break;
+          case 4: GemmMicro<4>(x + m * p.K, p.K, panel, kc, c + m * p.N, p.N, cols); break;
+          case 3: GemmMicro<3>(x + m * p.K, p.K, panel, kc, c + m * p.N, p.N, cols); break;
+          case 2: GemmMicro<2>(x + m * p.K, p.K, panel, kc, c + m * p.N, p.N, cols); break;
+          case 1: GemmMicro<1>(x + m * p.K, p.K, panel, kc, c + m * p.N, p.N, cols); break;
+          default: break;
+        }
+      }
+    }
+  }
+}
+
 // b (N, K): out[m, n] = sum_k a16[m, k] b[n, k], 32 codes per step.
 template <int MB>
 PYCHOP_AVX2 void Int8NK(const int16_t* a, const int8_t* b, int32_t* out, int64_t m0,
@@ -530,7 +829,7 @@ ffi::Error WoMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
                         ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> zero,
                         ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::F32> xe,
                         ffi::Buffer<ffi::F32> xo, ffi::ResultBuffer<ffi::F32> out,
-                        int64_t k_axis, int64_t kind, bool has_zero, int64_t isa) {
+                        int64_t k_axis, int64_t kind, bool has_zero, bool gemm, int64_t isa) {
   auto xd = x.dimensions(), cd = codes.dimensions(), sd = scale.dimensions();
   auto od = out->dimensions();
   if (xd.size() != 2 || cd.size() != 2 || sd.size() != 2 || od.size() != 2)
@@ -557,15 +856,19 @@ ffi::Error WoMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   if (kind == kU4 && k_axis == 1 && p.G > 1 && p.gs % 2 != 0)
     return ffi::Error::InvalidArgument("pychop_wo_matmul: packed groups must be even");
   p.scale = scale.typed_data();
+  const bool avx2 = UseAvx2(isa);
+  if (gemm && !avx2)  // (the caller asks for it only where the AVX2 kernels run)
+    return ffi::Error::InvalidArgument("pychop_wo_matmul: the GEMM needs AVX2 + FMA");
+  // the GEMM folds the zero point into the weights: no xs, xe, xo
   if (has_zero) {
     if ((zero.element_count() != scale.element_count() && zero.element_count() != 1) ||
-        xs.element_count() != static_cast<size_t>(p.M * p.G))
+        (!gemm && xs.element_count() != static_cast<size_t>(p.M * p.G)))
       return ffi::Error::InvalidArgument("pychop_wo_matmul: zero point / group sums shape");
     p.zero = zero.typed_data();
     p.zero_scalar = zero.element_count() == 1;
     p.xs = xs.typed_data();
   }
-  if (kind == kU4 && k_axis == 1) {
+  if (kind == kU4 && k_axis == 1 && !gemm) {
     if (xe.element_count() != static_cast<size_t>(p.M * p.Kh) ||
         xo.element_count() != static_cast<size_t>(p.M * p.Kh))
       return ffi::Error::InvalidArgument("pychop_wo_matmul: even / odd halves of x");
@@ -574,7 +877,17 @@ ffi::Error WoMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyB
   }
   p.out = out->typed_data();
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
-  const bool avx2 = UseAvx2(isa);
+#if PYCHOP_HAVE_AVX2_CODE
+  if (gemm) {
+    const int64_t nb = GemmBlock(p);
+    const Split split = SplitColumns(p.N, p.N >= nb ? nb : kNR, pool.num_threads(), kNR);
+    ParallelFor(pool, split.chunks, [&](int64_t i) {
+      int64_t n0 = split.begin(i), n1 = split.end(i);
+      if (n0 < n1) WoGemm(p, n0, n1);
+    });
+    return ffi::Error::Success();
+  }
+#endif
   const Split split = k_axis == 0 ? SplitColumns(p.N, 32, pool.num_threads(), kMinRun)
                                    : SplitColumns(p.N, 8, pool.num_threads(), 8);
   ParallelFor(pool, split.chunks, [&](int64_t i) {
@@ -630,6 +943,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(PychopWoMatmul, WoMatmulImpl,
                                   .Attr<int64_t>("k_axis")
                                   .Attr<int64_t>("kind")
                                   .Attr<bool>("has_zero")
+                                  .Attr<bool>("gemm")
                                   .Attr<int64_t>("isa"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PychopInt8Matmul, Int8MatmulImpl,
