@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import numerics, ops, validation, xla_cpu
+from ..core import encodings, numerics, ops, validation, xla_cpu
 from ..core.spec import QuantSpec, join_bounds, split_bounds
 from ..core.state import QuantState
 
@@ -174,10 +174,10 @@ def quantize_pipeline(xp, x, scale, zero_point, spec, *, check):
 
 
 def quantize_bits_pipeline(xp, x, scale, zero_point, spec, *, check):
-    """-> codes as uint8 bit patterns (``numerics.codes_as_bits``: a float format the
+    """-> codes as uint8 bit patterns (``encodings.codes_as_bits``: a float format the
     framework has no dtype for, fp4 in Torch), whether ``x`` was finite."""
     q = numerics.quantize(xp, x, scale, zero_point, spec)
-    return numerics.codes_as_bits(xp, q, spec), all_finite(xp, x, check)
+    return encodings.codes_as_bits(xp, q, spec), all_finite(xp, x, check)
 
 
 def dequantize_pipeline(xp, q, scale, zero_point, spec):
@@ -380,7 +380,7 @@ def quantize(fw: Framework, x, state: QuantState, *, check: bool = True):
     """Integer codes of ``x``; see ``pychop_jax.quantize``.  ``check=False`` skips the
     NaN / inf check (for input that was just calibrated on).  A float format the
     framework has no dtype for (fp4 in Torch) gives uint8 codes holding its bit
-    patterns, the same bits as the JAX codes (``numerics.codes_as_bits``)."""
+    patterns, the same bits as the JAX codes (``encodings.codes_as_bits``)."""
     _require_float_input(fw, x, "quantize")
     pipeline = quantize_pipeline
     if isinstance(state, QuantState) and not numerics.has_code_dtype(fw.xp, state.spec):
