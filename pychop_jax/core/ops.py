@@ -84,8 +84,8 @@ def as_float(x, what: str):
 def widen_scale(scale):
     """A scale held in a narrow scale format (E8M0, float8) as float32 (exact).
 
-    float32 / float64 scales pass as they are (``jnp.asarray`` of an array costs an
-    eager call tens of microseconds)."""
+    float32 / float64 scales pass as they are (``jnp.asarray`` of an array is an
+    eager call)."""
     if getattr(scale, "dtype", None) in (jnp.float32, jnp.float64):
         return scale
     return jnp.asarray(scale).astype(jnp.float32)

@@ -14,7 +14,7 @@ Two engines run a pipeline, and give the same bits (tested):
   is handed to the jitted kernel as a NumPy array (a tensor's ``.numpy()`` view),
   which XLA:CPU reads without a copy when it is 64-byte aligned (Torch's allocations
   are; NumPy's are not, so large NumPy inputs are first copied into an aligned buffer,
-  twice as fast as XLA's own copy).  One kernel runs the whole pipeline (XLA fuses it
+  faster than XLA's own copy).  One kernel runs the whole pipeline (XLA fuses it
   into one pass over the data, two when a range is reduced first; for calibrate /
   quantize / dequantize it is the JAX API's own compiled kernel), and the results
   come back: zero-copy DLPack tensors for Torch, ordinary writable arrays (one copy of
@@ -22,7 +22,7 @@ Two engines run a pipeline, and give the same bits (tested):
   so it is computed in float64 whatever the global setting.
 * **xp** (everything else, e.g. CUDA tensors): the pipeline called with
   ``array_api_compat``'s namespace on the array's own device.  Every formula step is
-  then a pass over memory, several times slower on CPU than the fused XLA kernel
+  then a pass over memory, slower on CPU than the fused XLA kernel
   (``docs/performance.md``).
 
 Eager checks (``docs/numerics.md``, errors): wrong framework or non-float input ->
@@ -242,9 +242,9 @@ def prepare(fw: Framework, pipeline, arrays, spec, *, to_host=(), **options):
 
     For callers that run the same pipeline many times (``TorchChopi``'s training step
     keeps one per input signature): inside a training step, where the caches are full
-    of the model's data, each Python operation around the kernel costs several times
-    what it costs in a loop of its own, and this leaves only the conversions and the
-    kernel call.
+    of the model's data, each Python operation around the kernel costs more than in a
+    loop of its own (``docs/performance.md``), and this leaves only the conversions and
+    the kernel call.
     """
     if not all(fw.on_xla(a) for a in arrays):
         def call_xp(*arrays):
