@@ -16,7 +16,7 @@ medians, ``_timing``); "vs base" = baseline time / ours (> 1: faster):
   ``x.astype(float8_e3m4).astype(float32)`` (target >= 0.5x).
 * MXFP8 / MXFP4 (block 32): a naive jnp MX quantizer (``floor(log2(amax))`` by
   ``jnp.log2``, clip, XLA's convert) against ``calibrate + quantize`` and the stateless
-  MX value rule ``numerics.mx_fake_quant`` (what ``pychop.mx_quantize`` runs);
+  MX value rule ``blockscale.mx_fake_quant`` (what ``pychop.mx_quantize`` runs);
   NF4 (block 64): a naive ``argmin`` over the table.
 
 Part 2, pychop 0.6.2 (skipped with ``--no-pychop``): pychop 0.6.2 imports as ``pychop``
@@ -50,7 +50,7 @@ from _timing import HEADER, cpu_info, interleaved_medians, row  # noqa: E402
 
 import pychop  # noqa: E402
 import pychop_jax as pj  # noqa: E402
-from pychop_jax.core import numerics  # noqa: E402
+from pychop_jax.core import blockscale  # noqa: E402
 from pychop_jax.core.spec import NF4_VALUES  # noqa: E402
 
 WORKER = r"""
@@ -138,12 +138,12 @@ def formats_vs_casts(x, n: int, repeats: int) -> list:
                               ("MXFP4", pj.formats.MXFP4, jnp.float4_e2m1fn)):
         base = jax.jit(lambda v, s=spec, d=dtype: naive_mx(v, s.emax_elem, d, s.max_value))
         ours = jax.jit(lambda v, s=spec: pj.quantize(v, pj.calibrate(v, s)))
-        vals = jax.jit(lambda v, s=spec: numerics.mx_fake_quant(jnp, v, s))
+        vals = jax.jit(lambda v, s=spec: blockscale.mx_fake_quant(jnp, v, s))
         t = interleaved_medians({"base": lambda b=base: b(x), "ours": lambda o=ours: o(x),
                                  "vals": lambda f=vals: f(x)}, repeats=repeats, sync=sync)
         rows += [row(f"{name}: naive jnp MX (log2, clip, cast) (baseline)", t["base"], n),
                  row(f"{name}: jit(calibrate + quantize)", t["ours"], n, t["base"]),
-                 row(f"{name}: jit(numerics.mx_fake_quant), exact values", t["vals"], n,
+                 row(f"{name}: jit(blockscale.mx_fake_quant), exact values", t["vals"], n,
                      t["base"])]
 
     base = jax.jit(naive_nf4)

@@ -55,7 +55,7 @@ def main():
     n = 2048
     a = jax.random.normal(k1, (n, n))
     w = jax.random.normal(k2, (n, n)) / n**0.5
-    qw = pj.QuantizedArray.quantize(w, pj.int_matmul.DEFAULT_WEIGHT_SPEC)
+    qw = pj.QuantizedArray.quantize(w, pj.serving.int_matmul.DEFAULT_WEIGHT_SPEC)
     f32 = jax.jit(lambda a, w: a @ w)
     i8 = jax.jit(lambda a, qw: pj.int_dot_general(a, qw, DN))
     t = interleaved_medians({"f32": lambda: f32(a, w), "int8": lambda: i8(a, qw)},
@@ -67,7 +67,7 @@ def main():
 
     x = jax.random.normal(k3, (256, 1024))
     params = MLP().init(jax.random.key(1), x)
-    qparams, _ = pj.quantize_params(params, [("kernel", pj.int_matmul.DEFAULT_WEIGHT_SPEC)])
+    qparams, _ = pj.quantize_params(params, [("kernel", pj.serving.int_matmul.DEFAULT_WEIGHT_SPEC)])
     fwd_f32 = jax.jit(MLP().apply)
     fwd_i8 = jax.jit(MLP(int8=True).apply)
     t = interleaved_medians({"f32": lambda: fwd_f32(params, x),
@@ -80,9 +80,10 @@ def main():
     q4params, _ = pj.quantize_params(params, [("kernel", pj.QuantSpec(4, True, axis=-1))])
     print("\n| checkpoint of that MLP | bytes | vs float32 |")
     print("|---|---|---|")
+    to_bytes = pj.serving.checkpoint.to_bytes
     for name, size in (("float32 (flax.serialization)", fp32_bytes),
-                       ("int8 kernels (pj.save_quantized)", len(pj.checkpoint.to_bytes(qparams))),
-                       ("packed int4 kernels", len(pj.checkpoint.to_bytes(q4params)))):
+                       ("int8 kernels (pj.save_quantized)", len(to_bytes(qparams))),
+                       ("packed int4 kernels", len(to_bytes(q4params)))):
         print(f"| {name} | {size:,} | {fp32_bytes / size:.2f}x smaller |")
 
 

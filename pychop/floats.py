@@ -1,8 +1,8 @@
 """pychop 0.6.2's float, fixed-point and MX emulators: ``Chop``, ``Chopf``, ``mx_quantize``.
 
 Computed by ``pychop_jax.core`` (``floatgrid.round_to_format`` on integer bit patterns,
-``fixedpoint``, ``numerics.mx_fake_quant``) through ``pychop_jax.interop.formats``: one jitted XLA
-kernel for NumPy arrays and Torch CPU tensors, the same pipeline jitted with
+``fixedpoint``, ``blockscale.mx_fake_quant``) through ``pychop_jax.interop.formats``: one
+jitted XLA kernel for NumPy arrays and Torch CPU tensors, the same pipeline jitted with
 ``jax.numpy`` for JAX arrays (so ``Chop`` works inside ``jax.jit``).  NumPy, Torch and
 JAX give the same bits.  Differences from pychop 0.6.2 (where it does not follow
 IEEE 754 / the OCP MX rule): ``docs/pychop_differences.md``.
@@ -332,7 +332,7 @@ def mx_quantize(data, format="mxfp8_e4m3", block_size: int = 32, scale_exp_bits=
     The flattened array is cut into blocks of ``block_size`` (the last one padded with
     zeros); each block gets the scale ``2**(floor(log2(amax)) - emax_elem)`` (E8M0:
     exponents -127..127) and its elements are rounded to the element format (nearest,
-    ties to even, saturating): ``pychop_jax.core.numerics.mx_fake_quant`` with the
+    ties to even, saturating): ``pychop_jax.core.blockscale.mx_fake_quant`` with the
     matching MX ``QuantSpec`` (blocks along the last axis of the flattened array).
     Returns the values ``element * scale`` in ``data``'s array type and shape (float32 for float16 /
     bfloat16 input, else ``data``'s dtype).  A block holding NaN or +-inf is all NaN.

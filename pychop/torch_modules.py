@@ -74,8 +74,8 @@ class TorchChopi(nn.Module, Quantizer):
 
     backend = torch_ops.FRAMEWORK
     __call__ = nn.Module.__call__
-    #: set per instance by the first training step (instances unpickled from older
-    #: versions fall back to this)
+    #: set per instance by the first training step (an instance unpickled without it
+    #: falls back to this)
     _prepared_step = _UNPREPARED
 
     def __init__(self, num_bits=8, symmetric=False, per_channel=False, channel_dim=0, *,
@@ -161,9 +161,9 @@ class TorchChopi(nn.Module, Quantizer):
 
         The kernel call is ``engine.prepare``d once per input signature, and the
         checks of ``x`` and of the running range, which depend only on the signature,
-        are done then.  Inside a training step every Python operation here costs
-        several times its cost in isolation (``docs/performance.md``), so the steady
-        state is kept to the kernel call and four in-place writes.
+        are done then.  Inside a training step every Python operation here costs more
+        than in isolation (``docs/performance.md``), so the steady state is kept to the
+        kernel call and four in-place writes.
         """
         buffers = self._buffers
         running_min, running_max = buffers["running_min"], buffers["running_max"]

@@ -19,9 +19,9 @@ observers, QuantizedArray).  Public
 modules: ``observers``, ``formats`` (MX / NVFP4 / NF4 presets), ``qat``,
 ``algorithms`` (GPTQ, AWQ, SmoothQuant, HQQ for ``QuantRule(method=...)``, run by
 ``calibrate_model``), ``serving``, ``linen`` and ``nnx``; the last two are imported on
-first access, so that ``import pychop_jax`` does not load ``flax.nnx``.
-(``pychop_jax.ptq`` is the flat layout's name of ``serving.ptq``, ``quantize_params``;
-the algorithms are therefore ``pychop_jax.algorithms``.)
+first access, so that ``import pychop_jax`` does not load ``flax.nnx``.  Every other
+module is reached by its subpackage (``pychop_jax.core.numerics``,
+``pychop_jax.serving.ptq``).
 """
 
 import importlib
@@ -96,23 +96,14 @@ __all__ = [
 
 #: modules imported on first access (``pychop_jax.nnx`` loads ``flax.nnx``)
 _LAZY = {"linen": ".linen", "nnx": ".nnx"}
-#: where the modules of the flat layout (before the subpackages) live now
-_MOVED = {
-    "spec": ".core.spec", "numerics": ".core.numerics", "state": ".core.state",
-    "validation": ".core.validation", "ste": ".core.ste", "ops": ".core.ops",
-    "packing": ".core.packing", "qarray": ".core.qarray",
-    "int_matmul": ".serving.int_matmul", "ptq": ".serving.ptq",
-    "checkpoint": ".serving.checkpoint", "adapter": ".interop.engine",
-    "numpy_backend": ".interop.numpy", "torch_backend": ".interop.torch",
-}
 
 
 def __getattr__(name):
-    if name == "IntKernel":  # renamed: it holds float-format codes too
+    if name == "IntKernel":  # QuantizedKernel's deprecated name (a DeprecationWarning)
         from .serving import int_matmul
 
         return int_matmul.IntKernel
-    target = _LAZY.get(name) or _MOVED.get(name)
+    target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     return importlib.import_module(target, __name__)

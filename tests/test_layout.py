@@ -1,5 +1,5 @@
 """The package's shape as users meet it: imports without torch, star imports that stay
-light, the public modules, and the names kept from the flat layout."""
+light, the public modules, and modules reached by their subpackage only."""
 
 import importlib
 import subprocess
@@ -84,7 +84,7 @@ def test_the_interceptor_modules_are_gone(gone):
         importlib.import_module(gone)
 
 
-def test_public_modules_and_the_flat_layout_names():
+def test_public_modules_and_no_flat_layout_names():
     import pychop_jax as pj
     import pychop_jax.linen as qnn
     import pychop_jax.nnx as qnnx
@@ -92,14 +92,26 @@ def test_public_modules_and_the_flat_layout_names():
 
     assert qnn.QuantDense is linen.QuantDense and qnnx.QuantDense is nnx.QuantDense
     assert pj.serving.to_served is pj.serving.serve.to_served
-    # modules of the flat layout resolve to their new homes
-    from pychop_jax.core import numerics, ops
-    from pychop_jax.interop import engine
-    from pychop_jax.interop import numpy as np_ops
-    assert pj.numerics is numerics and pj.ops is ops
-    assert pj.adapter is engine and pj.numpy_backend is np_ops
-    with pytest.raises(AttributeError):
-        pj.no_such_module  # noqa: B018
+    # the modules live in their subpackages only: no top-level aliases
+    for name in ("numerics", "ops", "ste", "ptq", "checkpoint", "int_matmul", "adapter",
+                 "numpy_backend", "no_such_module"):
+        with pytest.raises(AttributeError):
+            getattr(pj, name)
+    with pytest.warns(DeprecationWarning, match="QuantizedKernel"):
+        assert pj.IntKernel is pj.QuantizedKernel
+
+
+def test_each_core_concept_in_its_module():
+    """numerics keeps the grid formulas; the bit encodings, the stateless MX rule and
+    LSQ live beside floatgrid, in blockscale and beside the STE rules."""
+    from pychop_jax.core import blockscale, encodings, lsq, numerics
+
+    assert callable(encodings.codes_as_bits) and callable(encodings.encode_float_bits)
+    assert callable(blockscale.mx_fake_quant) and callable(lsq.lsq_grads)
+    for moved in ("codes_as_bits", "encode_float_bits", "decode_float_bits",
+                  "mx_fake_quant", "lsq_init", "lsq_grads"):
+        assert not hasattr(numerics, moved), moved
+    assert callable(numerics.integer_zero_point)
 
 
 def test_one_framework_concept_behind_every_quantizer():

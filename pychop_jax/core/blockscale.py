@@ -36,6 +36,13 @@ of a ``QuantSpec`` (``max_value`` = the element format's largest finite value, 1
   smallest positive value instead, so every scale is positive.
   ``amax_tensor = 0`` gives ``tensor_scale = 1`` (as ``numerics.qparams_from_range``).
 
+* **MX values without a state** (``mx_fake_quant``, what ``pychop.mx_quantize`` runs): the
+  E8M0 exponent of each block, clipped to E8M0's range and NaN for a block holding NaN /
+  +-inf, applied by exact ``ldexp`` on the bits::
+
+      k     = clip(floor(log2(amax)) - emax_elem, -127, 127)
+      value = ldexp(round_elem(ldexp(x, -k)), k)
+
 ``amax`` arrays come from ``numerics.calibration_range`` (non-finite values left out,
 subnormals flushed), in the compute dtype (float32, or float64).
 """
@@ -44,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import floatgrid, xla_cpu
+from . import fixedpoint, floatgrid, xla_cpu
 
 __all__ = [
     "floor_log2",
@@ -59,6 +66,7 @@ __all__ = [
     "ldexp",
     "mx_block_exponents",
     "mx_fake_quant_blocks",
+    "mx_fake_quant",
 ]
 
 # (fraction bits, bias, int type name) of the compute dtypes
@@ -328,3 +336,67 @@ def mx_fake_quant_blocks(xp, blocks, element, emax_elem: int, *, scale_bits: int
     else:
         out = exact()
     return xp.where(nan_block, xp.full_like(out, float("nan")), out)
+
+
+def mx_fake_quant(xp, x, spec, *, element=None, scale_bits: int = 8):
+    """The OCP MX v1.0 value of every element of ``x`` for an E8M0 ``spec`` (a
+    ``QuantSpec``; blocks of ``spec.group_size`` along ``spec.axis``; ``x``'s shape,
+    float32 / float64), in one pass without a state: ``mx_fake_quant_blocks``::
+
+        k     = clip(floor(log2(amax)) - emax_elem, -127, 127)   (exact, subnormals too)
+        value = round_elem(x * 2^-k) * 2^k                        (exact ldexp on bits)
+
+    and a block holding NaN / +-inf, or whose exponent exceeds 127, is all NaN (E8M0's
+    NaN scale; ``microsoft/microxcaling``).  This is the rule ``pychop.mx_quantize`` runs.
+    It differs from ``numerics.calibrate`` + ``numerics.fake_quant`` (whose state keeps
+    the scale as a float) only where that path flushes: float32 blocks below ``2^-126``
+    (there ``kmin = -126``, subnormal inputs and results are 0) and non-finite input
+    (left out of ``amax``, NaN -> 0, +-inf saturate).
+
+    Args:
+      spec: ``scale_dtype="float8_e8m0fnu"`` with ``group_size``: the element grid
+        (float format, or the integer grid ``[qmin, qmax]`` with ``emax_elem =
+        floor(log2(qmax))``, MXINT8's ``[-127, 127] * 2^-6``), ``axis``, ``group_size``.
+      element: optional ``floatgrid.FloatFormat`` / ``fixedpoint.FixedFormat`` that
+        replaces the spec's element grid (pychop's custom formats; its two's complement
+        MXINT, ``[-128, 127] * 2^-6``); ``emax_elem`` is then its ``emax``.
+      scale_bits: exponent bits of the scale (E8M0: 8; ``2**(scale_bits-1) - 1`` bounds
+        ``|k|``).
+    """
+    if spec.scale_dtype != "float8_e8m0fnu" or spec.group_size is None:
+        raise ValueError("blockscale.mx_fake_quant needs an MX spec: scale_dtype="
+                         "'float8_e8m0fnu' and a group_size (e.g. pychop_jax.formats.MXFP4).")
+    if spec.dtype == "nf4" and element is None:
+        raise ValueError("blockscale.mx_fake_quant: nf4 has no power-of-two grid; use an "
+                         "MX float or integer element format.")
+    element, emax, round_elements = _mx_elements(spec, element)
+    shape = tuple(x.shape)
+    spec.scale_shape(shape)  # validates the axis and the divisibility by group_size
+    axis = spec.resolve_axis(len(shape))
+    moved = xp.moveaxis(x, axis, -1)  # blocks along the last axis (a no-op when it is)
+    g = spec.group_size
+    blocks = xp.reshape(moved, moved.shape[:-1] + (moved.shape[-1] // g, g))
+    y = mx_fake_quant_blocks(xp, blocks, element, emax, scale_bits=scale_bits,
+                             round_elements=round_elements)
+    return xp.moveaxis(xp.reshape(y, moved.shape), -1, axis)
+
+
+def _mx_elements(spec, element):
+    """``(element, emax_elem, round_elements)`` of ``mx_fake_quant``'s element grid."""
+    if isinstance(element, fixedpoint.FixedFormat):
+        return element, element.emax, lambda xp, v: fixedpoint.round_to_fixed(xp, v, element)
+    if element is None and spec.dtype is None:  # the integer grid [qmin, qmax]
+        lo, hi = float(spec.qmin), float(spec.qmax)
+
+        def round_integers(xp, v):
+            bounds = (xp.asarray(b, dtype=v.dtype, **_device(xp, v)) for b in (lo, hi))
+            return xp.clip(xp.round(v), *bounds)
+        # the integers as a fixed-point format (for mx_fake_quant_blocks' cheap path)
+        return fixedpoint.FixedFormat(spec.emax_elem + 2, 0), spec.emax_elem, round_integers
+    if element is None:
+        element, emax = spec.element_format, spec.emax_elem
+    else:
+        element = floatgrid.get_format(element)
+        emax = element.emax
+    return element, emax, lambda xp, v: floatgrid.round_to_format(xp, v, element,
+                                                                   overflow="saturate")

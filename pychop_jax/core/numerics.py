@@ -64,10 +64,8 @@ evaluates the same way.  Measured XLA:CPU behaviours fix it:
 Shapes: the scale and zero point have the input's rank (``QuantSpec.scale_shape``);
 per-group inputs are viewed with the grouped axis split into ``(n // g, g)``.
 
-Learned step sizes (LSQ, LSQ+): ``lsq_init`` and ``lsq_grads`` at the end of the module
-give the initial state and the gradients of ``ste``'s ``'lsq'`` rule; a floating zero
-point is a learned one, rounded by ``integer_zero_point`` wherever codes are formed.
-These are not part of the bit-identity contract (they feed training, not codes).
+A floating zero point is a learned one (LSQ+, ``lsq``): ``integer_zero_point`` rounds
+it, ``clip(round(zero_point), qmin, qmax)``, wherever codes are formed.
 
 Float element grids (``QuantSpec(dtype=...)``: fp8 / fp6 / fp4, NF4) and block-scale
 formats (``scale_dtype``) use the same order with these differences:
@@ -79,9 +77,11 @@ formats (``scale_dtype``) use the same order with these differences:
 * codes: ``t = x / scale`` as in rule 4, then ``floatgrid.round_to_format`` (integer
   bit manipulation, round-half-to-even or stochastic on uint32 noise, saturating at
   ``+-max_value``); NaN -> 0.  ``x`` and ``t`` are flushed keeping their sign (a
-  signed zero is a distinct fp8 code), on every platform.  NF4 codes are the number of
-  float32 midpoints of adjacent table values that ``t`` exceeds (nearest value, ties
-  to the lower one; NaN -> index 7, the value 0).
+  signed zero is a distinct fp8 code), on every platform.  Codes of a format the
+  namespace has no dtype for (fp6; fp4 in Torch) are its bit patterns as uint8
+  (``encodings``).  NF4 codes are the number of float32 midpoints of adjacent table
+  values that ``t`` exceeds (nearest value, ties to the lower one; NaN -> index 7, the
+  value 0).
 * values: ``code_value * scale`` clipped to the dtype's range, with results below
   ``tiny`` set to +0.0 on every platform (XLA:CPU flushes subnormal products, NumPy
   and Torch do not).
@@ -98,7 +98,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import blockscale, floatgrid, xla_cpu
+from . import blockscale, encodings, floatgrid, xla_cpu
 from .spec import NF4_VALUES, QuantSpec
 
 __all__ = [
@@ -122,16 +122,10 @@ __all__ = [
     "all_finite",
     "range_is_finite",
     "valid_scale",
-    "lsq_init",
-    "lsq_grads",
     "tensor_scale_from_range",
     "effective_scale",
     "code_dtype",
     "has_code_dtype",
-    "codes_as_bits",
-    "encode_float_bits",
-    "decode_float_bits",
-    "mx_fake_quant",
     "round_scale",
 ]
 
@@ -207,30 +201,12 @@ _code_dtype = code_dtype
 
 def has_code_dtype(xp, spec: QuantSpec) -> bool:
     """Whether ``xp`` has ``spec``'s code dtype (Torch has no fp4): where it has not, a
-    <= 8-bit float format's codes are its bit patterns as uint8 (``codes_as_bits``)."""
+    <= 8-bit float format's codes are its bit patterns as uint8 (``encodings.codes_as_bits``)."""
     try:
         code_dtype(xp, spec)
     except TypeError:
         return False
     return True
-
-
-def codes_as_bits(xp, q, spec: QuantSpec):
-    """Codes of a float element format as uint8 holding the format's bit pattern
-    (ml_dtypes' layout in the low ``spec.bits`` bits: sign, exponent, fraction), the
-    form ``quantize`` gives where the namespace has no code dtype; uint8 codes (fp6,
-    NF4) as they are.  ``dequantize`` takes either form."""
-    if q.dtype == xp.uint8:
-        return q
-    if _is_jax(xp):
-        from jax import lax
-
-        width = xp.uint4 if spec.bits == 4 else xp.uint8
-        return xp.astype(lax.bitcast_convert_type(q, width), xp.uint8)
-    if spec.bits == 4:
-        raise TypeError(f"codes_as_bits: {spec.dtype} codes of this namespace have no "
-                        "bit view; quantize to uint8 codes instead.")
-    return q.view(xp.uint8)
 
 
 # -- granularity as shapes ----------------------------------------------------------
@@ -507,6 +483,22 @@ def _exact_or_cheap(xp, scale, compute):
     return xla_cpu.cond(needs_prescale(xp, scale), exact, lambda: compute(False))
 
 
+def integer_zero_point(xp, zero_point, spec: QuantSpec):
+    """The int32 zero point the grid uses.
+
+    An integer zero point is returned as it is.  A floating one is a *learned* zero
+    point (LSQ+, kept in code units so that it can receive a gradient): the forward
+    pass uses ``clip(round(zero_point), qmin, qmax)`` (half-to-even; NaN -> 0) and the
+    gradient passes straight through the rounding.
+    """
+    if xp.isdtype(zero_point.dtype, "integral"):
+        return zero_point
+    F = zero_point.dtype
+    qmin, qmax = (xp.astype(b, F) for b in _bounds(xp, spec, zero_point))
+    z = xp.clip(xp.round(zero_point), qmin, qmax)
+    return xp.astype(xp.where(xp.isnan(z), _const(xp, 0.0, F, z), z), xp.int32)
+
+
 def _views(xp, x, scale, zero_point, spec, tensor_scale=None):
     """Reshape ``x`` and the state so that they broadcast (per-group split); a float
     (learned) zero point is rounded here (``integer_zero_point``), so every function
@@ -678,7 +670,7 @@ def clip_mask(xp, x, scale, zero_point, spec: QuantSpec, *, tensor_scale=None):
     return xp.reshape(inside, shape)
 
 
-# -- float element grids ----------------------------------------------------------------------
+# -- float element grids (fp8 / fp6 / fp4, NF4) ----------------------------------------------
 def _flush_signed(xp, x):
     """Subnormals to a zero of their sign, on every platform (a signed zero is a code)."""
     tiny = _const(xp, _finfo(xp, x.dtype).tiny, x.dtype, x)
@@ -742,23 +734,12 @@ def _element_codes(xp, xv, sv, spec, noise, prescale):
     v = _element_grid(xp, xv, sv, spec, noise, prescale)
     if spec.element_format.bits > 8:  # float16 / bfloat16 codes
         return xp.astype(v, code_dtype(xp, spec))
-    u = encode_float_bits(xp, v, spec.element_format)
+    u = encodings.encode_float_bits(xp, v, spec.element_format)
     if spec.code_dtype == np.uint8 or not has_code_dtype(xp, spec):
         return u  # fp6 everywhere, fp4 in Torch: the bit patterns as uint8
-    return _view_codes(xp, u, spec)
-
-
-def _view_codes(xp, u, spec):
-    """uint8 encodings as the codes' dtype, a reinterpretation (XLA:CPU's float ->
-    float8 convert costs several times the integer encoding)."""
-    dtype = code_dtype(xp, spec)
-    if _is_jax(xp):
-        from jax import lax
-
-        if spec.bits == 4:  # bitcasts need equal widths
-            u = xp.astype(u, xp.uint4)
-        return lax.bitcast_convert_type(u, dtype)
-    return u.view(dtype)
+    # the encodings reinterpreted as the code dtype, not a float -> float8 conversion
+    # (docs/performance.md, the float-format rows)
+    return encodings.bits_as_codes(xp, u, spec, code_dtype(xp, spec))
 
 
 def _code_values(xp, q, spec, F):
@@ -766,62 +747,9 @@ def _code_values(xp, q, spec, F):
     from its bit patterns)."""
     if spec.dtype == "nf4":
         return _nf4_table(xp, xp.astype(q, xp.int32), F, q)
-    if spec.code_dtype == np.uint8 or q.dtype == xp.uint8:  # bit patterns (codes_as_bits)
-        return decode_float_bits(xp, q, spec.element_format, F)
+    if spec.code_dtype == np.uint8 or q.dtype == xp.uint8:  # bit patterns (encodings.codes_as_bits)
+        return encodings.decode_float_bits(xp, q, spec.element_format, F)
     return xp.astype(q, F)
-
-
-def _int_bits(xp, v):
-    ity = xp.int64 if v.dtype == xp.float64 else xp.int32
-    if _is_jax(xp):
-        from jax import lax
-
-        return lax.bitcast_convert_type(v, ity)
-    return v.view(ity)
-
-
-def encode_float_bits(xp, v, fmt):
-    """uint8 encodings (ml_dtypes' bit layout, ``fmt``'s sign / exponent / fraction in
-    the low ``1 + e + m`` bits) of values ``v`` that lie on ``fmt``'s grid (finite,
-    float32 / float64; e.g. ``floatgrid.round_to_format``'s output).  For formats of
-    at most 8 bits; exact integer arithmetic on the bits of ``v``.
-
-    A normal value ``2^E * 1.f`` is ``((E + bias) << m) | f``; a subnormal one is
-    ``v / min_subnormal``; the sign goes to bit ``e + m``."""
-    fmt = floatgrid.get_format(fmt)
-    wide = v.dtype == xp.float64
-    M, B = (52, 1023) if wide else (23, 127)
-    e_bits, m = fmt.exp_bits, fmt.man_bits
-    b = _int_bits(xp, v)
-    a = b & ((1 << (63 if wide else 31)) - 1)
-    sign = xp.astype(b < 0, xp.int32)
-    E = xp.astype(a >> M, xp.int32) - B  # unbiased exponent (-B for zero)
-    frac = xp.astype((a >> (M - m)) & ((1 << m) - 1), xp.int32)
-    normal = ((E + fmt.bias) << m) | frac
-    sig = (a & ((1 << M) - 1)) | (1 << M)  # significand with the implicit bit
-    shift = xp.clip(M + fmt.emin - m - E, 0, M + 1)
-    sub = xp.astype(sig >> xp.astype(shift, sig.dtype), xp.int32)
-    mag = xp.where(E >= fmt.emin, normal, xp.where(a == 0, xp.zeros_like(sub), sub))
-    return xp.astype(mag | (sign << (e_bits + m)), xp.uint8)
-
-
-def decode_float_bits(xp, codes, fmt, F):
-    """Values (dtype ``F``) of uint8 encodings of ``fmt`` (inverse of
-    ``encode_float_bits``; formats without inf / NaN codes)."""
-    fmt = floatgrid.get_format(fmt)
-    e_bits, m = fmt.exp_bits, fmt.man_bits
-    c = xp.astype(codes, xp.int32)
-    Ef = (c >> m) & ((1 << e_bits) - 1)
-    f = xp.astype(c & ((1 << m) - 1), F)
-    like = f
-    one = _const(xp, 1.0, F, like)
-    # 2^(Ef - bias) * (1 + f / 2^m) for Ef > 0, f * 2^(emin - m) for Ef == 0: products
-    # of small integers and powers of two, exact
-    step = xp.where(Ef > 0, blockscale.pow2(xp, Ef - fmt.bias - m, like),
-                    _const(xp, 2.0 ** (fmt.emin - m), F, like))
-    lead = xp.where(Ef > 0, _const(xp, float(1 << m), F, like), _const(xp, 0.0, F, like))
-    mag = (lead + f) * step
-    return xp.where(((c >> (e_bits + m)) & 1) == 1, -one, one) * mag
 
 
 def _element_values(xp, v, sv):
@@ -831,174 +759,3 @@ def _element_values(xp, v, sv):
     big = _const(xp, fi.max, F, sv)
     out = xp.clip(v * sv, -big, big)
     return xp.where(xp.abs(out) < _const(xp, fi.tiny, F, sv), _const(xp, 0.0, F, sv), out)
-
-
-# -- MX values without a state -----------------------------------------------------------------
-def mx_fake_quant(xp, x, spec: QuantSpec, *, element=None, scale_bits: int = 8):
-    """The OCP MX v1.0 value of every element of ``x`` for an E8M0 ``spec`` (blocks of
-    ``spec.group_size`` along ``spec.axis``; ``x``'s shape, float32 / float64), in one pass
-    without a state: ``blockscale.mx_fake_quant_blocks``::
-
-        k     = clip(floor(log2(amax)) - emax_elem, -127, 127)   (exact, subnormals too)
-        value = round_elem(x * 2^-k) * 2^k                        (exact ldexp on bits)
-
-    and a block holding NaN / +-inf, or whose exponent exceeds 127, is all NaN (E8M0's
-    NaN scale; ``microsoft/microxcaling``).  This is the rule ``pychop.mx_quantize`` runs.
-    It differs from ``calibrate`` + ``fake_quant`` (whose state keeps the scale as a
-    float) only where that path flushes: float32 blocks below ``2^-126`` (there
-    ``kmin = -126``, subnormal inputs and results are 0) and non-finite input (left out
-    of ``amax``, NaN -> 0, +-inf saturate).
-
-    Args:
-      spec: ``scale_dtype="float8_e8m0fnu"`` with ``group_size``: the element grid
-        (float format, or the integer grid ``[qmin, qmax]`` with ``emax_elem =
-        floor(log2(qmax))``, MXINT8's ``[-127, 127] * 2^-6``), ``axis``, ``group_size``.
-      element: optional ``floatgrid.FloatFormat`` / ``fixedpoint.FixedFormat`` that
-        replaces the spec's element grid (pychop's custom formats; its two's complement
-        MXINT, ``[-128, 127] * 2^-6``); ``emax_elem`` is then its ``emax``.
-      scale_bits: exponent bits of the scale (E8M0: 8; ``2**(scale_bits-1) - 1`` bounds
-        ``|k|``).
-    """
-    if spec.scale_dtype != "float8_e8m0fnu" or spec.group_size is None:
-        raise ValueError("numerics.mx_fake_quant needs an MX spec: scale_dtype="
-                         "'float8_e8m0fnu' and a group_size (e.g. pychop_jax.formats.MXFP4).")
-    if spec.dtype == "nf4" and element is None:
-        raise ValueError("numerics.mx_fake_quant: nf4 has no power-of-two grid; use an "
-                         "MX float or integer element format.")
-    shape = tuple(x.shape)
-    view, _, _ = layout(spec, shape)
-    axis = spec.resolve_axis(len(shape))
-    xv = xp.reshape(x, view)
-    last = axis + 1 == len(view) - 1
-    if not last:
-        xv = xp.moveaxis(xv, axis + 1, -1)
-    if element is not None:
-        from . import fixedpoint
-
-        if isinstance(element, fixedpoint.FixedFormat):
-            emax = element.emax
-
-            def round_elements(xp, v):
-                return fixedpoint.round_to_fixed(xp, v, element)
-        else:
-            element = floatgrid.get_format(element)
-            emax = element.emax
-
-            def round_elements(xp, v):
-                return floatgrid.round_to_format(xp, v, element, overflow="saturate")
-    elif spec.dtype is not None:
-        element, emax = spec.element_format, spec.emax_elem
-
-        def round_elements(xp, v):
-            return floatgrid.round_to_format(xp, v, element, overflow="saturate")
-    else:
-        from . import fixedpoint
-
-        emax = spec.emax_elem
-        element = fixedpoint.FixedFormat(emax + 2, 0)  # the integers (for the cheap path)
-        lo, hi = float(spec.qmin), float(spec.qmax)
-
-        def round_elements(xp, v):
-            return xp.clip(xp.round(v), _const(xp, lo, v.dtype, v), _const(xp, hi, v.dtype, v))
-    y = blockscale.mx_fake_quant_blocks(xp, xv, element, emax, scale_bits=scale_bits,
-                                        round_elements=round_elements)
-    if not last:
-        y = xp.moveaxis(y, -1, axis + 1)
-    return xp.reshape(y, shape)
-
-
-# -- learned step size (LSQ, LSQ+) ---------------------------------------------------------
-def integer_zero_point(xp, zero_point, spec: QuantSpec):
-    """The int32 zero point the grid uses.
-
-    An integer zero point is returned as it is.  A floating one is a *learned* zero
-    point (LSQ+, kept in code units so that it can receive a gradient): the forward
-    pass uses ``clip(round(zero_point), qmin, qmax)`` (half-to-even; NaN -> 0) and the
-    gradient passes straight through the rounding.
-    """
-    if xp.isdtype(zero_point.dtype, "integral"):
-        return zero_point
-    F = zero_point.dtype
-    qmin, qmax = (xp.astype(b, F) for b in _bounds(xp, spec, zero_point))
-    z = xp.clip(xp.round(zero_point), qmin, qmax)
-    return xp.astype(xp.where(xp.isnan(z), _const(xp, 0.0, F, z), z), xp.int32)
-
-
-def lsq_init(xp, x, spec: QuantSpec):
-    """LSQ's initial step size and a float zero point, state-shaped.
-
-    ``scale = 2 * mean(|x|) / sqrt(Q_P)`` over the reduced axes (Esser et al., 2019,
-    section 2.1), with ``Q_P = qmax`` (``2^(b-1) - 1`` symmetric, ``2^b - 1``
-    asymmetric).  Symmetric grids get ``zero_point = 0``; asymmetric ones the zero
-    point that puts ``lo = min(min(x), 0)`` on the grid,
-    ``clip(qmin - round(lo / scale), qmin, qmax)`` (0 for non-negative data: the
-    paper's unsigned quantizer), as a float so that LSQ+ can learn it.  Non-finite
-    values are left out; an all-zero input gets ``scale = 1``.
-    """
-    F = compute_dtype(xp, x.dtype)
-    x = xp.astype(x, F)
-    view, axes, _ = layout(spec, x.shape)
-    state_shape = spec.scale_shape(x.shape)
-    xv = xp.reshape(x, view)
-    finite = xp.isfinite(xv)
-    zero = _const(xp, 0.0, F, x)
-    one = _const(xp, 1.0, F, x)
-    total = xp.sum(xp.where(finite, xp.abs(xv), zero), axis=axes, keepdims=True)
-    count = xp.sum(xp.astype(finite, F), axis=axes, keepdims=True)
-    mean_abs = total / xp.maximum(count, one)  # same-shape division: exact everywhere
-    qmin, qmax = (xp.astype(b, F) for b in _bounds(xp, spec, x))
-    scale = (mean_abs + mean_abs) * (one / xp.sqrt(qmax))
-    tiny = _const(xp, _finfo(xp, F).tiny, F, x)
-    scale = xp.reshape(xp.where(scale == zero, one, xp.maximum(scale, tiny)), state_shape)
-    if spec.symmetric:
-        return scale, xp.zeros(state_shape, dtype=F, **_device(xp, x))
-    lo, _ = observe_range(xp, x, spec)
-    return scale, xp.clip(qmin - xp.round(to_grid(xp, lo, scale)), qmin, qmax)
-
-
-def lsq_grads(xp, x, scale, zero_point, spec: QuantSpec, g):
-    """Cotangents ``(dx, dscale, dzero_point)`` of the learned-step-size quantizer.
-
-    With ``t = x / scale``, ``z = round(zero_point)`` and the step range
-    ``[lo_q, hi_q] = [qmin - z, qmax - z]`` (``[-Q_N, Q_P]`` for a symmetric grid),
-    Esser et al. (2019), eq. 3, and Bhalgat et al. (2020, LSQ+) give::
-
-        d xhat / d x     = 1                        if lo_q < t < hi_q, else 0
-        d xhat / d scale = round(t) - t             if lo_q < t < hi_q
-                           lo_q                     if t <= lo_q
-                           hi_q                     if t >= hi_q
-        d xhat / d zp    = 0 inside, -scale outside (LSQ+'s offset beta = -scale * zp;
-                           zero for symmetric grids, whose zero point is fixed)
-
-    The scale and zero-point gradients are summed over the elements that share them
-    and multiplied by the gradient scale ``1 / sqrt(N * Q_P)``, ``N`` = elements per
-    scale (``x.size / scale.size``: all weights of a channel, or every activation of
-    the batch), ``Q_P = qmax``.  ``g`` is the incoming cotangent (``x``'s shape);
-    ``scale``/``zero_point`` are state-shaped, ``zero_point`` integer or float.
-    NaN inputs get no gradient.  Returns ``dx`` in the compute dtype, ``dscale`` and
-    ``dzero_point`` in the scale's dtype and the state's shape.
-    """
-    shape = x.shape
-    F = scale.dtype
-    xv, sv, zv = _views(xp, xp.astype(x, F), scale, zero_point, spec)
-    gv = xp.reshape(xp.astype(g, F), xv.shape)
-    _, axes, _ = layout(spec, shape)
-    low, high = (xp.astype(b, F) for b in _step_bounds(xp, integer_zero_point(xp, zv, spec), spec))
-    t = to_grid(xp, _flush(xp, xv), sv)
-    zero = _const(xp, 0.0, F, t)
-    inside = (t > low) & (t < high)
-    below, above = t <= low, t >= high
-    ds = xp.where(inside, xp.round(t) - t, xp.where(below, low, xp.where(above, high, zero)))
-    n = 1
-    for d in axes:
-        n *= xv.shape[d]
-    qmax = xp.astype(_bounds(xp, spec, scale)[1], F)
-    gscale = _const(xp, 1.0, F, t) / xp.sqrt(_const(xp, float(n), F, t) * qmax)
-    dscale = xp.sum(gv * ds, axis=axes, keepdims=True) * gscale
-    if spec.symmetric:
-        dzp = xp.zeros(zero_point.shape, dtype=F, **_device(xp, t))
-    else:
-        outside = xp.where(below | above, -sv, zero)
-        dzp = xp.reshape(xp.sum(gv * outside, axis=axes, keepdims=True) * gscale, zero_point.shape)
-    dx = xp.reshape(xp.where(inside, gv, zero), shape)
-    return dx, xp.reshape(dscale, scale.shape), dzp

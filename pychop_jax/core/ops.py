@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import checkify
 from jax.extend.core import find_top_trace
 
-from . import numerics, ste, validation, xla_cpu
+from . import lsq, numerics, ste, validation, xla_cpu
 from .spec import QuantSpec, join_bounds, split_bounds
 from .state import QuantState
 
@@ -84,8 +84,8 @@ def as_float(x, what: str):
 def widen_scale(scale):
     """A scale held in a narrow scale format (E8M0, float8) as float32 (exact).
 
-    float32 / float64 scales pass as they are (``jnp.asarray`` of an array costs an
-    eager call tens of microseconds)."""
+    float32 / float64 scales pass as they are (``jnp.asarray`` of an array is an
+    eager call)."""
     if getattr(scale, "dtype", None) in (jnp.float32, jnp.float64):
         return scale
     return jnp.asarray(scale).astype(jnp.float32)
@@ -158,7 +158,7 @@ def calibrate_kernel(x, bounds, structure: QuantSpec, nonfinite: str, in_step: b
 
 @functools.partial(jax.jit, static_argnames=("structure",))
 def _lsq_init_kernel(x, bounds, structure: QuantSpec):
-    return numerics.lsq_init(jnp, x, join_bounds(structure, bounds))
+    return lsq.lsq_init(jnp, x, join_bounds(structure, bounds))
 
 
 @functools.partial(jax.jit, static_argnames=("structure", "check"))
@@ -200,7 +200,7 @@ def calibrate(x, spec: QuantSpec) -> QuantState:
                     zero_point = clip(round(qmin - lo / scale), qmin, qmax)
 
     with ``scale = 1`` for an all-zero range and at least the dtype's smallest
-    normal.  Arithmetic order: ``pychop_jax.numerics``.  No gradient flows through
+    normal.  Arithmetic order: ``pychop_jax.core.numerics``.  No gradient flows through
     calibration (the input is ``stop_gradient``-ed).
 
     Args:
@@ -241,7 +241,7 @@ def lsq_init(x, spec: QuantSpec) -> QuantState:
     then learns.  Quantizers round a float zero point half-to-even (the gradient passes
     straight through), so every entry point accepts this state, and
     ``jax.grad(loss)(state)`` differentiates both leaves.  Formulas:
-    ``numerics.lsq_init``; no gradient flows into ``x``.
+    ``lsq.lsq_init``; no gradient flows into ``x``.
 
     Raises:
       TypeError / ValueError: as ``calibrate`` (non-float or empty input, bad axis,
@@ -309,7 +309,7 @@ def fake_quant(x, state: QuantState, *, grad: str = "clipped", key=None, check: 
     Args:
       x: floating array whose shape fits ``state``.
       state: from ``calibrate`` (or an observer).
-      grad: gradient rule, a key of ``pychop_jax.ste.RULES``: ``'clipped'``
+      grad: gradient rule, a key of ``pychop_jax.core.ste.RULES``: ``'clipped'``
         (default; zero gradient where the code saturated), ``'ste'`` (identity) or
         ``'lsq'`` (learned step size: the state's ``scale``, and a float
         ``zero_point``, receive the LSQ / LSQ+ gradient; start from ``lsq_init``).

@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from . import numerics
+from . import encodings
 from .spec import QuantSpec
 
 __all__ = ["field_bits", "pack", "unpack", "packed_shape"]
@@ -59,7 +59,7 @@ def _fields(codes, spec: QuantSpec):
         return (codes.astype(jnp.int32) - spec.qmin).astype(jnp.uint8)
     if codes.dtype == jnp.uint8:  # fp6: already bit patterns
         return codes
-    return numerics.encode_float_bits(jnp, codes.astype(jnp.float32), fmt)
+    return encodings.encode_float_bits(jnp, codes.astype(jnp.float32), fmt)
 
 
 def _codes(fields, spec: QuantSpec):
@@ -69,7 +69,7 @@ def _codes(fields, spec: QuantSpec):
         return (fields.astype(jnp.int32) + spec.qmin).astype(spec.code_dtype)
     if spec.code_dtype == np.uint8:
         return fields.astype(jnp.uint8)
-    return numerics.decode_float_bits(jnp, fields, fmt, jnp.float32).astype(spec.code_dtype)
+    return encodings.decode_float_bits(jnp, fields, fmt, jnp.float32).astype(spec.code_dtype)
 
 
 def _pad_last(u, k):

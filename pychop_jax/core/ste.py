@@ -18,7 +18,7 @@ the data here, not a parameter.
   rounding (``qmin - zp < x / scale < qmax - zp``; it differs from ``'clipped'``
   within half a step of the grid's ends), and the scale (and a floating zero point)
   get the paper's gradient, scaled by ``1 / sqrt(N * Q_P)``: see
-  ``numerics.lsq_grads``.  An integer zero point is treated as fixed.
+  ``lsq.lsq_grads``.  An integer zero point is treated as fixed.
 
 A floating zero point is a learned one: the forward pass rounds it
 (``numerics.integer_zero_point``), the gradient passes straight through the rounding.
@@ -36,7 +36,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from . import numerics
+from . import lsq, numerics
 from .spec import QuantSpec, join_bounds
 
 __all__ = ["RULES", "fake_quant", "register_rule"]
@@ -54,7 +54,7 @@ def _clipped(x, scale, zero_point, spec, g):
 
 
 def _lsq(x, scale, zero_point, spec, g):
-    return numerics.lsq_grads(jnp, x, scale, zero_point, spec, g)
+    return lsq.lsq_grads(jnp, x, scale, zero_point, spec, g)
 
 
 RULES: dict[str, Rule] = {"ste": _ste, "clipped": _clipped, "lsq": _lsq}

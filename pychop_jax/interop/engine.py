@@ -14,7 +14,7 @@ Two engines run a pipeline, and give the same bits (tested):
   is handed to the jitted kernel as a NumPy array (a tensor's ``.numpy()`` view),
   which XLA:CPU reads without a copy when it is 64-byte aligned (Torch's allocations
   are; NumPy's are not, so large NumPy inputs are first copied into an aligned buffer,
-  twice as fast as XLA's own copy).  One kernel runs the whole pipeline (XLA fuses it
+  faster than XLA's own copy).  One kernel runs the whole pipeline (XLA fuses it
   into one pass over the data, two when a range is reduced first; for calibrate /
   quantize / dequantize it is the JAX API's own compiled kernel), and the results
   come back: zero-copy DLPack tensors for Torch, ordinary writable arrays (one copy of
@@ -22,7 +22,7 @@ Two engines run a pipeline, and give the same bits (tested):
   so it is computed in float64 whatever the global setting.
 * **xp** (everything else, e.g. CUDA tensors): the pipeline called with
   ``array_api_compat``'s namespace on the array's own device.  Every formula step is
-  then a pass over memory, several times slower on CPU than the fused XLA kernel
+  then a pass over memory, slower on CPU than the fused XLA kernel
   (``docs/performance.md``).
 
 Eager checks (``docs/numerics.md``, errors): wrong framework or non-float input ->
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import numerics, ops, validation, xla_cpu
+from ..core import encodings, numerics, ops, validation, xla_cpu
 from ..core.spec import QuantSpec, join_bounds, split_bounds
 from ..core.state import QuantState
 
@@ -174,10 +174,10 @@ def quantize_pipeline(xp, x, scale, zero_point, spec, *, check):
 
 
 def quantize_bits_pipeline(xp, x, scale, zero_point, spec, *, check):
-    """-> codes as uint8 bit patterns (``numerics.codes_as_bits``: a float format the
+    """-> codes as uint8 bit patterns (``encodings.codes_as_bits``: a float format the
     framework has no dtype for, fp4 in Torch), whether ``x`` was finite."""
     q = numerics.quantize(xp, x, scale, zero_point, spec)
-    return numerics.codes_as_bits(xp, q, spec), all_finite(xp, x, check)
+    return encodings.codes_as_bits(xp, q, spec), all_finite(xp, x, check)
 
 
 def dequantize_pipeline(xp, q, scale, zero_point, spec):
@@ -242,9 +242,9 @@ def prepare(fw: Framework, pipeline, arrays, spec, *, to_host=(), **options):
 
     For callers that run the same pipeline many times (``TorchChopi``'s training step
     keeps one per input signature): inside a training step, where the caches are full
-    of the model's data, each Python operation around the kernel costs several times
-    what it costs in a loop of its own, and this leaves only the conversions and the
-    kernel call.
+    of the model's data, each Python operation around the kernel costs more than in a
+    loop of its own (``docs/performance.md``), and this leaves only the conversions and
+    the kernel call.
     """
     if not all(fw.on_xla(a) for a in arrays):
         def call_xp(*arrays):
@@ -380,7 +380,7 @@ def quantize(fw: Framework, x, state: QuantState, *, check: bool = True):
     """Integer codes of ``x``; see ``pychop_jax.quantize``.  ``check=False`` skips the
     NaN / inf check (for input that was just calibrated on).  A float format the
     framework has no dtype for (fp4 in Torch) gives uint8 codes holding its bit
-    patterns, the same bits as the JAX codes (``numerics.codes_as_bits``)."""
+    patterns, the same bits as the JAX codes (``encodings.codes_as_bits``)."""
     _require_float_input(fw, x, "quantize")
     pipeline = quantize_pipeline
     if isinstance(state, QuantState) and not numerics.has_code_dtype(fw.xp, state.spec):

@@ -1,6 +1,6 @@
 """Float, fixed-point and MX grids on NumPy, Torch and JAX arrays.
 
-The pipelines compose ``core.floatgrid`` / ``core.fixedpoint`` / ``core.numerics``
+The pipelines compose ``core.floatgrid`` / ``core.fixedpoint`` / ``core.blockscale``
 (``mx_fake_quant``, the core's MX rule) against ``xp``; ``engine.run`` runs them as one
 jitted XLA kernel on NumPy arrays and Torch CPU tensors (or with ``array_api_compat`` op by
 op elsewhere), and the JAX functions call the same pipelines jitted with ``jax.numpy``
@@ -12,7 +12,7 @@ op elsewhere), and the JAX functions call the same pipelines jitted with ``jax.n
   of ``x``'s dtype (``ValueError`` otherwise, naming the dtype to convert to): no double
   rounding.
 * ``mx(fw, x, grid)``: flatten, pad with zeros to a multiple of ``grid.block_size``,
-  ``numerics.mx_fake_quant`` with the grid's MX spec (``grid.spec``: blocks along the last
+  ``blockscale.mx_fake_quant`` with the grid's MX spec (``grid.spec``: blocks along the last
   axis, E8M0 scales) and element format, back to ``x``'s shape; float32 for float16 /
   bfloat16 input (an MX value needs float32's range), else ``x``'s dtype.
 
@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..core import fixedpoint, floatgrid, numerics, validation
+from ..core import blockscale, fixedpoint, floatgrid, validation
 from ..core.spec import QuantSpec
 from . import engine
 
@@ -75,7 +75,7 @@ class MXGrid:
     def spec(self) -> QuantSpec:
         """The core's MX ``QuantSpec`` of this grid (blocks of ``block_size`` along the last
         axis, E8M0 scales); a named OCP element format is its ``dtype``, any other
-        element is passed to ``numerics.mx_fake_quant`` as ``element=``."""
+        element is passed to ``blockscale.mx_fake_quant`` as ``element=``."""
         name = getattr(self.element, "name", None)
         if name in floatgrid.FORMATS and floatgrid.FORMATS[name] == self.element:
             return QuantSpec(dtype=name, axis=-1, group_size=int(self.block_size),
@@ -148,7 +148,7 @@ def mx_pipeline(xp, x, grid: MXGrid):
     blocks = xp.reshape(flat, (-1, bs))
     spec = grid.spec
     element = None if spec.dtype is not None else grid.element
-    y = numerics.mx_fake_quant(xp, blocks, spec, element=element, scale_bits=grid.scale_bits)
+    y = blockscale.mx_fake_quant(xp, blocks, spec, element=element, scale_bits=grid.scale_bits)
     y = xp.reshape(y, (-1,))
     if pad:
         y = y[:n]

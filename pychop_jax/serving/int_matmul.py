@@ -101,7 +101,7 @@ class KernelWrapper:
 class QuantizedKernel(KernelWrapper):
     """A kernel for a stock layer's quantized op: quantized weights (integer, fp8, MX,
     NVFP4 or NF4 codes with their scales) and the static quantizer of the layer's input.
-    (Formerly ``IntKernel``: it holds float-format codes too.)
+    (``IntKernel`` is its deprecated name.)
 
     Pass it as the ``kernel`` parameter of a ``flax.linen.Dense`` / ``Conv`` (or
     ``nnx.Linear`` / ``Conv``) whose op is ``int_dot_general`` /

@@ -204,7 +204,7 @@ def test_clip_mask_comes_back_as_ones_and_zeros(dtype, large, monkeypatch, reque
     # exactly 0 / 1 either way, and the gradient keeps x's dtype
     from array_api_compat import numpy as xnp
 
-    from pychop_jax import numerics
+    from pychop_jax.core import numerics
 
     monkeypatch.setattr(engine, "FLOAT_MASK_MAX", 64 if large else 1 << 20)
     jax.clear_caches()  # the threshold is read when the kernel is traced

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from strategies import float_arrays
 
 import pychop_jax as pj
-from pychop_jax.core import blockscale, numerics
+from pychop_jax.core import blockscale, encodings, numerics
 
 F = pj.formats
 FLOAT_NAMES = ["float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
@@ -443,7 +443,7 @@ def test_adapters_give_the_same_bits(spec):
         np.testing.assert_array_equal(as_bits(fw.dequantize(q2, s2)), y)
 
 
-# -- the stateless MX value rule (numerics.mx_fake_quant; pychop.mx_quantize runs it) -----------
+# -- the stateless MX value rule (blockscale.mx_fake_quant; pychop.mx_quantize runs it) -----------
 MX_NAMES = ["MXFP8_E4M3", "MXFP8_E5M2", "MXFP6_E2M3", "MXFP6_E3M2", "MXFP4", "MXINT8"]
 
 
@@ -485,13 +485,13 @@ def test_mx_fake_quant_matches_the_ocp_reference_on_every_backend(name):
     x[5, 40] = -np.inf
     want = ref_mx_values(x, spec)
     assert np.all(np.isnan(want[4, :32])) and np.all(np.isnan(want[5, 32:]))
-    got = jax.jit(lambda v: numerics.mx_fake_quant(jnp, v, spec))(jnp.asarray(x))
+    got = jax.jit(lambda v: blockscale.mx_fake_quant(jnp, v, spec))(jnp.asarray(x))
     np.testing.assert_array_equal(as_bits(got), as_bits(want))
-    np.testing.assert_array_equal(as_bits(numerics.mx_fake_quant(xnp, x, spec)), as_bits(want))
-    got_t = numerics.mx_fake_quant(xtorch, torch.from_numpy(x.copy()), spec)
+    np.testing.assert_array_equal(as_bits(blockscale.mx_fake_quant(xnp, x, spec)), as_bits(want))
+    got_t = blockscale.mx_fake_quant(xtorch, torch.from_numpy(x.copy()), spec)
     np.testing.assert_array_equal(as_bits(got_t), as_bits(want))
     x64 = x.astype(np.float64) * 2.0**200  # float64: exponents above 127 -> NaN blocks
-    np.testing.assert_array_equal(as_bits(numerics.mx_fake_quant(xnp, x64, spec)),
+    np.testing.assert_array_equal(as_bits(blockscale.mx_fake_quant(xnp, x64, spec)),
                                   as_bits(ref_mx_values(x64, spec)))
 
 
@@ -504,7 +504,7 @@ def test_mx_fake_quant_is_the_state_path_on_normal_data(name, axis):
     spec = dataclasses.replace(F.PRESETS[name], axis=axis)
     x = rand((64, 96), seed=11) * 7
     want = np.asarray(pj.fake_quant(x, pj.calibrate(x, spec)))
-    got = jax.jit(lambda v: numerics.mx_fake_quant(jnp, v, spec))(jnp.asarray(x))
+    got = jax.jit(lambda v: blockscale.mx_fake_quant(jnp, v, spec))(jnp.asarray(x))
     np.testing.assert_array_equal(np.asarray(got), want)  # -0.0 == +0.0
     ref = ref_mx_values(np.moveaxis(x, axis, -1).copy(), dataclasses.replace(spec, axis=-1))
     np.testing.assert_array_equal(as_bits(got), as_bits(np.moveaxis(ref, -1, axis)))
@@ -513,11 +513,11 @@ def test_mx_fake_quant_is_the_state_path_on_normal_data(name, axis):
 def test_mx_fake_quant_errors():
     x = np.ones((2, 32), np.float32)
     with pytest.raises(ValueError, match="float8_e8m0fnu"):
-        numerics.mx_fake_quant(xnp, x, F.NVFP4)
+        blockscale.mx_fake_quant(xnp, x, F.NVFP4)
     with pytest.raises(ValueError, match="float8_e8m0fnu"):
-        numerics.mx_fake_quant(xnp, x, pj.QuantSpec(dtype="float8_e4m3fn"))
+        blockscale.mx_fake_quant(xnp, x, pj.QuantSpec(dtype="float8_e4m3fn"))
     with pytest.raises(TypeError, match="float32 / float64"):
-        numerics.mx_fake_quant(xnp, x.astype(np.float16), F.MXFP4)
+        blockscale.mx_fake_quant(xnp, x.astype(np.float16), F.MXFP4)
 
 
 @pytest.mark.parametrize("spec", [pj.QuantSpec(dtype="float8_e4m3fn"), F.MXFP4, F.MXFP6_E3M2,
@@ -528,7 +528,7 @@ def test_codes_as_bits_are_the_ml_dtypes_bytes(spec):
     x = rand((4, 64), seed=11) * 3
     state = pj.calibrate(x, spec)
     q = pj.quantize(x, state)
-    bits = numerics.codes_as_bits(jnp, q, spec)
+    bits = encodings.codes_as_bits(jnp, q, spec)
     assert bits.dtype == jnp.uint8
     np.testing.assert_array_equal(np.asarray(bits), np.asarray(q).view(np.uint8))
     assert int(bits.max()) < 2 ** spec.bits

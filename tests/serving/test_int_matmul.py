@@ -59,8 +59,8 @@ def test_float_operands_are_quantized_dynamically_or_with_a_state():
     x = jax.random.normal(jax.random.key(1), (4, 16))
     w = jax.random.normal(jax.random.key(2), (16, 8))
     dynamic = pj.int_dot_general(x, w, DN)
-    ql = pj.QuantizedArray.quantize(x, pj.int_matmul.DEFAULT_INPUT_SPEC)
-    qr = pj.QuantizedArray.quantize(w, pj.int_matmul.DEFAULT_WEIGHT_SPEC)
+    ql = pj.QuantizedArray.quantize(x, pj.serving.int_matmul.DEFAULT_INPUT_SPEC)
+    qr = pj.QuantizedArray.quantize(w, pj.serving.int_matmul.DEFAULT_WEIGHT_SPEC)
     np.testing.assert_array_equal(dynamic, pj.int_dot_general(ql, qr, DN))
     state = pj.calibrate(x * 4, pj.QuantSpec(8))  # a static, wider range
     static = pj.int_dot_general(x, qr, DN, lhs_state=state)
@@ -109,7 +109,7 @@ def test_as_flax_dot_general_with_quantized_kernels():
     kw = dict(dot_general=pj.make_int_dot_general(), promote_dtype=pj.promote_dtype)
     dense = nn.Dense(6, **kw)
     params = nn.Dense(6).init(jax.random.key(6), x)
-    qparams, _ = pj.quantize_params(params, [("kernel", pj.int_matmul.DEFAULT_WEIGHT_SPEC)])
+    qparams, _ = pj.quantize_params(params, [("kernel", pj.serving.int_matmul.DEFAULT_WEIGHT_SPEC)])
     y = jax.jit(dense.apply)(qparams, x)
     kernel = qparams["params"]["kernel"]
     expected = pj.int_dot_general(x, kernel, DN) + params["params"]["bias"]
@@ -120,7 +120,7 @@ def test_as_flax_dot_general_with_quantized_kernels():
 
     layer = nnx.Linear(12, 6, rngs=nnx.Rngs(0), **kw)
     layer.kernel = nnx.Param(pj.QuantizedArray.quantize(layer.kernel[...],
-                                                        pj.int_matmul.DEFAULT_WEIGHT_SPEC))
+                                                        pj.serving.int_matmul.DEFAULT_WEIGHT_SPEC))
     np.testing.assert_allclose(layer(x), pj.int_dot_general(x, layer.kernel[...], DN)
                                + layer.bias[...], rtol=1e-6)
 

@@ -93,8 +93,8 @@ def test_checkpoint_sizes_follow_the_bit_width():
     fp32 = len(serialization.to_bytes(kernels))
     q8, _ = pj.quantize_params(kernels, [("", W8)])
     q4, _ = pj.quantize_params(kernels, [("", W4)])
-    r8 = fp32 / len(pj.checkpoint.to_bytes(q8))
-    r4 = fp32 / len(pj.checkpoint.to_bytes(q4))
+    r8 = fp32 / len(pj.serving.checkpoint.to_bytes(q8))
+    r4 = fp32 / len(pj.serving.checkpoint.to_bytes(q4))
     # codes are 1/4 (int8) or 1/8 (packed int4) of float32; 256 scales per kernel cost
     # 1/256 of the codes' count in float32 words, and no zero points (symmetric)
     assert 3.9 < r8 <= 4.0, r8
@@ -103,10 +103,10 @@ def test_checkpoint_sizes_follow_the_bit_width():
 
 def test_checkpoint_keeps_sequences_and_rejects_other_objects(tmp_path):
     tree = {"layers": [pj.QuantizedArray.quantize(jnp.ones((2, 3)), W8), jnp.arange(3.0)]}
-    back = pj.checkpoint.from_bytes(pj.checkpoint.to_bytes(tree))
+    back = pj.serving.checkpoint.from_bytes(pj.serving.checkpoint.to_bytes(tree))
     assert isinstance(back["layers"], list) and is_qa(back["layers"][0])
     np.testing.assert_array_equal(back["layers"][1], [0.0, 1.0, 2.0])
     with pytest.raises(TypeError, match="root/f: cannot store a function"):
-        pj.checkpoint.to_bytes({"f": lambda: 0})
+        pj.serving.checkpoint.to_bytes({"f": lambda: 0})
     with pytest.raises(ValueError, match="not a pychop-jax quantized checkpoint"):
-        pj.checkpoint.from_bytes(serialization.msgpack_serialize({"a": 1}))
+        pj.serving.checkpoint.from_bytes(serialization.msgpack_serialize({"a": 1}))

@@ -126,7 +126,7 @@ def test_served_params_checkpoint_round_trip(tmp_path):
                                       is_leaf=is_kernel)
     np.testing.assert_array_equal(ServedNet().apply({"params": unpacked}, X),
                                   ServedNet().apply({"params": params}, X))
-    assert size < pj.checkpoint.to_bytes(params).__len__()  # packing shrinks the file
+    assert size < pj.serving.checkpoint.to_bytes(params).__len__()  # packing shrinks the file
 
 
 # -- flax.nnx ---------------------------------------------------------------------------------

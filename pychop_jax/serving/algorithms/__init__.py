@@ -1,7 +1,7 @@
 """Post-training algorithms beyond round-to-nearest, for ``QuantRule(method=...)``.
 
-Public as ``pychop_jax.algorithms`` (``pychop_jax.ptq`` is the older
-``quantize_params`` module):
+Public as ``pychop_jax.algorithms`` (round-to-nearest PTQ, ``quantize_params``, is
+``serving.ptq``):
 
 * ``GPTQ`` (``gptq.py``): Hessian-based error feedback, sequential over layers;
 * ``AWQ`` (``awq.py``): activation-aware per-input-channel scales;

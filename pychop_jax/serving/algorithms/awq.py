@@ -45,10 +45,10 @@ By default the shared clipping is searched for every ``alpha`` and the candidate
 (each ``alpha``, with and without clipping) with the least ``err`` is kept;
 ``joint=False`` does as the reference does, choosing ``alpha`` on round-to-nearest's
 ranges and searching the clipping for that ``alpha`` only (``n_grid`` times less
-clipping work; on ``benchmarks/bench_ptq_algos.py`` both recover about the same
-share of round-to-nearest's error).  Then, for that ``alpha``, the independent-ends
-search replaces the shared factors where its ``err`` is lower (the per-group choice
-ignores the error terms between groups, so it is compared on the whole ``err``).
+clipping work; ``benchmarks/bench_ptq_algos.py`` compares the two).  Then, for that
+``alpha``, the independent-ends search replaces the shared factors where its ``err`` is
+lower (the per-group choice ignores the error terms between groups, so it is compared on
+the whole ``err``).
 ``alpha = 0`` without clipping is round-to-nearest, so the result is never worse
 than round-to-nearest on this objective.
 
