@@ -1,5 +1,7 @@
-"""The README's "Quantizing model code you did not write" snippets, run verbatim, with
-checks after them on the names they leave behind."""
+"""The "Examples" of the guide "Quantizing model code you did not write"
+(docs/model_code.md; the README's section before the docs site), run verbatim, with
+checks after them on the names they leave behind.  tests/test_docs_guides.py leaves
+this page to this test."""
 
 import pathlib
 import re
@@ -8,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-SECTION = "## Quantizing model code you did not write"
+GUIDE = pathlib.Path(__file__).resolve().parents[1] / "docs" / "model_code.md"
+SECTION = "## Examples"
 
 
 def snippets() -> list[str]:
-    text = README.read_text()
+    text = GUIDE.read_text()
     start = text.index(SECTION)
     end = text.index("\n## ", start + len(SECTION))
     return re.findall(r"```python\n(.*?)```", text[start:end], flags=re.S)
@@ -27,7 +29,7 @@ def test_the_section_has_its_two_snippets():
 def test_linen_snippet_gpt2_gemma_and_a_scanned_stack(capsys):
     pytest.importorskip("transformers")
     namespace: dict = {}
-    exec(compile(snippets()[0], "README.md", "exec"), namespace)
+    exec(compile(snippets()[0], "docs/model_code.md", "exec"), namespace)
     printed = capsys.readouterr().out
     # GPT-2: 4 weights a layer, 2 layers, wte looked up and tied as the head, wpe looked up
     assert re.search(r"-> 11 op\(s\): transformer/wte/embedding", printed), printed
@@ -44,7 +46,7 @@ def test_nnx_equinox_and_function_snippet(tmp_path, monkeypatch):
     pytest.importorskip("equinox")
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    exec(compile(snippets()[1], "README.md", "exec"), namespace)
+    exec(compile(snippets()[1], "docs/model_code.md", "exec"), namespace)
     assert namespace["y"].shape == (8, 10)
     assert (tmp_path / "mlp.msgpack").stat().st_size < 64 * 128 + 128 * 10  # 4-bit codes
     # the Equinox model served from codes computes the fake-quantized evaluation

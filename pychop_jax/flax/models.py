@@ -430,8 +430,9 @@ def quantize_model(model, rules, *args, call=None, **kwargs):
       model: a ``flax.linen.Module`` (unbound), a ``flax.nnx.Module``, an Equinox
         ``Module``, or a function ``f(params, *args, **kwargs)``.
       rules: ``QuantRule`` s; the first one matching a weight's module path decides.
-      *args, **kwargs: a sample call -- nnx: optional (otherwise the first call makes
-        the quantization state); Equinox: required.
+      *args: a sample call -- nnx: optional (otherwise the first call makes the
+        quantization state); Equinox: required.
+      **kwargs: keyword arguments of that sample call.
       call: Equinox only: ``call(model, *args)``, how the model runs on a batch.
 
     Returns:

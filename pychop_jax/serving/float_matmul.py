@@ -98,9 +98,9 @@ def float_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_ele
     """``lax.dot_general`` of float-format operands (see the module docstring).
 
     Args:
-      lhs, rhs: ``QuantizedArray`` s of float element formats, or float arrays
-        (quantized here with ``lhs_spec`` / ``rhs_spec``: fp8 e4m3 per tensor / per
-        output channel by default).
+      lhs: a ``QuantizedArray`` of a float element format, or a float array
+        (quantized here with ``lhs_spec``: fp8 e4m3 per tensor by default).
+      rhs: the same with ``rhs_spec`` (fp8 e4m3 per output channel by default).
       dimension_numbers: as for ``lax.dot_general``.
       precision: ignored (the float paths run at ``Precision.HIGHEST``); accepted so
         that this function can be a Flax layer's ``dot_general``.

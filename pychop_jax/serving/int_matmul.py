@@ -265,9 +265,10 @@ def int_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     """``lax.dot_general`` of quantized operands with integer arithmetic.
 
     Args:
-      lhs, rhs: ``QuantizedArray`` or float arrays (quantized here with
-        ``*_state`` if given, else calibrated with ``*_spec``); ``rhs`` may be an
-        ``QuantizedKernel``, whose ``input_state`` then quantizes ``lhs``.
+      lhs: a ``QuantizedArray`` or a float array (quantized here with ``lhs_state``
+        if given, else calibrated with ``lhs_spec``).
+      rhs: the same with ``rhs_state`` / ``rhs_spec``, or a ``QuantizedKernel``,
+        whose ``input_state`` then quantizes ``lhs``.
       dimension_numbers: as for ``lax.dot_general``.
       precision: ignored (integer products are exact); accepted so that this
         function can be passed as ``dot_general=`` to ``flax.linen.Dense`` /

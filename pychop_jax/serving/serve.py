@@ -147,8 +147,9 @@ def to_served(model: nn.Module, variables, *args, **kwargs):
         ``pychop_jax.linen.QuantDense`` / ``QuantConv``.
       variables: its trained variables (``params`` and, for observed inputs,
         ``quant_stats``).
-      *args, **kwargs: a sample input (and options) for one evaluation call, which
-        locates the quantized layers; its values do not matter.
+      *args: a sample input for one evaluation call, which locates the quantized
+        layers; its values do not matter.
+      **kwargs: options of that call.
 
     Returns:
       ``(params, layers)``: the ``params`` collection with each quantized layer's
