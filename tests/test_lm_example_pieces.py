@@ -230,13 +230,15 @@ def test_quick_script_run_lowers_the_loss(tmp_path, example):
     qmodel, variables = ctx.quantized["mixed QAT"]
     steps = ctx.args.qat_steps
     assert len(ctx.curves["mixed QAT"].losses) == steps and np.isfinite(qat.bpb)
-    assert int(variables["quant_stats"]["blocks_0"]["attn"]["query"]["kernel"]["input"].count) == steps
+    query = variables["quant_stats"]["blocks_0"]["attn"]["query"]["kernel"]
+    assert int(query["input"].count) == steps
     _, fresh = ex.quantized_model(ctx, "mixed", mixed_rules(ctx.config))
     learned = variables["quant_params"]["blocks_0"]["mlp_in"]["kernel"]["weight_scale"]
     fresh = ex.rtn_step_sizes(ctx, mixed_rules(ctx.config), fresh)  # where LSQ started
     start = fresh["quant_params"]["blocks_0"]["mlp_in"]["kernel"]["weight_scale"]
     assert learned.shape == start.shape and not np.allclose(learned, start)
-    assert "weight int4 symmetric, groups of 32 along the contraction" in ex.rule_report(ctx.reports)
+    assert "weight int4 symmetric, groups of 32 along the contraction" in \
+        ex.rule_report(ctx.reports)
     # the row machinery: the same numbers for the same apply_fn and variables
     name, apply_fn, variables = ex.fp32_row(ctx)
     bpb = ex.evaluate_bpb(apply_fn, variables, ctx.heldout, seq_len=ctx.args.seq_len,
