@@ -151,3 +151,15 @@ class EncDec(nn.Module):
 
     def __call__(self, ids):
         return self.decode(self.encode(ids))
+
+
+class NnxDrop(nnx.Module):
+    """Linear then dropout: its graph changes with the mode (the dropout's
+    ``deterministic``)."""
+
+    def __init__(self, rngs):
+        self.fc = nnx.Linear(5, 4, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.fc(x))

@@ -59,3 +59,29 @@ def test_nnx_equinox_and_function_snippet(tmp_path, monkeypatch):
     float_y = namespace["model"](namespace["x"][0])  # int4 weights move the output
     assert not np.allclose(np.asarray(ref[0]), np.asarray(float_y), rtol=1e-4, atol=1e-4)
     assert jnp.isfinite(namespace["y"]).all()
+
+
+README = GUIDE.parents[1] / "README.md"
+
+
+@pytest.mark.slow
+def test_the_readme_section_runs(capsys):
+    """The README's short "Quantizing model code you did not write" section, verbatim:
+    GPT-2's transposed kernels and tied head found, served; a plain function's
+    weight stored (out, in) quantized per output channel."""
+    pytest.importorskip("transformers")
+    text = README.read_text()
+    start = text.index("## Quantizing model code you did not write")
+    (code,) = re.findall(r"```python\n(.*?)```", text[start:text.index("\n## ", start + 3)],
+                         flags=re.S)
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert re.search(r"-> 11 op\(s\): transformer/wte/embedding", capsys.readouterr().out)
+    served = namespace["served"]["params"]["transformer"]["h"]["0"]["attn"]["c_attn"]
+    import pychop_jax as pj
+
+    assert isinstance(served["kernel"], pj.QuantizedArray) and served["kernel"].packed
+    qmlp, v = namespace["qmlp"], namespace["v"]
+    report = qmlp.report(v, jnp.ones((4, 64)))
+    assert report.weights()["w2"].contracted == (1,)
+    assert report.weights()["w2"].weight_spec.axis == 0

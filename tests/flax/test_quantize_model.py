@@ -26,6 +26,7 @@ from quantize_model_fixtures import (
     LINEN_LAYERS,
     W8,
     EncDec,
+    NnxDrop,
     NnxSingle,
     NnxTinyLM,
     Single,
@@ -607,17 +608,6 @@ def test_nnx_and_equinox_calls_keep_the_states_of_the_sites_they_do_not_reach():
     _, state = qeqx(x, head="a", state=state)
     _, state = qeqx(x, head="b", state=state)
     assert (count(state[STATS], "a", "weight"), count(state[STATS], "b", "weight")) == (1, 1)
-
-
-class NnxDrop(nnx.Module):
-    """Its graph changes with the mode (the dropout's ``deterministic``)."""
-
-    def __init__(self, rngs):
-        self.fc = nnx.Linear(5, 4, rngs=rngs)
-        self.drop = nnx.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-        return self.drop(self.fc(x))
 
 
 def test_nnx_eager_calls_in_both_modes_leave_a_module_nnx_can_walk():

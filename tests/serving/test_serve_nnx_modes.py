@@ -5,20 +5,12 @@ dropout's ``deterministic``).  Reference: the quantized model's own evaluation."
 import jax
 import numpy as np
 from flax import nnx
+from quantize_model_fixtures import NnxDrop
 
 import pychop_jax as pj
 
 X = jax.random.normal(jax.random.key(1), (3, 5))
 RULE = pj.QuantRule(".*", weight=8, act=8, observer="minmax")
-
-
-class NnxDrop(nnx.Module):
-    def __init__(self, rngs):
-        self.fc = nnx.Linear(5, 4, rngs=rngs)
-        self.drop = nnx.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-        return self.drop(self.fc(x))
 
 
 def test_served_copy_is_the_evaluation_of_a_model_left_in_training():

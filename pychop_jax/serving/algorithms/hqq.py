@@ -41,7 +41,7 @@ l2 error is strictly lower.  Why: on the example LM (``examples/transformer_lm.p
 --rows algorithms``, int4 g128 / int3 g128 / int2 g32) each group's exact optimum of
 ``sum |r|^0.7`` (an exhaustive search over scales and integer zero points) is *worse*
 than round to nearest, while the l2 optimum closes part of round-to-nearest's gap to
-fp32 (the figures: README.md, the per-group range table of
+fp32 (the figures: docs/performance.md, the per-group range table of
 ``benchmarks/bench_lm_range_ceiling.py``); started there, the half-quadratic iterations
 change little, and the best iterate is still chosen on ``phi`` (so the guarantee above
 holds).
