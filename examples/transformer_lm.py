@@ -761,14 +761,14 @@ def teacher_forced_bpb(ctx: Context, step, variables, batch: int = 64) -> tuple[
     cache = lm.init_cache(ctx.model, batch)
 
     @jax.jit
-    def loss(variables, w):
+    def loss(variables, cache, w):  # (the empty cache an argument: XLA would fold a constant)
         logits, new = step(variables, cache, w[:, :-1])
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
         return ce, new
 
     total, new = 0.0, None
     for i in range(0, len(windows), batch):
-        ce, new = loss(variables, jnp.asarray(windows[i:i + batch]))
+        ce, new = loss(variables, cache, jnp.asarray(windows[i:i + batch]))
         total += float(ce)
     per_token = pj_tree_nbytes(new) / (batch * ctx.config.max_len)
     return total / (len(windows) // batch) / math.log(2), per_token

@@ -309,3 +309,26 @@ def test_quick_algorithm_rows(capsys, example):
     out = capsys.readouterr().out
     gap = 100 * (rtn.bpb - hqq.bpb) / (rtn.bpb - fp32.bpb)
     assert f"| {gap:.0f} % |" in out and "max/median of per-channel max|X|" in out
+
+
+@pytest.mark.slow
+def test_quick_decode_suite(example, monkeypatch):
+    """The "decode" suite on the --quick model: the float cache reproduces the fp32
+    full-forward bits/byte, each quantized cache stores its codes and scales per token
+    and head (int8 and fp8 about a quarter of float32's bytes, int4 about a seventh)
+    and costs little, and the continuations are printed."""
+    ex = example
+    monkeypatch.setattr(ex, "CONTINUATION_BYTES", 8)
+    ctx, (fp32,) = ex.run([ex.fp32_row], argv=["--quick", "--out", ""])
+    text = ex.decode_section(ctx)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "bits/byte" not in line}
+    assert float(rows["fp32, float cache"][0]) == pytest.approx(fp32.bpb, rel=1e-4)
+    hd = ctx.config.d_model // ctx.config.num_heads  # bytes per (token, head) / float32's
+    for name, ratio in [("int8 KV cache", (hd + 2) / (4 * hd)),  # float16 scale
+                        ("fp8 e4m3 KV cache", (hd + 1) / (4 * hd)),  # E8M0 scale
+                        ("int4 g32 KV cache", (hd / 2 + 2) / (4 * hd))]:  # one group
+        bpb, _, _, cache, _ = rows[f"fp32 weights, {name}"]
+        assert float(cache.split("(")[1].rstrip("x)")) == pytest.approx(ratio, abs=0.006), name
+        assert float(bpb) < fp32.bpb * 1.05, name
+    assert "int4 g32 served, int8 KV cache:" in text
