@@ -185,6 +185,23 @@ PYCHOP_AVX2 inline int32_t HSumI32(__m256i v) {
 }
 
 // k_axis = 1, one byte per code: rows n of contiguous codes, MB rows of x at a time.
+// The end of group g of output column n (codes (N, K)), for rows m0 .. m0 + MB - 1:
+// total += s * (the four accumulators' sum), extra += s * (tail - z' * xs).
+template <int MB>
+PYCHOP_AVX2 inline void CloseGroup(const WoProblem& p, int64_t m0, int64_t n, int64_t g,
+                                   const __m256 (&acc)[MB][4], const float* tail,
+                                   __m256* total, float* extra) {
+  const float s = p.scale[n * p.G + g];
+  const __m256 sv = _mm256_set1_ps(s);
+  for (int i = 0; i < MB; ++i) {
+    __m256 a = _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
+                             _mm256_add_ps(acc[i][2], acc[i][3]));
+    total[i] = _mm256_fmadd_ps(a, sv, total[i]);
+    float corr = p.zero ? p.zero[p.zero_scalar ? 0 : n * p.G + g] * p.xs[(m0 + i) * p.G + g] : 0.f;
+    extra[i] += s * (tail[i] - corr);
+  }
+}
+
 template <int MB>
 PYCHOP_AVX2 void WoNK8(const WoProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const bool sgn = p.kind == kS8;
@@ -218,15 +235,7 @@ PYCHOP_AVX2 void WoNK8(const WoProblem& p, int64_t m0, int64_t n0, int64_t n1) {
         float w = sgn ? static_cast<float>(static_cast<int8_t>(row[k])) : row[k];
         for (int i = 0; i < MB; ++i) tail[i] += p.x[(m0 + i) * p.K + k] * w;
       }
-      const float s = p.scale[n * p.G + g];
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int i = 0; i < MB; ++i) {
-        __m256 a = _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
-                                 _mm256_add_ps(acc[i][2], acc[i][3]));
-        total[i] = _mm256_fmadd_ps(a, sv, total[i]);
-        float corr = p.zero ? p.zero[p.zero_scalar ? 0 : n * p.G + g] * p.xs[(m0 + i) * p.G + g] : 0.f;
-        extra[i] += s * (tail[i] - corr);
-      }
+      CloseGroup<MB>(p, m0, n, g, acc, tail, total, extra);
     }
     for (int i = 0; i < MB; ++i) p.out[(m0 + i) * p.N + n] = HSum(total[i]) + extra[i];
   }
@@ -271,15 +280,7 @@ PYCHOP_AVX2 void WoNK4(const WoProblem& p, int64_t m0, int64_t n0, int64_t n1) {
         for (int i = 0; i < MB; ++i)
           tail[i] += p.xe[(m0 + i) * p.Kh + b] * lo + p.xo[(m0 + i) * p.Kh + b] * hi;
       }
-      const float s = p.scale[n * p.G + g];
-      const __m256 sv = _mm256_set1_ps(s);
-      for (int i = 0; i < MB; ++i) {
-        __m256 a = _mm256_add_ps(_mm256_add_ps(acc[i][0], acc[i][1]),
-                                 _mm256_add_ps(acc[i][2], acc[i][3]));
-        total[i] = _mm256_fmadd_ps(a, sv, total[i]);
-        float corr = p.zero ? p.zero[p.zero_scalar ? 0 : n * p.G + g] * p.xs[(m0 + i) * p.G + g] : 0.f;
-        extra[i] += s * (tail[i] - corr);
-      }
+      CloseGroup<MB>(p, m0, n, g, acc, tail, total, extra);
     }
     for (int i = 0; i < MB; ++i) p.out[(m0 + i) * p.N + n] = HSum(total[i]) + extra[i];
   }
