@@ -1,3 +1,4 @@
+import gc
 import os
 
 from hypothesis import HealthCheck, settings
@@ -23,3 +24,17 @@ def pytest_collection_modifyitems(config, items):
     order; collected last (the example scripts under tests/ are), the slow tests ran
     one after another at the end of the run with the other worker idle."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_runtest_teardown(item, nextitem):
+    """Free the compiled programs when a worker leaves a test file.
+
+    jax keeps every executable it compiled for the life of the process; over the whole
+    suite a worker grew past the machine's memory (the model-zoo file alone compiles
+    ~3 GB of programs).  A file's own tests still share them: they are released only
+    when the next test comes from another file."""
+    if nextitem is None or nextitem.path != item.path:
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
