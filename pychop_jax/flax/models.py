@@ -186,8 +186,10 @@ class _NnxFunction(VariablesModel):
         return fn
 
 
-def _nnx_variables(module) -> dict:
-    """The quantized nnx module's state as transform variables."""
+def nnx_variables(module) -> tuple:
+    """``(graphdef, variables)``: a quantized nnx module's model graph, and its state as
+    the transform's variables (``params``, the rest of the model's state, the
+    quantization collections)."""
     nnx, _, _ = _nnx_types()
     graphdef, params, rest = nnx.split(module.model, nnx.Param, ...)
     return graphdef, {"params": params, "rest": rest,
@@ -233,7 +235,9 @@ def _make_nnx_model_class():
         def float_model(self):
             return self.model
 
-        def _functions(self, graphdef):
+        def functions(self, graphdef):
+            """The traced function of the model's ``graphdef`` (kept beside the module:
+            ``_NNX_FUNCTIONS``)."""
             cache = _NNX_FUNCTIONS.pop(self.trace_key, {})
             _NNX_FUNCTIONS[self.trace_key] = cache
             while len(_NNX_FUNCTIONS) > _NNX_FUNCTIONS_KEPT:
@@ -256,8 +260,8 @@ def _make_nnx_model_class():
             """``(output, traced)`` of one call; the first call makes the quantization
             state (and warns of unmatched rules).  ``mode="init"`` (the sample call of
             ``quantize_model``) only makes it: the model's own state is not updated."""
-            graphdef, variables = _nnx_variables(self)
-            fn = self._functions(graphdef)
+            graphdef, variables = nnx_variables(self)
+            fn = self.functions(graphdef)
             if not self.initialized:
                 made = fn.init_variables(variables, args, kwargs, method)
                 self.quant_stats.set_value(made.get(STATS, {}))
@@ -265,7 +269,7 @@ def _make_nnx_model_class():
                 self.initialized = True  # (init_variables warned of unmatched rules)
                 if mode == "init":
                     return None, fn.last_trace()
-                graphdef, variables = _nnx_variables(self)
+                graphdef, variables = nnx_variables(self)
             if mode is None:
                 mode = "eval" if self.use_running_average else "train"
             (out, rest), scope, traced, _ = fn.run(variables, args, kwargs, method=method,
@@ -281,8 +285,8 @@ def _make_nnx_model_class():
             return self.run(args, kwargs)[0]
 
         def report(self, *args, **kwargs) -> QuantReport:
-            graphdef, variables = _nnx_variables(self)
-            return self._functions(graphdef).trace(variables, args, kwargs)[0].plan.report
+            graphdef, variables = nnx_variables(self)
+            return self.functions(graphdef).trace(variables, args, kwargs)[0].plan.report
 
     return QuantizedNnxModel
 
@@ -328,6 +332,41 @@ class _EqxFunction(VariablesModel):
         return fn
 
 
+class _Kept:
+    """Traced functions by a hashable key, the most recently used ``size`` of them (a
+    model rebuilt on every call -- an Equinox model, a served copy -- finds its traces
+    and compiled evaluations here); an unhashable key gets a fresh function."""
+
+    def __init__(self, size: int):
+        self.size, self.items = size, collections.OrderedDict()
+
+    def get(self, key, make: Callable):
+        try:
+            fn = self.items.pop(key, None)
+        except TypeError:  # e.g. an Equinox static part holding non-float arrays
+            return make()
+        if fn is None:
+            fn = make()
+        self.items[key] = fn
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return fn
+
+
+_KEPT = _Kept(_NNX_FUNCTIONS_KEPT)
+
+
+def eqx_function(rules, static, call) -> _EqxFunction:
+    """The traced function of an Equinox model's static part (``eqx.partition``)."""
+    return _KEPT.get(("equinox", rules, static, call),
+                     lambda: _EqxFunction(rules, static, call))
+
+
+def nnx_function(rules, graphdef) -> _NnxFunction:
+    """The traced function of an nnx model's graph (all variables as one state)."""
+    return _KEPT.get(("nnx", rules, graphdef), lambda: _NnxFunction(rules, graphdef, None))
+
+
 @functools.cache
 def _equinox_class():
     import equinox as eqx
@@ -352,7 +391,7 @@ def _equinox_class():
 
         def function(self) -> _EqxFunction:
             params, static = eqx.partition(self.model, eqx.is_inexact_array)
-            return _EqxFunction(self.rules, static, self.call), params
+            return eqx_function(self.rules, static, self.call), params
 
         def variables(self, state):
             fn, params = self.function()

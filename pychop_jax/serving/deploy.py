@@ -332,11 +332,16 @@ class ServedFunction:
         float_vars = {"params": avals, **others}
         traced, arrays = self.model.trace(float_vars, args, kwargs, method,
                                           self.model.own_collections(mutable))
-        out, _ = Traces.run(traced, Serve(traced.plan), params, arrays,
-                            _import_inputs(traced.plan, served_vars))
+        out = _served_call(traced, params, arrays, served_vars)
         if mutable is False:
             return out
         return out if self.model.own_collections(mutable) else (out, {})
+
+
+def _served_call(traced, params, arrays, served_vars):
+    """The served outputs of one call of the ``traced`` signature."""
+    return Traces.run(traced, Serve(traced.plan), params, arrays,
+                      _import_inputs(traced.plan, served_vars))[0]
 
 
 def _dtypes(plan: Plan) -> dict:
@@ -430,12 +435,11 @@ def _served_nnx_class():
 
         def __call__(self, *args, **kwargs):
             served = self.served.get_value()
-            fn = models._NnxFunction(self.rules, self.graphdef, None)
+            fn = models.nnx_function(self.rules, self.graphdef)
             variables = {"params": _float_avals(served["params"], self.dtypes),
                          "rest": self.rest.get_value()}
             traced, arrays = fn.trace(variables, args, kwargs)
-            (out, rest), _ = Traces.run(traced, Serve(traced.plan), served["params"], arrays,
-                                        _import_inputs(traced.plan, served))
+            out, rest = _served_call(traced, served["params"], arrays, served)
             self.rest.set_value(rest)  # its caches (codes and scales where quantized)
             return out
 
@@ -450,7 +454,7 @@ def _serve_nnx(qmodel, args, kwargs):
 
     if args or kwargs:
         qmodel.run(args, kwargs, mode="eval")
-    _, variables = models._nnx_variables(qmodel)
+    _, variables = models.nnx_variables(qmodel)
     traced = qmodel.last_trace()
     if traced is None:
         raise TypeError("serve_model(qmodel, *args): this nnx model has not been called yet; "
@@ -486,13 +490,11 @@ def _served_equinox_class():
             return eqx.tree_at(lambda m: m.served, self, _unflat_served(self.served, stored))
 
         def __call__(self, *args, **kwargs):
-            fn = models._EqxFunction(self.rules, self.static, self.call)
+            fn = models.eqx_function(self.rules, self.static, self.call)
             dtypes = dict(self.dtypes)
             variables = {"params": _float_avals(self.served["params"], dtypes)}
             traced, arrays = fn.trace(variables, args, kwargs)
-            out, _ = Traces.run(traced, Serve(traced.plan), self.served["params"], arrays,
-                                _import_inputs(traced.plan, self.served))
-            return out
+            return _served_call(traced, self.served["params"], arrays, self.served)
 
     return ServedEquinox
 

@@ -390,8 +390,8 @@ def calibrate_model(qmodel, *args, **call_kwargs):
         batches = _batches(args[0])
         if not qmodel.initialized:
             qmodel.run(batches[0], call_kwargs, mode="init")
-        graphdef, variables = models._nnx_variables(qmodel)
-        fn = qmodel._functions(graphdef)
+        graphdef, variables = models.nnx_variables(qmodel)
+        fn = qmodel.functions(graphdef)
         variables, report = _calibrate(fn, variables, batches, call_kwargs)
         qmodel.quant_method.set_value(variables.get(METHOD, {}))
         qmodel.quant_stats.set_value(variables.get(STATS, {}))
