@@ -335,7 +335,7 @@ class _EqxFunction(VariablesModel):
 class _Kept:
     """Traced functions by a hashable key, the most recently used ``size`` of them (a
     model rebuilt on every call -- an Equinox model, a served copy -- finds its traces
-    and compiled evaluations here); an unhashable key gets a fresh function."""
+    here); an unhashable key gets a fresh function."""
 
     def __init__(self, size: int):
         self.size, self.items = size, collections.OrderedDict()
