@@ -206,12 +206,34 @@ class _TraceKey:
     __slots__ = ()
 
 
+class _Kept:
+    """Traced functions (or tables of them) by a hashable key, the ``size`` most
+    recently used: a model rebuilt on every call -- an Equinox model, a served copy, an
+    nnx module's copies -- finds its traces here; an unhashable key gets a fresh value
+    (``make()``), kept nowhere."""
+
+    def __init__(self, size: int):
+        self.size, self.items = size, collections.OrderedDict()
+
+    def get(self, key, make: Callable):
+        try:
+            fn = self.items.pop(key, None)
+        except TypeError:  # e.g. an Equinox static part holding non-float arrays
+            return make()
+        if fn is None:
+            fn = make()
+        self.items[key] = fn
+        while len(self.items) > self.size:
+            self.items.popitem(last=False)
+        return fn
+
+
+_FUNCTIONS_KEPT = 64
 #: the traced functions of the most recently used quantized nnx modules (by their
 #: ``_TraceKey``), each by graphdef of its model, in use order: kept beside the module,
 #: not in it, where nnx's graph walks (train / eval / clone / split) would meet a dict
 #: keyed by GraphDefs; a module whose entry was dropped traces again on its next call
-_NNX_FUNCTIONS: collections.OrderedDict = collections.OrderedDict()
-_NNX_FUNCTIONS_KEPT = 64
+_NNX_FUNCTIONS = _Kept(_FUNCTIONS_KEPT)
 
 
 def _make_nnx_model_class():
@@ -238,10 +260,7 @@ def _make_nnx_model_class():
         def functions(self, graphdef):
             """The traced function of the model's ``graphdef`` (kept beside the module:
             ``_NNX_FUNCTIONS``)."""
-            cache = _NNX_FUNCTIONS.pop(self.trace_key, {})
-            _NNX_FUNCTIONS[self.trace_key] = cache
-            while len(_NNX_FUNCTIONS) > _NNX_FUNCTIONS_KEPT:
-                _NNX_FUNCTIONS.popitem(last=False)
+            cache = _NNX_FUNCTIONS.get(self.trace_key, dict)
             fn = cache.pop(graphdef, None)  # (re)inserted last: the dict is in use order
             if fn is None:
                 fn = _NnxFunction(self.rules, graphdef, None)
@@ -251,7 +270,7 @@ def _make_nnx_model_class():
         def last_trace(self):
             """The most recent trace of a call, in whichever mode (graph); ``None``
             before the first call."""
-            for fn in reversed(_NNX_FUNCTIONS.get(self.trace_key, {}).values()):
+            for fn in reversed(_NNX_FUNCTIONS.items.get(self.trace_key, {}).values()):
                 if fn.last_trace() is not None:
                     return fn.last_trace()
             return None
@@ -332,28 +351,7 @@ class _EqxFunction(VariablesModel):
         return fn
 
 
-class _Kept:
-    """Traced functions by a hashable key, the most recently used ``size`` of them (a
-    model rebuilt on every call -- an Equinox model, a served copy -- finds its traces
-    here); an unhashable key gets a fresh function."""
-
-    def __init__(self, size: int):
-        self.size, self.items = size, collections.OrderedDict()
-
-    def get(self, key, make: Callable):
-        try:
-            fn = self.items.pop(key, None)
-        except TypeError:  # e.g. an Equinox static part holding non-float arrays
-            return make()
-        if fn is None:
-            fn = make()
-        self.items[key] = fn
-        while len(self.items) > self.size:
-            self.items.popitem(last=False)
-        return fn
-
-
-_KEPT = _Kept(_NNX_FUNCTIONS_KEPT)
+_KEPT = _Kept(_FUNCTIONS_KEPT)
 
 
 def eqx_function(rules, static, call) -> _EqxFunction:

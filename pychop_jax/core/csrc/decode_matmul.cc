@@ -184,7 +184,6 @@ PYCHOP_AVX2 inline int32_t HSumI32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
-// k_axis = 1, one byte per code: rows n of contiguous codes, MB rows of x at a time.
 // The end of group g of output column n (codes (N, K)), for rows m0 .. m0 + MB - 1:
 // total += s * (the four accumulators' sum), extra += s * (tail - z' * xs).
 template <int MB>
@@ -202,6 +201,7 @@ PYCHOP_AVX2 inline void CloseGroup(const WoProblem& p, int64_t m0, int64_t n, in
   }
 }
 
+// k_axis = 1, one byte per code: rows n of contiguous codes, MB rows of x at a time.
 template <int MB>
 PYCHOP_AVX2 void WoNK8(const WoProblem& p, int64_t m0, int64_t n0, int64_t n1) {
   const bool sgn = p.kind == kS8;
