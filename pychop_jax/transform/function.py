@@ -183,20 +183,30 @@ class VariablesModel:
         observer ranges, LSQ step sizes from the weights and the inputs at hand.  The
         call may update the model's own collections (a training call: batch statistics);
         those updates are dropped, ``variables`` keep theirs.  Warns about rules that
-        take no op."""
-        out, scope, traced, learned = self.run(variables, args, kwargs, method=method,
-                                               mutable=self.own_collections(True),
-                                               mode="init")
-        del out
-        plan = traced.plan
-        flat = {}
-        for index, (scale, zero_point) in learned.items():
-            key = plan.weight_key(plan.weights[index].weight)
-            flat[(LEARNED,) + key + ("weight_scale",)] = scale
-            if zero_point is not None:
-                flat[(LEARNED,) + key + ("weight_zero_point",)] = zero_point
-        made = merge_variables(plan.export(scope), nest(flat))
-        message = plan.report.warning()
+        take no op.
+
+        The sample call runs as one compiled program that returns only the new state:
+        XLA drops the rest of the forward pass, and the model is not run op by op."""
+        arrays, static = split_static((variables, args, kwargs))
+        plans = []
+
+        def created(arrays):
+            variables, args, kwargs = join_static(arrays, static)
+            _, scope, traced, learned = self.run(variables, args, kwargs, method=method,
+                                                 mutable=self.own_collections(True),
+                                                 mode="init")
+            plan = traced.plan
+            plans.append(plan)
+            flat = {}
+            for index, (scale, zero_point) in learned.items():
+                key = plan.weight_key(plan.weights[index].weight)
+                flat[(LEARNED,) + key + ("weight_scale",)] = scale
+                if zero_point is not None:
+                    flat[(LEARNED,) + key + ("weight_zero_point",)] = zero_point
+            return merge_variables(plan.export(scope), nest(flat))
+
+        made = jax.jit(created)(arrays)
+        message = plans[0].report.warning()
         if message:
             warnings.warn(message, stacklevel=4)
         return {**variables, **made}

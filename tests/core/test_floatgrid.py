@@ -450,7 +450,7 @@ def _random_floats(rng, n, dtype):
     return x
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(formats_st(), st.sampled_from(ROUNDINGS), st.sampled_from(("saturate", "ieee")),
        st.integers(0, 2 ** 32 - 1), st.booleans())
 def test_backends_bit_identical(fmt, rounding, overflow, seed, f64):

@@ -86,7 +86,7 @@ def one_grid_three_inputs(draw):
     return spec, x_sub, x_ext, x_plain
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(one_grid_three_inputs(), st.integers(0, 32), st.booleans())
 def test_grid_properties(case, where, stochastic):
     """Five properties of one (shape, spec) per example, so that they share its
@@ -124,17 +124,17 @@ def _pipeline(x, spec):
     return state.scale, state.zero_point, pj.quantize(x, state)
 
 
-@settings(max_examples=60)
+@settings(max_examples=30)
 @given(array_and_spec(allow_groups=True, subnormal=True, extremes=True),
        st.integers(0, 3))
 def test_jit_eager_numpy_bit_identical(case, which):
     """Eager, jitted (traced, constant-folded, closed-over state), op-by-op and NumPy
     agree bit for bit.  The op-by-op run (``jax.disable_jit``) compiles every primitive
     for the example's shape, half of this test's time: it runs in a quarter of the
-    examples (``which == 0``).  60 examples: each compiles three pipelines, and the
+    examples (``which == 0``).  30 examples: each compiles three pipelines, and the
     suite's largest cost; eager JAX against NumPy (the numerics with the NumPy namespace
     and the NumPy adapter's XLA kernel) is also property-tested, bit for bit, on the
-    same draws at 200 examples in ``tests/interop/test_backends.py`` (per group at 150 in
+    same draws at 100 examples in ``tests/interop/test_backends.py`` (per group at 75 in
     ``tests/interop/test_groups_backends.py``)."""
     x, spec = case
     eager = _pipeline(x, spec)
@@ -161,7 +161,7 @@ def test_jit_eager_numpy_bit_identical(case, which):
             np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(st.integers(1, 4).flatmap(lambda b: st.tuples(
     st.lists(float_arrays((4, 8)), min_size=b, max_size=b), specs(2))))
 def test_vmap_equals_loop(case):

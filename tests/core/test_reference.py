@@ -105,7 +105,7 @@ def check_dequantize_is_exact_product(x, spec):
     assert xhat.dtype == np.float32
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(array_and_spec(allow_groups=True))
 def test_formulas_match_float64_references(case):
     """Scale, zero point, codes and dequantized values of one (shape, spec) per example

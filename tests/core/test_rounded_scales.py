@@ -127,7 +127,7 @@ def bits(a):
     return np.asarray(a).view(np.uint8)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(rounded_case())
 def test_bit_identical_across_jax_numpy_torch(case):
     x, sp = case

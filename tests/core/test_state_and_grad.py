@@ -61,7 +61,7 @@ def test_ste_gradient_is_identity():
     np.testing.assert_array_equal(g, np.arange(25.0))
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(array_and_spec(allow_groups=True))
 def test_clipped_gradient_masks_saturated_values(case):
     x, spec = case

@@ -269,11 +269,14 @@ def test_linen_lsq_step_sizes_from_data_and_learned():
     kernel = v["params"]["layer"]["kernel"]
     # the weight's steps in the spec's full scale shape: (1, out)
     assert lsq["weight_scale"].shape == (1, 6)
+    # init runs compiled (one program): XLA may sum the mean |w| in another order than
+    # the eager pj.lsq_init, a last-bit difference
     np.testing.assert_allclose(lsq["weight_scale"],
-                               pj.lsq_init(kernel, channel_spec("dense")).scale)
-    np.testing.assert_allclose(lsq["input_scale"], pj.lsq_init(x, A8).scale.reshape(()))
+                               pj.lsq_init(kernel, channel_spec("dense")).scale, rtol=1e-6)
+    np.testing.assert_allclose(lsq["input_scale"], pj.lsq_init(x, A8).scale.reshape(()),
+                               rtol=1e-6)
     np.testing.assert_allclose(lsq["input_zero_point"],
-                               pj.lsq_init(x, A8).zero_point.reshape(()))
+                               pj.lsq_init(x, A8).zero_point.reshape(()), rtol=1e-6)
     assert set(lsq) == {"weight_scale", "input_scale", "input_zero_point"}
 
     def loss(trainable):

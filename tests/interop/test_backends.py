@@ -57,7 +57,7 @@ def _assert_same_bits(got, want):
 ENGINES = {"numpy": NP, "numpy-xp": NP.portable(), "torch": TORCH, "torch-xp": TORCH.portable()}
 
 
-@settings(max_examples=200)
+@settings(max_examples=100)
 @given(array_and_spec(subnormal=True, extremes=True))
 def test_float32_bit_identical_to_jax(case):
     """bits 2..16, symmetric / asymmetric, narrow range, per-tensor / per-channel on any

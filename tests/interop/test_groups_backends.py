@@ -50,7 +50,7 @@ def check_all_backends(x, spec):
     np.testing.assert_array_equal(bits(pj.dequantize(q, state)), bits(d_np))
 
 
-@settings(max_examples=150)
+@settings(max_examples=75)
 @given(grouped_case())
 def test_per_group_float32_identical_across_backends(case):
     check_all_backends(*case)
