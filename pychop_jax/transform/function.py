@@ -26,6 +26,8 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from ..core import ops
 from ..core.qarray import QuantizedArray
@@ -186,7 +188,14 @@ class VariablesModel:
         take no op.
 
         The sample call runs as one compiled program that returns only the new state:
-        XLA drops the rest of the forward pass, and the model is not run op by op."""
+        XLA drops the rest of the forward pass, and the model is not run op by op.
+
+        Raises:
+          ValueError: a weight the rules quantize, or (where the rules quantize
+            inputs) a floating sample input, with NaN / +-inf values, as the eager
+            quantizers would (checked on concrete arrays; under an outer ``jit`` such
+            values are ignored, as there).
+        """
         arrays, static = split_static((variables, args, kwargs))
         plans = []
 
@@ -206,10 +215,25 @@ class VariablesModel:
             return merge_variables(plan.export(scope), nest(flat))
 
         made = jax.jit(created)(arrays)
-        message = plans[0].report.warning()
+        plan = plans[0]
+        params = jax.tree_util.tree_leaves(self.split(variables)[0])
+        for index, wp in plan.weights.items():
+            if wp.spec is not None:
+                _check_finite(params[index], f"init: the weight {wp.weight.path!r}")
+        if any(sp.act is not None for sp in plan.sites.values()):
+            for leaf in jax.tree_util.tree_leaves((args, kwargs)):
+                _check_finite(leaf, "init: the sample input")
+        message = plan.report.warning()
         if message:
             warnings.warn(message, stacklevel=4)
         return {**variables, **made}
+
+
+def _check_finite(x, what: str) -> None:
+    """``ops.check_finite`` on a concrete floating array (tracers and the rest pass)."""
+    if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) \
+            and jnp.issubdtype(x.dtype, jnp.floating):
+        ops.check_finite(x, what)
 
 
 def _box_key(k) -> bool:

@@ -195,6 +195,27 @@ def test_linen_report_lists_ops_and_unmatched_rules_and_init_warns():
         jax.eval_shape(quantize_model(TinyLM(), LM_RULES).init, KEY, IDS)  # at trace time
 
 
+@pytest.mark.parametrize("lsq", [False, True])
+def test_init_rejects_non_finite_weights_and_inputs_and_allows_them_elsewhere(lsq):
+    """init runs compiled, where NaN / inf are ignored: it checks eagerly what the
+    eager quantizers would reject -- a quantized weight, an input the rules quantize --
+    and leaves a float-only input (weight-only rules) alone."""
+    x = normal(1, (2, 8))
+    model = nn.Dense(4)
+    params = model.init(KEY, x)
+    bad_x = x.at[1, 3].set(jnp.nan)
+    bad_w = jax.tree.map(lambda a: a.at[0, 0].set(jnp.inf) if a.ndim == 2 else a, params)
+    qmodel = quantize_model(model, QuantRule(".*", weight=W8, act=A8, lsq=lsq))
+    with pytest.raises(ValueError, match=r"init: the sample input got 1 NaN"):
+        qmodel.init_from(params, bad_x)
+    with pytest.raises(ValueError, match=r"init: the weight 'kernel' got 1 \+-inf"):
+        qmodel.init_from(bad_w, x)
+    weight_only = quantize_model(model, QuantRule(".*", weight=W8))
+    weight_only.init_from(params, bad_x)  # the input is not quantized
+    # under an outer jit nothing is concrete: no check, as in every jitted quantizer
+    jax.jit(qmodel.init_from)(bad_w, x)
+
+
 def test_linen_stats_live_where_the_weights_are():
     _, v, _, _ = linen_lm()
     stats = v[STATS]
