@@ -230,8 +230,9 @@ class VariablesModel:
 
 
 def _check_finite(x, what: str) -> None:
-    """``ops.check_finite`` on a concrete floating array (tracers and the rest pass)."""
-    if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) \
+    """``ops.check_finite`` on a floating array outside any trace (``ops.is_traced``:
+    under an outer ``jit`` even a closed-over concrete array is a staged constant)."""
+    if isinstance(x, (jax.Array, np.ndarray)) and not ops.is_traced(x) \
             and jnp.issubdtype(x.dtype, jnp.floating):
         ops.check_finite(x, what)
 

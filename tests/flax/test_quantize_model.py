@@ -212,8 +212,10 @@ def test_init_rejects_non_finite_weights_and_inputs_and_allows_them_elsewhere(ls
         qmodel.init_from(bad_w, x)
     weight_only = quantize_model(model, QuantRule(".*", weight=W8))
     weight_only.init_from(params, bad_x)  # the input is not quantized
-    # under an outer jit nothing is concrete: no check, as in every jitted quantizer
+    # under an outer jit nothing is checked, as in every jitted quantizer -- also not
+    # the concrete weights a jitted function closes over
     jax.jit(qmodel.init_from)(bad_w, x)
+    jax.jit(lambda x: qmodel.init_from(bad_w, x))(x)
 
 
 def test_linen_stats_live_where_the_weights_are():
